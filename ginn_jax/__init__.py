@@ -1,0 +1,80 @@
+"""ginn_jax: integrity-verified training on untrusted accelerators (GINN), in JAX.
+
+A trusted runtime (a CPU device standing in for the TEE) orders every step,
+authenticates the untrusted worker's gradient report, clips and applies the
+update itself, and re-computes a secret random sample of steps. See
+DESIGN.md in the project for the protocol.
+
+Importing ginn_jax before jax gives the process two CPU devices (worker and
+trusted) unless ``XLA_FLAGS`` already sets a device count or
+``GINN_JAX_KEEP_XLA_FLAGS=1`` is set.
+"""
+import os as _os
+import sys as _sys
+
+if (
+    "jax" not in _sys.modules
+    and "xla_force_host_platform_device_count" not in _os.environ.get("XLA_FLAGS", "")
+    and not _os.environ.get("GINN_JAX_KEEP_XLA_FLAGS")
+):
+  _os.environ["XLA_FLAGS"] = (
+      _os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+  ).strip()
+
+# Boundary messages.
+from ginn_jax._src.boundary import GradientReport
+from ginn_jax._src.boundary import WorkOrder
+# Errors.
+from ginn_jax._src.errors import DtypeMismatch
+from ginn_jax._src.errors import GinnError
+from ginn_jax._src.errors import IntegrityViolation
+from ginn_jax._src.errors import MalformedReport
+from ginn_jax._src.errors import NonFiniteReport
+from ginn_jax._src.errors import ReportRejected
+from ginn_jax._src.errors import RuntimeHalted
+from ginn_jax._src.errors import ShapeMismatch
+from ginn_jax._src.errors import StepMismatch
+from ginn_jax._src.errors import StructureMismatch
+# Data and models.
+from ginn_jax._src.data import Dataset
+from ginn_jax._src.data import DatasetNotFoundError
+from ginn_jax._src.data import dataset_digest
+from ginn_jax._src.data import list_datasets
+from ginn_jax._src.data import load_dataset
+from ginn_jax._src.models import get_model
+from ginn_jax._src.models import list_models
+from ginn_jax._src.models import Model
+from ginn_jax._src.types import Batch
+# Devices and the shared gradient function.
+from ginn_jax._src.devices import trusted_device
+from ginn_jax._src.devices import worker_device
+from ginn_jax._src.step import compute_grads
+# Trusted runtime.
+from ginn_jax._src.trusted.runtime import apply_update
+from ginn_jax._src.trusted.runtime import init_state
+from ginn_jax._src.trusted.runtime import ProtocolConfig
+from ginn_jax._src.trusted.runtime import TrainState
+from ginn_jax._src.trusted.runtime import TranscriptEntry
+from ginn_jax._src.trusted.runtime import TrustedRuntime
+from ginn_jax._src.trusted.transforms import make_update_transform
+from ginn_jax._src.trusted.transforms import OptimizerConfig
+from ginn_jax._src.trusted.verify import Tolerance
+from ginn_jax._src.trusted.verify import PAPER_PROTOTYPE as PAPER_PROTOTYPE_TOLERANCE
+# Workers.
+from ginn_jax._src.worker.honest import HonestWorker
+from ginn_jax._src.worker.honest import Worker
+from ginn_jax._src.worker.malicious import BackdoorWorker
+from ginn_jax._src.worker import schedules
+from ginn_jax._src.triggers import BlendTrigger
+from ginn_jax._src.triggers import PatchTrigger
+# Loop, calibration, metrics, analysis.
+from ginn_jax._src.loop import train
+from ginn_jax._src.loop import TrainResult
+from ginn_jax._src.calibrate import Calibration
+from ginn_jax._src.calibrate import calibrate_tolerance
+from ginn_jax._src.metrics import accuracy
+from ginn_jax._src.metrics import attack_success_rate
+from ginn_jax._src.metrics import robust_accuracy
+from ginn_jax._src import analysis
+
+__version__ = "0.1.0"

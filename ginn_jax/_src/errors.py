@@ -1,0 +1,83 @@
+"""Exceptions raised at the trust boundary.
+
+Two families: a `ReportRejected` is a report the trusted runtime refused before
+it touched any state (training can go on with a corrected report); an
+`IntegrityViolation` is a report that passed every check of form but whose
+content disagrees with the trusted recomputation (training halts).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class GinnError(Exception):
+  """Base class of every error ginn_jax raises on purpose."""
+
+
+class ReportRejected(GinnError, ValueError):
+  """A gradient report was refused; the trusted state is unchanged.
+
+  Attributes:
+    step: the step the trusted runtime expected.
+    where: the leaf path (or field) the problem was found at.
+  """
+
+  def __init__(self, message: str, *, step: int, where: str = ""):
+    super().__init__(message)
+    self.step = step
+    self.where = where
+
+
+class StepMismatch(ReportRejected):
+  """The report is for another step than the one ordered (stale or replayed)."""
+
+
+class MalformedReport(ReportRejected):
+  """The report is not a `GradientReport` or its loss is not a scalar."""
+
+
+class StructureMismatch(ReportRejected):
+  """The gradient tree has missing, extra or renamed leaves."""
+
+
+class ShapeMismatch(ReportRejected):
+  """A gradient leaf's shape differs from its parameter's."""
+
+
+class DtypeMismatch(ReportRejected):
+  """A gradient leaf's dtype differs from its parameter's."""
+
+
+class NonFiniteReport(ReportRejected):
+  """The report holds NaN or Inf."""
+
+
+class IntegrityViolation(GinnError, RuntimeError):
+  """A verified step's report disagrees with the trusted recomputation.
+
+  Attributes:
+    step: the training step whose report failed verification.
+    leaf: the path of the first leaf (in tree order) outside tolerance.
+    error: ``{"rel_l2": ..., "max_abs": ...}`` measured at that leaf.
+    tolerance: the tolerance it was compared with.
+    result: set by `ginn_jax.train` to the partial `TrainResult` (parameters
+      as of the last accepted step, transcript so far), so nothing is lost.
+  """
+
+  def __init__(self, *, step: int, leaf: str, error: dict[str, float], tolerance: Any):
+    self.step = step
+    self.leaf = leaf
+    self.error = error
+    self.tolerance = tolerance
+    self.result: Any = None
+    super().__init__(
+        f"integrity violation at step {step}: leaf {leaf} differs from the trusted "
+        f"recomputation by rel_l2={error['rel_l2']:.3e}, max_abs={error['max_abs']:.3e} "
+        f"(tolerance rel_l2<={tolerance.rel_l2:.3e}, max_abs<={tolerance.max_abs:.3e}). "
+        "Training is halted: the worker's report for this step is not the gradient the "
+        "model, batch and key define. No update from this report was applied."
+    )
+
+
+class RuntimeHalted(GinnError, RuntimeError):
+  """The trusted runtime refused to continue after an integrity violation."""

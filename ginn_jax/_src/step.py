@@ -1,0 +1,56 @@
+"""The one gradient function, shared by the worker and the trusted verifier.
+
+DESIGN.md section 4: the verifier calls exactly the same function as the
+worker, so there is no second implementation of the model to drift apart. This
+module holds that function; `worker/` and `trusted/` both import it, neither
+imports the other.
+"""
+from __future__ import annotations
+
+import jax
+
+from ginn_jax._src.types import Batch, GradFn, LossFn, Params
+
+
+def compute_grads(loss_fn: LossFn) -> GradFn:
+  """Returns the pure ``grad_fn(params, batch, key) -> (loss, grads)`` of `loss_fn`."""
+
+  def grad_fn(params: Params, batch: Batch, key: jax.Array):
+    return jax.value_and_grad(lambda p: loss_fn(p, batch, key=key))(params)
+
+  return grad_fn
+
+
+def gather_and_grad(grad_fn: GradFn):
+  """Wraps `grad_fn` to gather the batch from a device-resident dataset.
+
+  Returns ``f(params, images, labels, indices, key) -> (loss, grads)``: the
+  batch is ``images[indices], labels[indices]`` gathered on the device the
+  arrays live on, so a dataset put once on the worker never crosses again.
+  """
+
+  def f(params, images, labels, indices, key):
+    return grad_fn(params, Batch(images[indices], labels[indices]), key)
+
+  return f
+
+
+class DeviceGradFn:
+  """`gather_and_grad(compute_grads(loss_fn))` jitted, pinned to one device, with
+  float32 matmuls at full precision (GPUs default to TF32, which widens the gap
+  an attacker can hide in).
+
+  The dataset is put on `device` once; each call moves only the parameters,
+  the indices and the key, explicitly with `jax.device_put`.
+  """
+
+  def __init__(self, loss_fn: LossFn, images, labels, device: jax.Device):
+    self.device = device
+    self._fn = jax.jit(gather_and_grad(compute_grads(loss_fn)))
+    self.images = jax.device_put(images, device)
+    self.labels = jax.device_put(labels, device)
+
+  def __call__(self, params: Params, indices, key: jax.Array) -> tuple[jax.Array, Params]:
+    params, indices, key = jax.device_put((params, indices, key), self.device)
+    with jax.default_matmul_precision("highest"):
+      return self._fn(params, self.images, self.labels, indices, key)

@@ -1,0 +1,250 @@
+"""The trusted runtime: the TEE's side of one GINN step (DESIGN.md section 4).
+
+Pure pieces (`init_state`, `apply_update`) and a thin stateful shell,
+`TrustedRuntime`, that issues work orders and takes reports::
+
+    rt = TrustedRuntime(model, images, labels, config)
+    order = rt.next_order()          # -> the worker
+    entry = rt.submit(worker(order)) # validate, commit, coin, update, verify
+
+`submit` is all-or-nothing: a rejected report or a failed verification leaves
+parameters, optimizer state, step and transcript exactly as they were.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import numpy as np
+import optax
+
+from ginn_jax._src import errors
+from ginn_jax._src.boundary import GradientReport, WorkOrder
+from ginn_jax._src.data import dataset_digest
+from ginn_jax._src.devices import trusted_device
+from ginn_jax._src.models import Model
+from ginn_jax._src.step import DeviceGradFn
+from ginn_jax._src.trusted import commit, keys, verify
+from ginn_jax._src.trusted.transforms import ClipMode, OptimizerConfig, make_update_transform
+from ginn_jax._src.types import Params
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolConfig:
+  """Public settings of a verified run (all recorded in the transcript).
+
+  Attributes:
+    seed: the public training seed (init, data order, layer randomness).
+    batch_size: examples per step.
+    p: probability that a step is re-computed by the trusted runtime.
+    clip: "elementwise" (the paper), "global_norm" or "none".
+    clip_value: the clip bound C.
+    optimizer: SGD settings, used unless an optax transformation is passed to
+      the runtime.
+  """
+
+  seed: int = 0
+  batch_size: int = 64
+  p: float = 0.1
+  clip: ClipMode = "elementwise"
+  clip_value: float | None = 0.01
+  optimizer: OptimizerConfig = OptimizerConfig()
+
+  def __post_init__(self):
+    if not (isinstance(self.p, (int, float)) and 0.0 <= self.p <= 1.0):
+      raise ValueError(f"p must be a probability in [0, 1], got {self.p!r}")
+    if not (isinstance(self.batch_size, int) and self.batch_size > 0):
+      raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Trusted training state; the step counter lives inside it."""
+
+  step: int = flax.struct.field(pytree_node=False)
+  params: Params
+  opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscriptEntry:
+  """One accepted (or violating) step of the transcript.
+
+  `outcome` is "unverified" (coin not drawn), "verified" (recomputed and
+  within tolerance), "pending" (queued for deferred verification) or
+  "violation".
+  """
+
+  step: int
+  digest: str
+  mac: str
+  verified: bool
+  outcome: str
+  loss: float
+  max_rel_l2: float | None = None
+  max_abs: float | None = None
+
+
+def init_state(model: Model, tx: optax.GradientTransformation, init_key: jax.Array) -> TrainState:
+  """Initial parameters and optimizer state, computed on the trusted device."""
+  dev = trusted_device()
+  init_key = jax.device_put(init_key, dev)
+  params = jax.jit(model.init)(init_key)
+  return TrainState(step=0, params=params, opt_state=jax.jit(tx.init)(params))
+
+
+def _update_arrays(tx: optax.GradientTransformation, params, opt_state, grads):
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def apply_update(tx: optax.GradientTransformation, state: TrainState, grads: Params) -> TrainState:
+  """One clip-then-optimizer update (pure; jit `_update_arrays` for speed)."""
+  params, opt_state = _update_arrays(tx, state.params, state.opt_state, grads)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+
+class TrustedRuntime:
+  """Stateful shell over the pure protocol pieces, pinned to the trusted device.
+
+  Args:
+    model: the model both sides compute.
+    images, labels: the trusted copy of the committed training set.
+    config: public protocol settings.
+    tolerance: verification tolerance (calibrate it with
+      `ginn_jax.calibrate_tolerance`; the default is the CPU floor).
+    audit_secret: private bytes for the MAC key and the coin; 32 random bytes
+      from the OS when omitted. Use a fixed value only in tests.
+    optimizer: an optax transformation replacing the SGD of `config.optimizer`
+      (the clip still comes first).
+  """
+
+  def __init__(
+      self,
+      model: Model,
+      images: np.ndarray,
+      labels: np.ndarray,
+      config: ProtocolConfig = ProtocolConfig(),
+      *,
+      tolerance: verify.Tolerance | None = None,
+      audit_secret: bytes | None = None,
+      optimizer: optax.GradientTransformation | None = None,
+  ):
+    self.model = model
+    self.config = config
+    self.device = trusted_device()
+    self.tolerance = tolerance or verify.DEFAULT_FLOOR
+    self.tx = make_update_transform(config.clip, config.clip_value, optimizer or config.optimizer)
+    self.dataset_digest = dataset_digest(images, labels)
+    self._keys = keys.audit_keys(audit_secret if audit_secret is not None else keys.new_audit_secret())
+    self.streams = keys.seed_streams(config.seed)
+    self.schedule = keys.BatchSchedule(self.streams.data_key, len(images), config.batch_size)
+    self.state = init_state(model, self.tx, self.streams.init_key)
+    self._treedef = jax.tree_util.tree_structure(self.state.params)
+    self._paths = verify.leaf_paths(self.state.params)
+    self._update = jax.jit(lambda params, opt_state, grads: _update_arrays(self.tx, params, opt_state, grads))
+    self._reference = DeviceGradFn(model.loss, images, labels, self.device)
+    self.transcript: list[TranscriptEntry] = []
+    self.num_verified = 0
+    self.halted: errors.IntegrityViolation | None = None
+
+  # -- the two messages --------------------------------------------------------
+
+  def next_order(self) -> WorkOrder:
+    """The work order of the current step (the same object data on every call)."""
+    self._raise_if_halted()
+    t = self.state.step
+    return WorkOrder(
+        step=t,
+        params=self.state.params,
+        batch_indices=self.schedule.indices(t),
+        layer_key=keys.layer_key(self.streams, t),
+    )
+
+  def submit(self, report: GradientReport) -> TranscriptEntry:
+    """Validates, commits, draws the coin, updates and (if sampled) verifies.
+
+    Returns:
+      The transcript entry of the accepted step.
+
+    Raises:
+      ReportRejected (a subclass naming the problem): the report's form is
+        wrong; nothing changed, submit a corrected report for the same step.
+      IntegrityViolation: the sampled recomputation disagrees; the runtime is
+        halted and the update of this report was not applied.
+    """
+    self._raise_if_halted()
+    t = self.state.step
+    leaves, loss = commit.validate_report(report, step=t, params=self.state.params)
+    digest = commit.report_digest(t, leaves, loss)
+    tag = commit.report_mac(self._keys.mac_key, digest)
+    sampled = keys.verification_coin(self._keys, t, digest, self.config.p)  # After the commit.
+    grads_leaves = jax.device_put(leaves, self.device)
+    grads = jax.tree_util.tree_unflatten(self._treedef, grads_leaves)
+    params, opt_state = self._update(self.state.params, self.state.opt_state, grads)
+    entry = TranscriptEntry(
+        step=t, digest=digest.hex(), mac=tag.hex(), verified=sampled,
+        outcome="verified" if sampled else "unverified", loss=float(loss),
+    )
+    if sampled:
+      comparison = self._recompute_and_compare(t, grads_leaves, loss)
+      entry = dataclasses.replace(
+          entry, max_rel_l2=comparison.max_rel_l2, max_abs=comparison.max_max_abs
+      )
+      try:
+        verify.check(comparison, self.tolerance, step=t)
+      except errors.IntegrityViolation as violation:
+        self.transcript.append(dataclasses.replace(entry, outcome="violation"))
+        self.halted = violation
+        raise
+      self.num_verified += 1
+    self.state = self.state.replace(step=t + 1, params=params, opt_state=opt_state)
+    self.transcript.append(entry)
+    return entry
+
+  # -- verification ------------------------------------------------------------
+
+  def _recompute_and_compare(self, t: int, reported: list[jax.Array], loss: np.float32) -> verify.Comparison:
+    ref_loss, ref_grads = self._reference(
+        self.state.params, self.schedule.indices(t), keys.layer_key(self.streams, t)
+    )
+    return verify.compare(
+        reported, jax.device_put(np.asarray(loss), self.device),
+        jax.tree_util.tree_leaves(ref_grads), ref_loss, self._paths,
+    )
+
+  def _raise_if_halted(self) -> None:
+    if self.halted is not None:
+      raise errors.RuntimeHalted(
+          f"the trusted runtime halted at step {self.halted.step} after an integrity "
+          f"violation ({self.halted}); start a new run with a trustworthy worker"
+      ) from self.halted
+
+  # -- inspection --------------------------------------------------------------
+
+  @property
+  def step(self) -> int:
+    return self.state.step
+
+  @property
+  def num_violations(self) -> int:
+    return int(self.halted is not None)
+
+  def public_header(self) -> dict[str, Any]:
+    """Everything public about the run (nothing derived from the audit secret)."""
+    return {
+        "model": self.model.name,
+        "input_shape": list(self.model.input_shape),
+        "config": self.config.to_dict(),
+        "tolerance": self.tolerance.to_dict(),
+        "dataset_digest": self.dataset_digest,
+        "num_examples": self.schedule.num_examples,
+        "jax_version": jax.__version__,
+        "prng_impl": "threefry2x32",
+    }
