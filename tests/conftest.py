@@ -42,3 +42,12 @@ def mlp():
 def tree_bytes(tree) -> list[bytes]:
   """Bytes of every leaf (for bitwise comparisons of trusted state)."""
   return [np.asarray(jax.device_get(x)).tobytes() for x in jax.tree_util.tree_leaves(tree)]
+
+
+_key = jax.jit(jax.random.key)
+
+
+def make_key(seed: int, device=None) -> jax.Array:
+  """A typed key on `device` (cpu:0 by default), made without implicit transfers."""
+  device = device or jax.devices("cpu")[0]
+  return _key(jax.device_put(np.uint32(seed), device))

@@ -61,11 +61,9 @@ class Dataset:
     Raises:
       ValueError: if ``split`` is neither ``"train"`` nor ``"test"``.
     """
-    if split == "train":
-      return dataset_digest(self.train_images, self.train_labels)
-    if split == "test":
-      return dataset_digest(self.test_images, self.test_labels)
-    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in ("train", "test"):
+      raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return dataset_digest(getattr(self, f"{split}_images"), getattr(self, f"{split}_labels"))
 
 
 class DatasetNotFoundError(GinnError, FileNotFoundError):
@@ -191,6 +189,7 @@ def prepare_tfds(name: str, data_dir: str | os.PathLike) -> None:
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike | None) -> str:
+  """The argument, else $TFDS_DATA_DIR, else ~/tensorflow_datasets; absolute."""
   if data_dir is None:
     data_dir = os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
   return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
@@ -199,6 +198,7 @@ def _resolve_data_dir(data_dir: str | os.PathLike | None) -> str:
 @functools.lru_cache(maxsize=8)
 def _load_cached(name: str, data_dir: str | None, test_fraction: float,
                  split_seed: int, image_size: tuple[int, int] | None) -> Dataset:
+  """The cached load behind `load_dataset` (arguments already normalized)."""
   if name in _BUILTIN:
     images, labels, num_classes = _load_builtin(name)
     tr, te = _stratified_split(labels, test_fraction, split_seed)
@@ -287,12 +287,13 @@ def _load_tfds(name: str, data_dir: str) -> tuple[Any, Any, int]:
     splits.append((images, labels))
   try:
     num_classes = int(sources[0].dataset_info.features["label"].num_classes)
-  except (AttributeError, KeyError, TypeError):
-    num_classes = 1 + max(int(l.max(initial=-1)) for _, l in splits)
+  except (AttributeError, KeyError, TypeError):  # Not a ClassLabel: count them.
+    num_classes = 1 + max(int(labels.max(initial=-1)) for _, labels in splits)
   return splits[0], splits[1], num_classes
 
 
 def _to_float(im: np.ndarray) -> np.ndarray:
+  """uint8 in 0..255 to float32 in [0, 1]; float data is only cast."""
   if im.dtype == np.uint8:
     return im.astype(np.float32) / np.float32(255)
   return np.asarray(im, np.float32)
@@ -313,11 +314,9 @@ def _resize(im: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return im
   from PIL import Image  # pylint: disable=g-import-not-at-top
   h, w = size
-  channels = [
-      np.asarray(Image.fromarray(np.ascontiguousarray(im[:, :, c]))
-                 .resize((w, h), Image.Resampling.BILINEAR))
-      for c in range(im.shape[2])
-  ]
+  channels = [np.asarray(Image.fromarray(np.ascontiguousarray(im[:, :, c]))  # mode F
+                         .resize((w, h), Image.Resampling.BILINEAR))
+              for c in range(im.shape[2])]
   return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
 
 
@@ -325,6 +324,4 @@ def _read_only(arr: np.ndarray) -> np.ndarray:
   """A read-only view of a read-only array: the flag cannot be turned back on."""
   base = np.ascontiguousarray(arr)
   base.flags.writeable = False
-  view = base.view()
-  view.flags.writeable = False
-  return view
+  return base.view()  # Inherits the read-only flag, for good.

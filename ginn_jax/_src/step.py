@@ -7,6 +7,8 @@ imports the other.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from ginn_jax._src.types import Batch, GradFn, LossFn, Params
@@ -35,6 +37,14 @@ def gather_and_grad(grad_fn: GradFn):
   return f
 
 
+@functools.lru_cache(maxsize=64)
+def _jitted_gather_and_grad(owner, func):
+  """One jitted function per loss (equal models share it, so a new worker or
+  runtime for the same model does not recompile)."""
+  loss_fn = func.__get__(owner) if owner is not None else func
+  return jax.jit(gather_and_grad(compute_grads(loss_fn)))
+
+
 class DeviceGradFn:
   """`gather_and_grad(compute_grads(loss_fn))` jitted, pinned to one device, with
   float32 matmuls at full precision (GPUs default to TF32, which widens the gap
@@ -46,7 +56,8 @@ class DeviceGradFn:
 
   def __init__(self, loss_fn: LossFn, images, labels, device: jax.Device):
     self.device = device
-    self._fn = jax.jit(gather_and_grad(compute_grads(loss_fn)))
+    self._fn = _jitted_gather_and_grad(
+        getattr(loss_fn, "__self__", None), getattr(loss_fn, "__func__", loss_fn))
     self.images = jax.device_put(images, device)
     self.labels = jax.device_put(labels, device)
 

@@ -13,6 +13,7 @@ parameters, optimizer state, step and transcript exactly as they were.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -95,8 +96,18 @@ def init_state(model: Model, tx: optax.GradientTransformation, init_key: jax.Arr
   """Initial parameters and optimizer state, computed on the trusted device."""
   dev = trusted_device()
   init_key = jax.device_put(init_key, dev)
-  params = jax.jit(model.init)(init_key)
-  return TrainState(step=0, params=params, opt_state=jax.jit(tx.init)(params))
+  params = _init_params(model, init_key)
+  return TrainState(step=0, params=params, opt_state=_init_opt(tx, params))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(model: Model, key: jax.Array) -> Params:
+  return model.init(key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_opt(tx: optax.GradientTransformation, params: Params) -> optax.OptState:
+  return tx.init(params)
 
 
 def _update_arrays(tx: optax.GradientTransformation, params, opt_state, grads):
@@ -104,9 +115,13 @@ def _update_arrays(tx: optax.GradientTransformation, params, opt_state, grads):
   return optax.apply_updates(params, updates), opt_state
 
 
+# Jitted once per transform object (equal SGD configs share one, see transforms.py).
+_jit_update = jax.jit(_update_arrays, static_argnums=0)
+
+
 def apply_update(tx: optax.GradientTransformation, state: TrainState, grads: Params) -> TrainState:
-  """One clip-then-optimizer update (pure; jit `_update_arrays` for speed)."""
-  params, opt_state = _update_arrays(tx, state.params, state.opt_state, grads)
+  """One clip-then-optimizer update on the trusted device (pure, jitted)."""
+  params, opt_state = _jit_update(tx, state.params, state.opt_state, grads)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
 
@@ -148,7 +163,6 @@ class TrustedRuntime:
     self.state = init_state(model, self.tx, self.streams.init_key)
     self._treedef = jax.tree_util.tree_structure(self.state.params)
     self._paths = verify.leaf_paths(self.state.params)
-    self._update = jax.jit(lambda params, opt_state, grads: _update_arrays(self.tx, params, opt_state, grads))
     self._reference = DeviceGradFn(model.loss, images, labels, self.device)
     self.transcript: list[TranscriptEntry] = []
     self.num_verified = 0
@@ -187,7 +201,7 @@ class TrustedRuntime:
     sampled = keys.verification_coin(self._keys, t, digest, self.config.p)  # After the commit.
     grads_leaves = jax.device_put(leaves, self.device)
     grads = jax.tree_util.tree_unflatten(self._treedef, grads_leaves)
-    params, opt_state = self._update(self.state.params, self.state.opt_state, grads)
+    new_state = apply_update(self.tx, self.state, grads)
     entry = TranscriptEntry(
         step=t, digest=digest.hex(), mac=tag.hex(), verified=sampled,
         outcome="verified" if sampled else "unverified", loss=float(loss),
@@ -204,7 +218,7 @@ class TrustedRuntime:
         self.halted = violation
         raise
       self.num_verified += 1
-    self.state = self.state.replace(step=t + 1, params=params, opt_state=opt_state)
+    self.state = new_state
     self.transcript.append(entry)
     return entry
 

@@ -6,6 +6,7 @@ The chain is a `named_chain` so its parts read by name: ``clip`` then
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import optax
@@ -52,6 +53,13 @@ def sgd_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_sgd_transform(clip: ClipMode, clip_value: float | None,
+                          optimizer: OptimizerConfig) -> optax.GradientTransformation:
+  return optax.named_chain(("clip", clip_transform(clip, clip_value)),
+                           ("optimizer", sgd_optimizer(optimizer)))
+
+
 def make_update_transform(
     clip: ClipMode,
     clip_value: float | None,
@@ -65,5 +73,6 @@ def make_update_transform(
     optimizer: an `OptimizerConfig` (SGD, the analysed case) or any optax
       transformation (see `ginn_jax.analysis` for what the clip then bounds).
   """
-  opt = sgd_optimizer(optimizer) if isinstance(optimizer, OptimizerConfig) else optimizer
-  return optax.named_chain(("clip", clip_transform(clip, clip_value)), ("optimizer", opt))
+  if isinstance(optimizer, OptimizerConfig):  # Equal configs share one object: no recompiles.
+    return _cached_sgd_transform(clip, clip_value, optimizer)
+  return optax.named_chain(("clip", clip_transform(clip, clip_value)), ("optimizer", optimizer))

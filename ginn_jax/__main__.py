@@ -1,0 +1,3 @@
+from ginn_jax._src.cli import main
+
+raise SystemExit(main())

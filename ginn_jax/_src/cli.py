@@ -1,0 +1,167 @@
+"""The `ginn` command (also `python -m ginn_jax`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+
+def _demo(args) -> int:
+  from ginn_jax._src.demo import DemoConfig, run_demo, write_json
+
+  cfg = DemoConfig(steps=args.steps, attack_start=args.attack_start, p=args.p, clip=args.clip,
+                   clip_value=args.clip_value, seed=args.seed, dataset=args.dataset,
+                   data_dir=args.data_dir, model=args.model, batch_size=args.batch_size,
+                   learning_rate=args.lr)
+  summary = run_demo(cfg, progress=not args.no_progress)
+  if args.json:
+    write_json(summary, args.json)
+    print(f"summary written to {args.json}")
+  return 0
+
+
+def _train(args) -> int:
+  import ginn_jax as ginn
+
+  ds = ginn.load_dataset(args.dataset, data_dir=args.data_dir)
+  model = ginn.get_model(args.model, input_shape=ds.image_shape, num_classes=ds.num_classes)
+  cfg = ginn.ProtocolConfig(seed=args.seed, batch_size=args.batch_size, p=args.p, clip=args.clip,
+                            clip_value=args.clip_value,
+                            optimizer=ginn.OptimizerConfig(learning_rate=args.lr))
+  tol = (ginn.Tolerance.from_dict(json.loads(args.tolerance)) if args.tolerance else
+         ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg).tolerance)
+  rt = ginn.TrustedRuntime(model, ds.train_images, ds.train_labels, cfg, tolerance=tol)
+  res = ginn.train(rt, ginn.HonestWorker(model, ds.train_images, ds.train_labels), args.steps,
+                   progress=not args.no_progress)
+  acc = ginn.accuracy(model, res.params, ds.test_images, ds.test_labels)
+  out = {**res.summary(), "clean_accuracy": acc, "tolerance": tol.to_dict(),
+         "dataset_digest": rt.dataset_digest}
+  print(json.dumps(out, indent=2))
+  return 0
+
+
+def _calibrate(args) -> int:
+  import ginn_jax as ginn
+
+  ds = ginn.load_dataset(args.dataset, data_dir=args.data_dir)
+  model = ginn.get_model(args.model, input_shape=ds.image_shape, num_classes=ds.num_classes)
+  cfg = ginn.ProtocolConfig(batch_size=args.batch_size, clip="none", clip_value=None)
+  cal = ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg, num_steps=args.steps,
+                                 safety_factor=args.safety_factor, progress=True)
+  print(json.dumps({"tolerance": cal.tolerance.to_dict(), "max_rel_l2": cal.max_rel_l2,
+                    "max_abs": cal.max_abs, "num_steps": cal.num_steps,
+                    "worker_device": str(ginn.worker_device()),
+                    "trusted_device": str(ginn.trusted_device())}, indent=2))
+  return 0
+
+
+def _analyze(args) -> int:
+  from ginn_jax._src import analysis
+  from ginn_jax._src.trusted.transforms import OptimizerConfig
+
+  out = {}
+  if args.k is not None and args.p is not None:
+    out["detection_probability"] = analysis.detection_probability(args.p, args.k)
+  if args.k is not None:
+    out[f"p_for_{args.target}"] = analysis.required_p(args.target, args.k)
+  if args.p is not None:
+    out[f"k_for_{args.target}"] = analysis.required_k(args.target, args.p)
+    out["ideal_speedup"] = analysis.ideal_speedup(args.p)
+  b = analysis.deviation_bound(args.clip, args.clip_value,
+                               OptimizerConfig(learning_rate=args.lr, momentum=args.momentum))
+  out["deviation_bound"] = {"norm": b.norm, "per_step": b.per_step, "with_momentum": b.with_momentum,
+                            "note": b.note}
+  print(json.dumps(out, indent=2))
+  return 0
+
+
+def _data(args) -> int:
+  from ginn_jax._src import data
+
+  if args.data_cmd == "list":
+    print("\n".join(data.list_datasets()))
+  elif args.data_cmd == "prepare":
+    data.prepare_tfds(args.name, args.data_dir)
+    print(f"prepared {args.name} in {args.data_dir}")
+  elif args.data_cmd == "digest":
+    ds = data.load_dataset(args.name, data_dir=args.data_dir)
+    print(json.dumps({"dataset": args.name, "train": ds.digest("train"), "test": ds.digest("test")},
+                     indent=2))
+  return 0
+
+
+def _add_training_args(p: argparse.ArgumentParser, *, steps: int) -> None:
+  p.add_argument("--dataset", default="mnist5k", help="mnist5k (default, offline), digits, or a TFDS name")
+  p.add_argument("--data-dir", default=None, help="local TFDS data_dir for full datasets")
+  p.add_argument("--model", default="mnist_cnn", help="mnist_cnn, vgg11 or mlp")
+  p.add_argument("--steps", type=int, default=steps)
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--p", type=float, default=0.1, help="verification probability per step")
+  p.add_argument("--clip", default="elementwise", choices=["elementwise", "global_norm", "none"])
+  p.add_argument("--clip-value", type=float, default=0.01, help="clip bound C")
+  p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
+  p.add_argument("--seed", type=int, default=0, help="public training seed")
+  p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="ginn", description="GINN: integrity-verified training on untrusted accelerators.")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  demo = sub.add_parser("demo", help="honest and attacked verified training on mnist5k (the main job)")
+  _add_training_args(demo, steps=600)
+  demo.add_argument("--attack-start", type=int, default=300, help="first malicious step")
+  demo.add_argument("--json", default=None, metavar="PATH", help="write the summary as JSON")
+  demo.set_defaults(func=_demo)
+
+  tr = sub.add_parser("train", help="verified training with an honest worker; prints a JSON summary")
+  _add_training_args(tr, steps=500)
+  tr.add_argument("--tolerance", default=None, help='JSON {"rel_l2": ..., "max_abs": ...}; calibrated if omitted')
+  tr.set_defaults(func=_train)
+
+  cal = sub.add_parser("calibrate", help="measure honest worker-vs-trusted error; print a tolerance")
+  cal.add_argument("--dataset", default="mnist5k")
+  cal.add_argument("--data-dir", default=None)
+  cal.add_argument("--model", default="mnist_cnn")
+  cal.add_argument("--batch-size", type=int, default=64)
+  cal.add_argument("--steps", type=int, default=16)
+  cal.add_argument("--safety-factor", type=float, default=10.0)
+  cal.set_defaults(func=_calibrate)
+
+  an = sub.add_parser("analyze", help="detection probability, required p or k, deviation bound")
+  an.add_argument("--k", type=int, default=None, help="malicious steps the attack needs")
+  an.add_argument("--p", type=float, default=None, help="verification probability")
+  an.add_argument("--target", type=float, default=0.999, help="target detection probability")
+  an.add_argument("--clip", default="elementwise", choices=["elementwise", "global_norm", "none"])
+  an.add_argument("--clip-value", type=float, default=0.005)
+  an.add_argument("--lr", type=float, default=0.1)
+  an.add_argument("--momentum", type=float, default=0.9)
+  an.set_defaults(func=_analyze)
+
+  data = sub.add_parser("data", help="list, prepare (needs network) or digest datasets")
+  dsub = data.add_subparsers(dest="data_cmd", required=True, metavar="DATA_COMMAND")
+  dsub.add_parser("list", help="known dataset names")
+  prep = dsub.add_parser("prepare", help="download and build a TFDS dataset (needs network and tensorflow)")
+  prep.add_argument("name")
+  prep.add_argument("--data-dir", required=True)
+  dig = dsub.add_parser("digest", help="SHA-256 digests of a dataset's splits")
+  dig.add_argument("name")
+  dig.add_argument("--data-dir", default=None)
+  data.set_defaults(func=_data)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  from ginn_jax._src.errors import GinnError
+  try:
+    return args.func(args)
+  except (GinnError, FileNotFoundError, ValueError) as e:
+    print(f"ginn {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
