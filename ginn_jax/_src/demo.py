@@ -41,7 +41,7 @@ class DemoConfig:
   batch_size: int = 64
   seed: int = 0
   target: int = 0
-  poison_fraction: float = 0.5
+  poison_fraction: float = 0.1
   calibration_steps: int = 8
   data_dir: str | None = None
 

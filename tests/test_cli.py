@@ -1,0 +1,65 @@
+"""The `ginn` command, run as a user would (subprocesses)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def ginn(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "ginn_jax", *args], capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def test_help_lists_subcommands():
+  out = ginn("--help")
+  assert out.returncode == 0
+  for cmd in ("demo", "train", "calibrate", "analyze", "data"):
+    assert cmd in out.stdout
+
+
+def test_analyze_reproduces_the_design_number():
+  out = ginn("analyze", "--k", "688", "--p", "0.01")
+  assert out.returncode == 0, out.stderr
+  res = json.loads(out.stdout)
+  assert res["p_for_0.999"] == pytest.approx(0.01, abs=2e-4)
+  assert res["detection_probability"] == pytest.approx(0.999, abs=2e-4)
+  assert res["deviation_bound"]["per_step"] == pytest.approx(2 * 0.1 * 0.005)
+
+
+def test_missing_tfds_dataset_is_a_clear_error(tmp_path):
+  out = ginn("data", "digest", "cifar10", "--data-dir", str(tmp_path))
+  assert out.returncode == 2
+  assert "cifar10" in out.stderr and str(tmp_path) in out.stderr and "ginn data prepare" in out.stderr
+
+
+def _check_demo(summary, *, p1: bool):
+  assert summary["honest_violations"] == 0
+  assert summary["honest_steps"] == summary["config"]["steps"]
+  assert summary["attack_first_malicious_step"] == summary["config"]["attack_start"]
+  assert summary["attack_detected"] is True
+  caught = summary["attack_detected_at_step"]
+  assert caught >= summary["attack_first_malicious_step"]
+  if p1:
+    assert caught == summary["attack_first_malicious_step"]
+  assert summary["steps_verified"] > 0
+
+
+def test_tiny_demo_with_every_step_verified(tmp_path):
+  path = tmp_path / "demo.json"
+  out = ginn("demo", "--steps", "30", "--attack-start", "12", "--p", "1", "--model", "mlp",
+             "--no-progress", "--json", str(path))
+  assert out.returncode == 0, out.stderr
+  assert "CAUGHT at step 12" in out.stdout
+  _check_demo(json.loads(path.read_text()), p1=True)
+
+
+@pytest.mark.slow
+def test_default_demo_catches_the_attack(tmp_path):
+  """The README's main job, on its default settings."""
+  path = tmp_path / "demo.json"
+  out = ginn("demo", "--no-progress", "--json", str(path))
+  assert out.returncode == 0, out.stderr
+  s = json.loads(path.read_text())
+  _check_demo(s, p1=False)
+  assert s["honest_clean_accuracy"] > 0.93
