@@ -25,6 +25,7 @@ class TrainResult:
     num_violations: 0, or 1 if the run halted on a violation.
     transcript: the transcript entries so far (step, digest, MAC, verified, outcome).
     violation: the `IntegrityViolation` that halted the run, if any.
+    num_pending: sampled steps whose deferred check had not finished.
     verified: True only if the run finished with every sampled check passed
       and none pending.
   """
@@ -36,10 +37,11 @@ class TrainResult:
   num_violations: int
   transcript: list[TranscriptEntry]
   violation: errors.IntegrityViolation | None = None
+  num_pending: int = 0
 
   @property
   def verified(self) -> bool:
-    return self.violation is None and all(e.outcome != "pending" for e in self.transcript)
+    return self.violation is None and self.num_pending == 0
 
   def summary(self) -> dict[str, Any]:
     return {
@@ -56,16 +58,18 @@ def _result(runtime: TrustedRuntime) -> TrainResult:
   return TrainResult(
       params=runtime.state.params,
       steps=runtime.step,
-      losses=[e.loss for e in runtime.transcript if e.outcome != "violation"],
+      losses=[e.loss for e in runtime.transcript if e.kind == "step" and e.outcome != "violation"],
       num_verified=runtime.num_verified,
       num_violations=runtime.num_violations,
       transcript=list(runtime.transcript),
       violation=runtime.halted,
+      num_pending=runtime.num_pending,
   )
 
 
 def train(runtime: TrustedRuntime, worker: Worker, num_steps: int, *,
-          progress: bool | str = True, raise_on_violation: bool = True) -> TrainResult:
+          progress: bool | str = True, raise_on_violation: bool = True,
+          finalize: bool = True) -> TrainResult:
   """Runs `num_steps` verified steps of `runtime` with `worker`.
 
   Args:
@@ -76,6 +80,9 @@ def train(runtime: TrustedRuntime, worker: Worker, num_steps: int, *,
     raise_on_violation: re-raise the `IntegrityViolation` (with the partial
       result attached as ``.result``); if False, return the partial result with
       ``violation`` set.
+    finalize: wait for every deferred check before returning (set False to
+      call `train` again on the same runtime without draining in between;
+      the result then reports ``num_pending`` and is not ``verified``).
 
   Returns:
     A `TrainResult`.
@@ -88,18 +95,19 @@ def train(runtime: TrustedRuntime, worker: Worker, num_steps: int, *,
   bar = tqdm(total=num_steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
   try:
     for i in range(num_steps):
-      order = runtime.next_order()
-      try:
-        entry = runtime.submit(worker(order))
-      except errors.IntegrityViolation as violation:
-        violation.result = _result(runtime)
-        bar.set_postfix(step=order.step, verified=runtime.num_verified, violations=1)
-        if raise_on_violation:
-          raise
-        return violation.result
+      entry = runtime.submit(worker(runtime.next_order()))
       bar.update(1)
       if i % 10 == 0 or i == num_steps - 1:
-        bar.set_postfix(loss=f"{entry.loss:.4f}", verified=runtime.num_verified, violations=0)
+        bar.set_postfix(loss=f"{entry.loss:.4f}", verified=runtime.num_verified,
+                        pending=runtime.num_pending, violations=0)
+    if finalize:
+      runtime.finalize()  # Deferred checks: nothing is returned as verified while pending.
+  except errors.IntegrityViolation as violation:
+    violation.result = _result(runtime)
+    bar.set_postfix(step=violation.step, verified=runtime.num_verified, violations=1)
+    if raise_on_violation:
+      raise
+    return violation.result
   finally:
     bar.close()
   return _result(runtime)

@@ -114,6 +114,8 @@ class AuditKeys:
 
   mac_key: bytes = dataclasses.field(repr=False)
   coin_key: bytes = dataclasses.field(repr=False)
+  storage_key: bytes = dataclasses.field(repr=False)
+  signing_seed: bytes = dataclasses.field(repr=False)
 
 
 def new_audit_secret() -> bytes:
@@ -126,7 +128,9 @@ def audit_keys(secret: bytes) -> AuditKeys:
   if not isinstance(secret, (bytes, bytearray)) or len(secret) < 16:
     raise ValueError("the audit secret must be at least 16 bytes (32 random bytes by default)")
   derive = lambda label: hmac.new(bytes(secret), label, hashlib.sha256).digest()
-  return AuditKeys(mac_key=derive(b"ginn_jax/mac-key/v1"), coin_key=derive(b"ginn_jax/coin-key/v1"))
+  return AuditKeys(mac_key=derive(b"ginn_jax/mac-key/v1"), coin_key=derive(b"ginn_jax/coin-key/v1"),
+                   storage_key=derive(b"ginn_jax/storage-key/v1"),
+                   signing_seed=derive(b"ginn_jax/ed25519-seed/v1"))
 
 
 def verification_coin(keys: AuditKeys, step: int, report_digest: bytes, p: float) -> bool:

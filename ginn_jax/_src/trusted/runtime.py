@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import hmac
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import flax.struct
 import jax
@@ -29,6 +31,7 @@ from ginn_jax._src.devices import trusted_device
 from ginn_jax._src.models import Model
 from ginn_jax._src.step import DeviceGradFn
 from ginn_jax._src.trusted import commit, keys, verify
+from ginn_jax._src.trusted.verifier import Check, CheckResult, Verifier
 from ginn_jax._src.trusted.transforms import ClipMode, OptimizerConfig, make_update_transform
 from ginn_jax._src.types import Params
 
@@ -75,11 +78,13 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class TranscriptEntry:
-  """One accepted (or violating) step of the transcript.
+  """One record of the transcript.
 
-  `outcome` is "unverified" (coin not drawn), "verified" (recomputed and
+  ``kind == "step"``: an accepted (or, synchronously, violating) report; its
+  `outcome` is "unverified" (coin not drawn), "verified" (re-computed and
   within tolerance), "pending" (queued for deferred verification) or
-  "violation".
+  "violation". ``kind == "check"``: the later result of a deferred check of
+  `step`, outcome "verified" or "violation".
   """
 
   step: int
@@ -90,6 +95,14 @@ class TranscriptEntry:
   loss: float
   max_rel_l2: float | None = None
   max_abs: float | None = None
+  kind: str = "step"
+
+
+class Recorder(Protocol):
+  """Receives every transcript entry as it is made (e.g. to persist it)."""
+
+  def record(self, entry: TranscriptEntry) -> None:
+    ...
 
 
 def init_state(model: Model, tx: optax.GradientTransformation, init_key: jax.Array) -> TrainState:
@@ -138,6 +151,10 @@ class TrustedRuntime:
       from the OS when omitted. Use a fixed value only in tests.
     optimizer: an optax transformation replacing the SGD of `config.optimizer`
       (the clip still comes first).
+    deferred: verify sampled steps on a background thread while training
+      goes on (a violation stops the next step; `finalize` waits for all).
+    max_pending: bound on queued deferred checks (back-pressure when full).
+    recorder: receives every transcript entry as it is made.
   """
 
   def __init__(
@@ -150,6 +167,9 @@ class TrustedRuntime:
       tolerance: verify.Tolerance | None = None,
       audit_secret: bytes | None = None,
       optimizer: optax.GradientTransformation | None = None,
+      deferred: bool = False,
+      max_pending: int = 4,
+      recorder: Recorder | None = None,
   ):
     self.model = model
     self.config = config
@@ -164,14 +184,23 @@ class TrustedRuntime:
     self._treedef = jax.tree_util.tree_structure(self.state.params)
     self._paths = verify.leaf_paths(self.state.params)
     self._reference = DeviceGradFn(model.loss, images, labels, self.device)
+    self.verifier = Verifier(self._recompute, deferred=deferred, max_pending=max_pending)
+    self.recorder = recorder
     self.transcript: list[TranscriptEntry] = []
+    self._pending: dict[int, TranscriptEntry] = {}
     self.num_verified = 0
     self.halted: errors.IntegrityViolation | None = None
 
   # -- the two messages --------------------------------------------------------
 
   def next_order(self) -> WorkOrder:
-    """The work order of the current step (the same object data on every call)."""
+    """The work order of the current step (the same data on every call).
+
+    Raises:
+      IntegrityViolation: a deferred check found a violation (first time).
+      RuntimeHalted: the runtime halted earlier.
+    """
+    self._collect_checks()
     self._raise_if_halted()
     t = self.state.step
     return WorkOrder(
@@ -190,9 +219,11 @@ class TrustedRuntime:
     Raises:
       ReportRejected (a subclass naming the problem): the report's form is
         wrong; nothing changed, submit a corrected report for the same step.
-      IntegrityViolation: the sampled recomputation disagrees; the runtime is
-        halted and the update of this report was not applied.
+      IntegrityViolation: a re-computation disagrees (this step's,
+        synchronously: its update is not applied; or an earlier step's,
+        deferred). The runtime is halted.
     """
+    self._collect_checks()
     self._raise_if_halted()
     t = self.state.step
     leaves, loss = commit.validate_report(report, step=t, params=self.state.params)
@@ -200,38 +231,81 @@ class TrustedRuntime:
     tag = commit.report_mac(self._keys.mac_key, digest)
     sampled = keys.verification_coin(self._keys, t, digest, self.config.p)  # After the commit.
     grads_leaves = jax.device_put(leaves, self.device)
-    grads = jax.tree_util.tree_unflatten(self._treedef, grads_leaves)
-    new_state = apply_update(self.tx, self.state, grads)
-    entry = TranscriptEntry(
-        step=t, digest=digest.hex(), mac=tag.hex(), verified=sampled,
-        outcome="verified" if sampled else "unverified", loss=float(loss),
-    )
+    new_state = apply_update(self.tx, self.state, jax.tree_util.tree_unflatten(self._treedef, grads_leaves))
+    entry = TranscriptEntry(step=t, digest=digest.hex(), mac=tag.hex(), verified=sampled,
+                            outcome="pending" if sampled else "unverified", loss=float(loss))
     if sampled:
-      comparison = self._recompute_and_compare(t, grads_leaves, loss)
-      entry = dataclasses.replace(
-          entry, max_rel_l2=comparison.max_rel_l2, max_abs=comparison.max_max_abs
-      )
-      try:
-        verify.check(comparison, self.tolerance, step=t)
-      except errors.IntegrityViolation as violation:
-        self.transcript.append(dataclasses.replace(entry, outcome="violation"))
-        self.halted = violation
-        raise
-      self.num_verified += 1
+      check = Check(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
+                    layer_key=keys.layer_key(self.streams, t), reported=grads_leaves, loss=loss)
+      result = self.verifier.submit(check)
+      if result is not None:  # Synchronous: resolved before the update is committed.
+        entry = self._resolve(entry, result)
+      else:
+        self._pending[t] = entry
     self.state = new_state
-    self.transcript.append(entry)
+    self._append(entry)
     return entry
+
+  def finalize(self) -> None:
+    """Waits for every deferred check and applies its result.
+
+    Raises:
+      IntegrityViolation: one of them failed.
+    """
+    for result in self.verifier.drain():
+      self._apply_check(result)
+
+  def close(self) -> None:
+    """Finishes pending checks and stops the verifier thread."""
+    try:
+      self.finalize()
+    finally:
+      self.verifier.close()
+
+  @property
+  def num_pending(self) -> int:
+    """Sampled steps whose deferred check has not been applied yet."""
+    return len(self._pending)
 
   # -- verification ------------------------------------------------------------
 
-  def _recompute_and_compare(self, t: int, reported: list[jax.Array], loss: np.float32) -> verify.Comparison:
-    ref_loss, ref_grads = self._reference(
-        self.state.params, self.schedule.indices(t), keys.layer_key(self.streams, t)
-    )
+  def _recompute(self, check: Check) -> verify.Comparison:
+    ref_loss, ref_grads = self._reference(check.params, check.batch_indices, check.layer_key)
     return verify.compare(
-        reported, jax.device_put(np.asarray(loss), self.device),
+        check.reported, jax.device_put(np.asarray(check.loss), self.device),
         jax.tree_util.tree_leaves(ref_grads), ref_loss, self._paths,
     )
+
+  def _resolve(self, entry: TranscriptEntry, result: CheckResult) -> TranscriptEntry:
+    """The entry with the check's outcome; records and raises on a violation."""
+    if result.error is not None:
+      raise RuntimeError(
+          f"the trusted re-computation of step {entry.step} failed; the runtime cannot vouch "
+          f"for this step") from result.error
+    c = result.comparison
+    entry = dataclasses.replace(entry, outcome="verified", max_rel_l2=c.max_rel_l2, max_abs=c.max_max_abs)
+    try:
+      verify.check(c, self.tolerance, step=entry.step)
+    except errors.IntegrityViolation as violation:
+      self._append(dataclasses.replace(entry, outcome="violation"))
+      self.halted = violation
+      raise
+    self.num_verified += 1
+    return entry
+
+  def _apply_check(self, result: CheckResult) -> None:
+    pending = self._pending.pop(result.step)
+    self._append(self._resolve(dataclasses.replace(pending, kind="check"), result))
+
+  def _collect_checks(self) -> None:
+    if self.halted is None:
+      for result in self.verifier.collect():
+        self._apply_check(result)
+
+  def _append(self, entry: TranscriptEntry) -> None:
+    self.transcript.append(entry)
+    if self.recorder is not None:
+      self.recorder.record(entry)
 
   def _raise_if_halted(self) -> None:
     if self.halted is not None:
@@ -239,6 +313,32 @@ class TrustedRuntime:
           f"the trusted runtime halted at step {self.halted.step} after an integrity "
           f"violation ({self.halted}); start a new run with a trustworthy worker"
       ) from self.halted
+
+  # -- storage hooks (transcript, checkpoints, resume) -------------------------
+
+  def authenticate(self, data: bytes, *, label: bytes) -> bytes:
+    """HMAC-SHA256 of `label || data` under the storage key (derived from the
+    audit secret, distinct from the report MAC key). For anything the runtime
+    writes to untrusted storage and reads back (checkpoints, kept reports)."""
+    return hmac.new(self._keys.storage_key, label + b"\x00" + data, hashlib.sha256).digest()
+
+  def signing_seed(self) -> bytes:
+    """32-byte Ed25519 private-key seed derived from the audit secret, so a
+    resumed runtime (same secret) signs with the same key pair."""
+    return self._keys.signing_seed
+
+  def restore(self, state: TrainState, transcript: list[TranscriptEntry], num_verified: int) -> None:
+    """Continues from a checkpointed `state` (whose integrity the caller has
+    checked) and the transcript entries up to it. Deferred checks must have
+    been drained when the checkpoint was taken."""
+    if jax.tree_util.tree_structure(state.params) != self._treedef:
+      raise ValueError("restored parameters do not match the model's structure")
+    if self.verifier.pending or self._pending:
+      raise RuntimeError("cannot restore while deferred checks are pending")
+    self.state = jax.device_put(state, self.device)
+    self.transcript = list(transcript)
+    self.num_verified = num_verified
+    self.halted = None
 
   # -- inspection --------------------------------------------------------------
 

@@ -1,0 +1,118 @@
+"""Synchronous and deferred verification of sampled steps (DESIGN.md section 5).
+
+Both modes run the same `Check` through the same function; deferred mode only
+adds a bounded queue and one background thread:
+
+* ``submit(check)`` runs the check now (synchronous) or enqueues it, blocking
+  while `max_pending` checks are already queued (back-pressure: memory stays
+  bounded by ``max_pending`` x (parameters + gradients)).
+* results are handed back to the caller's thread through ``collect()``, so the
+  transcript is only ever changed by the training thread.
+* ``drain()`` waits until every queued check has finished.
+"""
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from typing import Callable
+
+import jax
+import numpy as np
+
+from ginn_jax._src.trusted import verify
+from ginn_jax._src.types import Params
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+  """Everything needed to re-compute step `step` and compare it with its report."""
+
+  step: int
+  params: Params
+  batch_indices: np.ndarray
+  layer_key: jax.Array
+  reported: list[jax.Array]
+  loss: np.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+  step: int
+  comparison: verify.Comparison | None
+  error: BaseException | None = None  # An exception raised while re-computing.
+
+
+class Verifier:
+  """Runs checks synchronously, or on a background thread behind a bounded queue.
+
+  Args:
+    recompute: ``recompute(check) -> Comparison`` (the trusted re-computation).
+    deferred: run checks on a background thread.
+    max_pending: bound of the queue in deferred mode (>= 1).
+  """
+
+  def __init__(self, recompute: Callable[[Check], verify.Comparison], *, deferred: bool = False,
+               max_pending: int = 4):
+    if max_pending < 1:
+      raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+    self.deferred = deferred
+    self.max_pending = max_pending
+    self._recompute = recompute
+    self._queue: queue.Queue[Check | None] = queue.Queue(maxsize=max_pending)
+    self._done: list[CheckResult] = []
+    self._lock = threading.Lock()
+    self._thread: threading.Thread | None = None
+    self.max_pending_seen = 0
+
+  def _run(self, check: Check) -> CheckResult:
+    try:
+      return CheckResult(check.step, self._recompute(check))
+    except Exception as e:  # Reported to the training thread, never swallowed.
+      return CheckResult(check.step, None, e)
+
+  def submit(self, check: Check) -> CheckResult | None:
+    """Runs `check` now (synchronous: returns its result) or enqueues it (deferred: None)."""
+    if not self.deferred:
+      return self._run(check)
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._worker, name="ginn-verifier", daemon=True)
+      self._thread.start()
+    self._queue.put(check)  # Blocks while the queue is full.
+    self.max_pending_seen = max(self.max_pending_seen, self._queue.unfinished_tasks)
+    return None
+
+  def _worker(self) -> None:
+    while True:
+      check = self._queue.get()
+      if check is None:
+        self._queue.task_done()
+        return
+      result = self._run(check)
+      with self._lock:
+        self._done.append(result)
+      self._queue.task_done()
+
+  @property
+  def pending(self) -> int:
+    """Checks queued or running."""
+    return self._queue.unfinished_tasks if self.deferred else 0
+
+  def collect(self) -> list[CheckResult]:
+    """Results finished since the last call, in completion order."""
+    with self._lock:
+      done, self._done = self._done, []
+    return done
+
+  def drain(self) -> list[CheckResult]:
+    """Waits for every queued check; returns all uncollected results."""
+    if self.deferred:
+      self._queue.join()
+    return self.collect()
+
+  def close(self) -> None:
+    """Stops the background thread after the queued checks."""
+    if self._thread is not None:
+      self._queue.put(None)
+      self._thread.join()
+      self._thread = None
