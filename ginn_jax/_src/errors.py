@@ -74,8 +74,8 @@ class IntegrityViolation(GinnError, RuntimeError):
         f"integrity violation at step {step}: leaf {leaf} differs from the trusted "
         f"recomputation by rel_l2={error['rel_l2']:.3e}, max_abs={error['max_abs']:.3e} "
         f"(tolerance rel_l2<={tolerance.rel_l2:.3e}, max_abs<={tolerance.max_abs:.3e}). "
-        "Training is halted: the worker's report for this step is not the gradient the "
-        "model, batch and key define. No update from this report was applied."
+        "The worker's report for this step is not the gradient the model, batch and key "
+        "define; training is halted and no further update is applied."
     )
 
 

@@ -251,14 +251,21 @@ class TrustedRuntime:
 
     Raises:
       IntegrityViolation: one of them failed.
+      RuntimeHalted: the runtime had already halted.
     """
-    for result in self.verifier.drain():
+    results = self.verifier.drain()
+    self._raise_if_halted()
+    for result in results:
       self._apply_check(result)
 
   def close(self) -> None:
-    """Finishes pending checks and stops the verifier thread."""
+    """Waits for queued checks and stops the verifier thread; raises like
+    `finalize` unless the runtime had already halted."""
     try:
-      self.finalize()
+      if self.halted is None:
+        self.finalize()
+      else:
+        self.verifier.drain()
     finally:
       self.verifier.close()
 
