@@ -91,6 +91,21 @@ def _data(args) -> int:
   return 0
 
 
+def _bench(args) -> int:
+  from ginn_jax._src.bench import BenchConfig, format_table, run_bench, write_json
+
+  cfg = BenchConfig(model=args.model, batch_size=args.batch_size, steps=args.steps,
+                    repeats=args.repeats, warmup=args.warmup,
+                    ps=tuple(float(p) for p in args.ps.split(",")),
+                    modes=tuple(args.modes.split(",")))
+  result = run_bench(cfg, progress=not args.no_progress)
+  print(format_table(result))
+  if args.json:
+    write_json(result, args.json)
+    print(f"results written to {args.json}")
+  return 0
+
+
 def _add_training_args(p: argparse.ArgumentParser, *, steps: int) -> None:
   p.add_argument("--dataset", default="mnist5k", help="mnist5k (default, offline), digits, or a TFDS name")
   p.add_argument("--data-dir", default=None, help="local TFDS data_dir for full datasets")
@@ -129,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
   cal.add_argument("--steps", type=int, default=16)
   cal.add_argument("--safety-factor", type=float, default=10.0)
   cal.set_defaults(func=_calibrate)
+
+  be = sub.add_parser("bench", help="GINN vs unprotected vs pure-TEE speed, measured in one process")
+  be.add_argument("--model", default="mnist_cnn", choices=["mnist_cnn", "vgg11", "mlp"])
+  be.add_argument("--batch-size", type=int, default=64)
+  be.add_argument("--steps", type=int, default=20, help="timed steps per block")
+  be.add_argument("--repeats", type=int, default=5, help="interleaved blocks per configuration")
+  be.add_argument("--warmup", type=int, default=3)
+  be.add_argument("--ps", default="0,0.01,0.05,0.1,0.5", help="comma-separated verification rates")
+  be.add_argument("--modes", default="sync,deferred")
+  be.add_argument("--json", default=None, metavar="PATH")
+  be.add_argument("--no-progress", action="store_true")
+  be.set_defaults(func=_bench)
 
   an = sub.add_parser("analyze", help="detection probability, required p or k, deviation bound")
   an.add_argument("--k", type=int, default=None, help="malicious steps the attack needs")

@@ -12,10 +12,12 @@ parameters, optimizer state, step and transcript exactly as they were.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
 import hmac
+import time
 import math
 from typing import Any, Protocol
 
@@ -138,6 +140,25 @@ def apply_update(tx: optax.GradientTransformation, state: TrainState, grads: Par
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
 
+class PhaseClock:
+  """Accumulates wall time per phase of `submit` (for `ginn bench`)."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = collections.defaultdict(float)
+    self._t = time.perf_counter()
+
+  def start(self) -> None:
+    self._t = time.perf_counter()
+
+  def lap(self, phase: str) -> None:
+    now = time.perf_counter()
+    self.seconds[phase] += now - self._t
+    self._t = now
+
+  def reset(self) -> None:
+    self.seconds.clear()
+
+
 class TrustedRuntime:
   """Stateful shell over the pure protocol pieces, pinned to the trusted device.
 
@@ -190,6 +211,7 @@ class TrustedRuntime:
     self._pending: dict[int, TranscriptEntry] = {}
     self.num_verified = 0
     self.halted: errors.IntegrityViolation | None = None
+    self._phases = PhaseClock()
 
   # -- the two messages --------------------------------------------------------
 
@@ -225,19 +247,27 @@ class TrustedRuntime:
     """
     self._collect_checks()
     self._raise_if_halted()
+    self._phases.start()
     t = self.state.step
+    lap = self._phases.lap
     leaves, loss = commit.validate_report(report, step=t, params=self.state.params)
+    lap("validate")  # Includes receiving the report's bytes from the worker.
     digest = commit.report_digest(t, leaves, loss)
+    lap("digest")
     tag = commit.report_mac(self._keys.mac_key, digest)
     sampled = keys.verification_coin(self._keys, t, digest, self.config.p)  # After the commit.
+    lap("mac_coin")
     grads_leaves = jax.device_put(leaves, self.device)
+    lap("transfer")
     new_state = apply_update(self.tx, self.state, jax.tree_util.tree_unflatten(self._treedef, grads_leaves))
+    lap("update")  # Dispatch only: the update runs asynchronously on the trusted device.
     entry = TranscriptEntry(step=t, digest=digest.hex(), mac=tag.hex(), verified=sampled,
                             outcome="pending" if sampled else "unverified", loss=float(loss))
     if sampled:
       check = Check(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
                     layer_key=keys.layer_key(self.streams, t), reported=grads_leaves, loss=loss)
       result = self.verifier.submit(check)
+      lap("verify")  # Synchronous re-computation, or waiting for room in the queue.
       if result is not None:  # Synchronous: resolved before the update is committed.
         entry = self._resolve(entry, result)
       else:
@@ -348,6 +378,15 @@ class TrustedRuntime:
     self.halted = None
 
   # -- inspection --------------------------------------------------------------
+
+  @property
+  def phase_seconds(self) -> dict[str, float]:
+    """Seconds spent in each phase of `submit` so far (validate, digest,
+    mac_coin, transfer, update, verify)."""
+    return dict(self._phases.seconds)
+
+  def reset_phase_seconds(self) -> None:
+    self._phases.reset()
 
   @property
   def step(self) -> int:
