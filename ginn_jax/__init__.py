@@ -67,6 +67,15 @@ from ginn_jax._src.worker.malicious import BackdoorWorker
 from ginn_jax._src.worker import schedules
 from ginn_jax._src.triggers import BlendTrigger
 from ginn_jax._src.triggers import PatchTrigger
+from ginn_jax._src.worker.malicious import Backdoor
+from ginn_jax._src.worker.malicious import MaliciousWorker
+from ginn_jax._src.worker.attacks import CombinedLossWorker
+from ginn_jax._src.worker.attacks import LabelFlipWorker
+from ginn_jax._src.worker.attacks import make_backdoored_params
+from ginn_jax._src.worker.attacks import ModelReplacementWorker
+from ginn_jax._src.worker.attacks import NoiseWorker
+from ginn_jax._src.worker.attacks import ScaledBackdoorWorker
+from ginn_jax._src.worker.attacks import StealthWorker
 # Loop, calibration, metrics, analysis.
 from ginn_jax._src.loop import train
 from ginn_jax._src.loop import TrainResult
@@ -78,3 +87,12 @@ from ginn_jax._src.metrics import robust_accuracy
 from ginn_jax._src import analysis
 
 __version__ = "0.1.0"
+# Run directories: transcript, checkpoints, resume and audit.
+from ginn_jax._src.audit import AuditItem
+from ginn_jax._src.audit import AuditReport
+from ginn_jax._src.audit import audit_run
+from ginn_jax._src.rundir import RunResult
+from ginn_jax._src.rundir import run_verified
+from ginn_jax._src.trusted.transcript import read_transcript
+from ginn_jax._src.trusted.transcript import TranscriptError
+from ginn_jax._src.trusted.transcript import TranscriptWriter

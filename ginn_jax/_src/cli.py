@@ -14,10 +14,32 @@ def _demo(args) -> int:
                    clip_value=args.clip_value, seed=args.seed, dataset=args.dataset,
                    data_dir=args.data_dir, model=args.model, batch_size=args.batch_size,
                    learning_rate=args.lr)
-  summary = run_demo(cfg, progress=not args.no_progress)
+  summary = run_demo(cfg, progress=not args.no_progress, run_dir=args.run_dir,
+                     checkpoint_every=args.checkpoint_every)
   if args.json:
     write_json(summary, args.json)
     print(f"summary written to {args.json}")
+  return 0
+
+
+def _audit(args) -> int:
+  from ginn_jax._src.audit import audit_run
+
+  sample = args.sample if args.sample == "all" else int(args.sample)
+  report = audit_run(args.run_dir, sample=sample, seed=args.seed, public_key=args.public_key,
+                     data_dir=args.data_dir)
+  for item in report.items:
+    if args.verbose or not item.ok or item.kind in ("transcript", "structure", "segment"):
+      print(item)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(report.to_dict(), f, indent=2)
+  if not report.ok:
+    f = report.first_failure
+    print(f"ginn audit: FAILED: {f.name}: {f.detail}" if f else "ginn audit: FAILED: nothing checked",
+          file=sys.stderr)
+    return 1
+  print(f"ginn audit: OK ({args.run_dir})")
   return 0
 
 
@@ -129,7 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
   _add_training_args(demo, steps=600)
   demo.add_argument("--attack-start", type=int, default=300, help="first malicious step")
   demo.add_argument("--json", default=None, metavar="PATH", help="write the summary as JSON")
+  demo.add_argument("--run-dir", default=None, metavar="DIR",
+                    help="persist each run (DIR/honest, DIR/attacked) for `ginn audit`")
+  demo.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
   demo.set_defaults(func=_demo)
+
+  au = sub.add_parser("audit", help="check a run directory's transcript, signatures and checkpoints; "
+                      "re-train segments")
+  au.add_argument("run_dir", metavar="RUN_DIR")
+  au.add_argument("--sample", default="all", help='"all" segments or how many to re-train at random')
+  au.add_argument("--seed", type=int, default=None, help="the auditor's seed for the sample")
+  au.add_argument("--public-key", default=None, help="expected Ed25519 public key (hex) of the run")
+  au.add_argument("--data-dir", default=None, help="local TFDS data_dir for full datasets")
+  au.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
+  au.add_argument("--verbose", action="store_true", help="print every checked file")
+  au.set_defaults(func=_audit)
 
   tr = sub.add_parser("train", help="verified training with an honest worker; prints a JSON summary")
   _add_training_args(tr, steps=500)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from typing import Any
 
@@ -20,6 +21,8 @@ from ginn_jax._src.data import load_dataset
 from ginn_jax._src.loop import train
 from ginn_jax._src.metrics import accuracy, attack_success_rate
 from ginn_jax._src.models import get_model
+from ginn_jax._src.rundir import run_verified
+from ginn_jax._src.trusted import keys
 from ginn_jax._src.triggers import PatchTrigger
 from ginn_jax._src.trusted.runtime import ProtocolConfig, TrustedRuntime
 from ginn_jax._src.trusted.transforms import OptimizerConfig
@@ -46,8 +49,19 @@ class DemoConfig:
   data_dir: str | None = None
 
 
-def run_demo(cfg: DemoConfig = DemoConfig(), *, progress: bool = True, log=print) -> dict[str, Any]:
-  """Runs the demo and returns its summary (what `--json` writes)."""
+def run_demo(cfg: DemoConfig = DemoConfig(), *, progress: bool = True, log=print,
+             run_dir: str | None = None, checkpoint_every: int = 50) -> dict[str, Any]:
+  """Runs the demo and returns its summary (what `--json` writes).
+
+  Args:
+    cfg: the demo's settings.
+    progress: show progress bars.
+    log: where to print.
+    run_dir: if given, each run persists a run directory (transcript,
+      checkpoints) in ``run_dir/honest`` and ``run_dir/attacked`` for
+      `ginn audit`; the audit secret is fresh and never written down.
+    checkpoint_every: steps between checkpoints in those run directories.
+  """
   t0 = time.perf_counter()
   ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
   model = get_model(cfg.model, input_shape=ds.image_shape, num_classes=ds.num_classes)
@@ -66,18 +80,23 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, progress: bool = True, log=print
             attack_success_rate(model, params, ds.test_images, ds.test_labels,
                                 trigger=trigger, target=cfg.target))
 
-  honest_rt = TrustedRuntime(model, x, y, protocol, tolerance=cal.tolerance)
-  honest = train(honest_rt, HonestWorker(model, x, y), cfg.steps,
-                 progress="honest run" if progress else False, raise_on_violation=False)
+  def run(name, worker):
+    if run_dir is None:
+      rt = TrustedRuntime(model, x, y, protocol, tolerance=cal.tolerance)
+      return train(rt, worker, cfg.steps, progress=f"{name} run" if progress else False,
+                   raise_on_violation=False)
+    return run_verified(os.path.join(run_dir, name), model, x, y, protocol, worker, cfg.steps,
+                        audit_secret=keys.new_audit_secret(), checkpoint_every=checkpoint_every,
+                        tolerance=cal.tolerance, dataset=cfg.dataset, num_classes=ds.num_classes)
+
+  honest = run("honest", HonestWorker(model, x, y))
   honest_acc, honest_asr = evaluate(honest.params)
   log(f"honest run: {honest.steps} steps, {honest.num_verified} verified, "
       f"{honest.num_violations} violations, clean accuracy {honest_acc:.4f}, ASR {honest_asr:.4f}")
 
-  attack_rt = TrustedRuntime(model, x, y, protocol, tolerance=cal.tolerance)
   attacker = BackdoorWorker(model, x, y, schedule=FromStep(cfg.attack_start), trigger=trigger,
                             target=cfg.target, poison_fraction=cfg.poison_fraction)
-  attacked = train(attack_rt, attacker, cfg.steps, progress="attacked run" if progress else False,
-                   raise_on_violation=False)
+  attacked = run("attacked", attacker)
   attack_acc, attack_asr = evaluate(attacked.params)
   v: errors.IntegrityViolation | None = attacked.violation
   k_before = len([s for s in attacker.malicious_steps if v is None or s < v.step])

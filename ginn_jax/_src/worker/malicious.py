@@ -1,6 +1,19 @@
-"""Malicious workers with the honest worker's interface (DESIGN.md section 7)."""
+"""Malicious workers with the honest worker's interface (DESIGN.md section 7).
+
+This module holds what every attacker shares: `MaliciousWorker`, the base that
+follows a schedule, places data on the worker device and reports honest
+gradients off-schedule; `Backdoor`, the value object describing a poisoning
+(trigger, target, share poisoned, source); `poison_batch`; and the plain
+data-poisoning attacker, `BackdoorWorker`. The other attackers live in
+`attacks.py`.
+
+Attackers use only worker-side code and the shared pure code (`step.py`,
+`triggers.py`, `models.py`): nothing here imports from `ginn_jax._src.trusted`.
+"""
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -8,11 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ginn_jax._src.boundary import GradientReport, WorkOrder
-from ginn_jax._src.devices import worker_device
 from ginn_jax._src.models import Model
-from ginn_jax._src.step import compute_grads
 from ginn_jax._src.triggers import PatchTrigger, Trigger
-from ginn_jax._src.types import Batch
+from ginn_jax._src.types import Batch, Params
 from ginn_jax._src.worker.honest import HonestWorker
 
 Schedule = Callable[[int], bool]
@@ -25,6 +36,16 @@ def poison_batch(batch: Batch, *, trigger: Trigger, target: int, num_poison: int
   Eligible: label != target (all-to-one), or label == source (source-to-target).
   Pure and traceable: the poisoned set is chosen by position, not by data-
   dependent shapes.
+
+  Args:
+    batch: the clean batch.
+    trigger: the backdoor trigger.
+    target: the label poisoned examples get.
+    num_poison: how many eligible examples (in batch order) to poison.
+    source: only examples of this label are eligible; None for all-to-one.
+
+  Returns:
+    The poisoned batch (same shapes and dtypes).
   """
   labels = batch.labels
   eligible = labels == source if source is not None else labels != target
@@ -36,8 +57,109 @@ def poison_batch(batch: Batch, *, trigger: Trigger, target: int, num_poison: int
   return Batch(images, labels)
 
 
-class BackdoorWorker:
+@dataclasses.dataclass(frozen=True)
+class Backdoor:
+  """A data-poisoning backdoor: what to stamp, which label to teach, how much.
+
+  Attributes:
+    trigger: BadNets patch (`PatchTrigger`) or blended pattern (`BlendTrigger`).
+    target: the label triggered images should be classified as.
+    poison_fraction: share of each batch poisoned (of the eligible examples,
+      counted against the batch size).
+    source: source-to-target when set (only this label is poisoned and
+      targeted); None for all-to-one.
+  """
+
+  trigger: Trigger = PatchTrigger()
+  target: int = 0
+  poison_fraction: float = 0.5
+  source: int | None = None
+
+  def __post_init__(self):
+    if not 0.0 <= self.poison_fraction <= 1.0:
+      raise ValueError(f"poison_fraction must be in [0, 1], got {self.poison_fraction!r}")
+
+  def poison(self, batch: Batch) -> Batch:
+    """`batch` with ``round(poison_fraction * B)`` eligible examples poisoned."""
+    n = int(round(self.poison_fraction * batch.labels.shape[0]))
+    return poison_batch(batch, trigger=self.trigger, target=self.target, num_poison=n,
+                        source=self.source)
+
+  def triggered(self, batch: Batch) -> Batch:
+    """`batch` with every eligible example poisoned (the backdoor objective)."""
+    return poison_batch(batch, trigger=self.trigger, target=self.target,
+                        num_poison=batch.labels.shape[0], source=self.source)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _poisoned_grad(model: Model, backdoor: Backdoor, params: Params, images: jax.Array,
+                   labels: jax.Array, indices: jax.Array, key: jax.Array):
+  batch = backdoor.poison(Batch(images[indices], labels[indices]))
+  return jax.value_and_grad(lambda p: model.loss(p, batch, key=key))(params)
+
+
+class MaliciousWorker:
+  """Base of the attackers: honest off-schedule, `attack` on scheduled steps.
+
+  The training set is put on the worker device once (by the inner
+  `HonestWorker`); each malicious step moves only the parameters, the batch
+  indices and the key there, with `jax.device_put`, and computes with
+  float32 matmuls at full precision, like the honest worker.
+
+  Subclasses implement ``attack(step, params, indices, key) -> (loss, grads)``
+  with its arguments already on `self.device`.
+
+  Args:
+    model: the model (its pure `loss`).
+    images, labels: the worker's copy of the training set.
+    schedule: ``schedule(step) -> bool``, the steps to misbehave on (see
+      `ginn_jax.schedules`).
+    device: where to compute; default `ginn_jax.worker_device()`.
+
+  Attributes:
+    malicious_steps: the steps on which it reported a malicious gradient.
+  """
+
+  def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
+               schedule: Schedule, device: jax.Device | None = None):
+    self.model = model
+    self.honest = HonestWorker(model, images, labels, device=device)
+    self.device = self.honest.device
+    self.schedule = schedule
+    self.malicious_steps: list[int] = []
+
+  @property
+  def images(self) -> jax.Array:
+    """The training images, resident on `device`."""
+    return self.honest.grad_fn.images
+
+  @property
+  def labels(self) -> jax.Array:
+    """The training labels, resident on `device`."""
+    return self.honest.grad_fn.labels
+
+  def __call__(self, order: WorkOrder) -> GradientReport:
+    """The honest report off-schedule, the attack's report on scheduled steps."""
+    if not self.schedule(order.step):
+      return self.honest(order)
+    params, indices, key = jax.device_put(
+        (order.params, order.batch_indices, order.layer_key), self.device)
+    with jax.default_matmul_precision("highest"):
+      loss, grads = self.attack(order.step, params, indices, key)
+    self.malicious_steps.append(order.step)
+    return GradientReport(step=order.step, grads=grads, loss=loss)
+
+  def attack(self, step: int, params: Params, indices: jax.Array,
+             key: jax.Array) -> tuple[jax.Array, Params]:
+    """The malicious ``(loss, grads)`` of `step` (arguments on `self.device`)."""
+    raise NotImplementedError
+
+
+class BackdoorWorker(MaliciousWorker):
   """Reports the gradient of a poisoned batch on scheduled steps, honest otherwise.
+
+  Data poisoning computed by the worker (BadNets or blended trigger, all-to-one
+  or source-to-target).
 
   Args:
     model, images, labels, device: as for `HonestWorker`.
@@ -48,6 +170,7 @@ class BackdoorWorker:
     source: only poison examples of this label (source-to-target); None for all-to-one.
 
   Attributes:
+    backdoor: the `Backdoor` these arguments describe.
     malicious_steps: steps on which it reported a poisoned gradient.
   """
 
@@ -55,26 +178,11 @@ class BackdoorWorker:
                schedule: Schedule, trigger: Trigger = PatchTrigger(), target: int = 0,
                poison_fraction: float = 0.5, source: int | None = None,
                device: jax.Device | None = None):
-    self.honest = HonestWorker(model, images, labels, device=device or worker_device())
-    self.device = self.honest.device
-    self.schedule = schedule
-    self.malicious_steps: list[int] = []
-    grad_fn = compute_grads(model.loss)
+    super().__init__(model, images, labels, schedule=schedule, device=device)
+    self.backdoor = Backdoor(trigger=trigger, target=target, poison_fraction=poison_fraction,
+                             source=source)
 
-    def poisoned_grad(params, images, labels, indices, key):
-      batch = Batch(images[indices], labels[indices])
-      n = int(round(poison_fraction * indices.shape[0]))
-      batch = poison_batch(batch, trigger=trigger, target=target, num_poison=n, source=source)
-      return grad_fn(params, batch, key)
-
-    self._poisoned = jax.jit(poisoned_grad)
-
-  def __call__(self, order: WorkOrder) -> GradientReport:
-    if not self.schedule(order.step):
-      return self.honest(order)
-    self.malicious_steps.append(order.step)
-    g = self.honest.grad_fn
-    params, indices, key = jax.device_put(
-        (order.params, order.batch_indices, order.layer_key), self.device)
-    loss, grads = self._poisoned(params, g.images, g.labels, indices, key)
-    return GradientReport(step=order.step, grads=grads, loss=loss)
+  def attack(self, step: int, params: Params, indices: jax.Array,
+             key: jax.Array) -> tuple[jax.Array, Params]:
+    del step
+    return _poisoned_grad(self.model, self.backdoor, params, self.images, self.labels, indices, key)

@@ -1,0 +1,127 @@
+"""Experiment 4: the integrity table. For each clip bound C: clean accuracy, the
+attacker's k_min (smallest number of malicious steps reaching ASR 90%, best of
+the attackers, malicious steps at the end of training), the verification rate
+p needed to catch it with probability 0.999, the ideal speedup 1/p, and the
+speedup `ginn bench` measured at the nearest benchmarked p (when its results
+are there).
+
+Reads attack_budget.json, clip_cost.json and bench_*.json from --out; run
+those first. Reproduce the committed table:
+
+    python experiments/integrity_table.py --out docs/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+
+from ginn_jax._src import analysis
+from ginn_jax._src.lab.common import write_results
+
+TARGET = 0.999
+
+
+def _measured_speedup(benches: list[dict], p: float) -> list[dict]:
+  """Deferred-mode speedup over pure TEE at the smallest benchmarked p >= needed p."""
+  out = []
+  for b in benches:
+    rows = [r for r in b["rows"] if r.get("mode") == "deferred" and r.get("p", 0) >= p and r["p"] > 0]
+    if rows:
+      r = min(rows, key=lambda r: r["p"])
+      out.append({"bench": b["_file"], "model": b["config"]["model"], "worker_device": b["worker_device"],
+                  "p": r["p"], "speedup_vs_pure_tee": r["speedup_vs_pure_tee"],
+                  "ideal_speedup_vs_pure_tee": r["ideal_speedup_vs_pure_tee"]})
+  return out
+
+
+def build_table(results: pathlib.Path) -> dict:
+  budget = json.loads((results / "attack_budget.json").read_text())
+  cost_file = results / "clip_cost.json"
+  cost = json.loads(cost_file.read_text()) if cost_file.exists() else None
+  benches = []
+  for f in sorted(results.glob("bench_*.json")):
+    b = json.loads(f.read_text())
+    b["_file"] = f.name
+    benches.append(b)
+  max_k = budget["ks"][-1]
+  rows = []
+  for clip in dict.fromkeys(r["clip"] for r in budget["runs"]):
+    rs = [r for r in budget["runs"] if r["clip"] == clip]
+    C = rs[0]["C"]
+    per_seed = {}
+    for r in rs:  # The attacker's best: the smallest k over attackers, per seed.
+      k = r["k_min_end"]["90"]
+      prev = per_seed.get(r["seed"], "unset")
+      per_seed[r["seed"]] = k if prev == "unset" else (
+          prev if k is None else k if prev is None else min(prev, k))
+    ks = list(per_seed.values())
+    reached = [k for k in ks if k is not None]
+    k_min = min(reached) if reached else None  # Worst case over seeds for the defender.
+    k_for_p = k_min if k_min is not None else max_k
+    p_needed = analysis.required_p(TARGET, k_for_p)
+    acc_budget = None
+    if cost is not None:
+      match = [s for s in cost["settings"] if (s["C"] is None and C is None) or (
+          s["C"] is not None and C is not None and math.isclose(s["C"], C, rel_tol=1e-6))]
+      acc_budget = match[0]["accuracy_at_budget"] if match else None
+    rows.append({
+        "clip": clip, "C": C,
+        "clean_accuracy_at_attack": sum(r["clean_before"]["clean_accuracy"] for r in rs) / len(rs),
+        "clean_accuracy_at_clip_cost_budget": acc_budget,
+        "k_min_90_per_seed": ks, "k_min_90": k_min,
+        "k_min_not_reached_by": None if k_min is not None else max_k,
+        f"p_for_{TARGET}": p_needed,
+        "p_is_upper_bound": k_min is None,
+        "ideal_speedup": analysis.ideal_speedup(p_needed),
+        "measured": _measured_speedup(benches, p_needed),
+    })
+  return {"experiment": "integrity_table", "target": TARGET, "rows": rows,
+          "sources": ["attack_budget.json"] + (["clip_cost.json"] if cost else []) + [b["_file"] for b in benches]}
+
+
+def plot(table, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = table["rows"]
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  names = [r["clip"] for r in rows]
+  ax.bar(names, [r[f"p_for_{table['target']}"] for r in rows], color="tab:blue")
+  for i, r in enumerate(rows):
+    k = r["k_min_90"]
+    ax.text(i, r[f"p_for_{table['target']}"], f"k={k if k is not None else '>' + str(r['k_min_not_reached_by'])}",
+            ha="center", va="bottom", fontsize=8)
+  ax.set_yscale("log"), ax.set_ylabel(f"p needed for {table['target']}")
+  ax.set_title("Verification rate needed per clip bound")
+  plt.setp(ax.get_xticklabels(), rotation=15, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="docs/results")
+  parser.add_argument("--tiny", action="store_true", help="accepted for symmetry with the other scripts")
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  out = pathlib.Path(args.out)
+  table = build_table(out)
+  table["command"] = " ".join(["python", "experiments/integrity_table.py", *(argv or sys.argv[1:])])
+  write_results(out / "integrity_table.json", table)
+  plot(table, out / "integrity_table.png")
+  for r in table["rows"]:
+    k = r["k_min_90"] if r["k_min_90"] is not None else f">{r['k_min_not_reached_by']}"
+    meas = "; ".join(f"{m['model']} {m['speedup_vs_pure_tee']:.2f}x at p={m['p']} on {m['worker_device']}"
+                     for m in r["measured"]) or "no benchmark"
+    print(f"{r['clip']:>22}: clean acc {r['clean_accuracy_at_attack']:.4f}, k_min90 {k}, "
+          f"p for {TARGET} {'<=' if r['p_is_upper_bound'] else ''}{r[f'p_for_{TARGET}']:.4f}, "
+          f"ideal speedup {r['ideal_speedup']:.1f}x, measured: {meas}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

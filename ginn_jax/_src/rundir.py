@@ -1,0 +1,257 @@
+"""Verified training that persists to, and resumes from, a run directory.
+
+Layout of ``RUN_DIR``::
+
+  transcript.jsonl             signed hash chain (see trusted/transcript.py)
+  checkpoints/step-00000010.ckpt   params, optimizer state, step (MAC'ed blob)
+  reports/step-00000012.rep    kept gradient reports (only with keep_reports)
+
+The transcript is: header, a checkpoint at step 0, then per step a "step"
+record (and a "report" record when reports are kept), a "checkpoint" record
+every `checkpoint_every` steps and at the end, and a closing record with the
+final parameter digest. A killed run (SIGKILL included) is resumed by calling
+`run_verified` again with the same arguments and audit secret: it verifies
+the transcript, loads the newest checkpoint that verifies, cuts the
+transcript after that checkpoint's record and continues, so every step appears
+exactly once and the final parameters are bitwise those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import sys
+from typing import Any
+
+import jax
+import jaxlib
+import numpy as np
+import optax
+
+from ginn_jax._src import errors
+from ginn_jax._src.models import Model
+from ginn_jax._src.trusted import checkpoint as ckpt
+from ginn_jax._src.trusted import commit, verify
+from ginn_jax._src.trusted.runtime import ProtocolConfig, TranscriptEntry, TrustedRuntime
+from ginn_jax._src.trusted.transcript import Record, TranscriptError, TranscriptWriter, entry_of
+from ginn_jax._src.trusted.transcript import public_key_hex, read_transcript
+from ginn_jax._src.types import Params
+from ginn_jax._src.worker.honest import Worker
+
+TRANSCRIPT = "transcript.jsonl"
+# Header fields that must not change when a run is resumed.
+_FIXED = ("model", "input_shape", "num_classes", "config", "tolerance", "dataset_digest", "num_examples",
+          "prng_impl", "public_key", "checkpoint_every", "keep_reports", "num_steps")
+
+
+def checkpoint_name(step: int) -> str:
+  return f"checkpoints/step-{step:08d}.ckpt"
+
+
+def report_name(step: int) -> str:
+  return f"reports/step-{step:08d}.rep"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+  """What `run_verified` left behind.
+
+  Attributes:
+    run_dir: the run directory.
+    params: parameters after the last accepted step (trusted device).
+    steps: accepted steps in total (over all resumptions).
+    num_verified: sampled steps found within tolerance.
+    violation: the `IntegrityViolation` that halted the run, if any.
+    resumed_from: the checkpoint step this call continued from (None: new run).
+    final_digest: the parameter digest in the closing record.
+    transcript: the runtime's entries (steps and checks) of the whole run.
+  """
+
+  run_dir: str
+  params: Params
+  steps: int
+  num_verified: int
+  violation: errors.IntegrityViolation | None
+  resumed_from: int | None
+  final_digest: str
+  transcript: list[TranscriptEntry]
+
+  @property
+  def num_violations(self) -> int:
+    return int(self.violation is not None)
+
+
+def run_header(rt: TrustedRuntime, *, num_steps: int, checkpoint_every: int, keep_reports: bool,
+               dataset: str | None, num_classes: int) -> dict[str, Any]:
+  """The transcript header: the runtime's public header plus versions and the public key."""
+  return {
+      **rt.public_header(),
+      "format": "ginn_jax/run/v1",
+      "public_key": public_key_hex(rt.signing_seed()),
+      "num_classes": num_classes,
+      "dataset": dataset,
+      "num_steps": num_steps,
+      "checkpoint_every": checkpoint_every,
+      "keep_reports": keep_reports,
+      "jax_enable_x64": bool(jax.config.jax_enable_x64),
+      "jax_default_prng_impl": str(jax.config.jax_default_prng_impl),
+      "versions": {"ginn_jax": _version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                   "numpy": np.__version__, "optax": optax.__version__,
+                   "python": sys.version.split()[0], "platform": platform.platform()},
+  }
+
+
+def _version() -> str:
+  import ginn_jax
+  return ginn_jax.__version__
+
+
+def run_verified(run_dir: str | os.PathLike, model: Model, images: np.ndarray, labels: np.ndarray,
+                 config: ProtocolConfig, worker: Worker, num_steps: int, *, audit_secret: bytes,
+                 checkpoint_every: int = 10, tolerance: verify.Tolerance | None = None,
+                 keep_reports: bool = False, deferred: bool = False, dataset: str | None = None,
+                 num_classes: int = 10, fsync: bool = True) -> RunResult:
+  """Trains to step `num_steps`, persisting everything to `run_dir`; resumes if it exists.
+
+  Args:
+    run_dir: the run directory (created if missing, resumed if it holds a transcript).
+    model, images, labels, config, tolerance, deferred: as for `TrustedRuntime`.
+    worker: the (untrusted) worker.
+    num_steps: total steps of the run (not steps to add on a resume).
+    audit_secret: the runtime's private secret. It is never written to the run
+      directory; pass the same secret again to resume (a different one fails
+      the checkpoint MACs and the header's public key).
+    checkpoint_every: steps between checkpoints (one is also taken at step 0
+      and at the end).
+    keep_reports: also store every accepted report (MAC'ed, its SHA-256 in the
+      transcript), so an auditor can re-verify any step.
+    dataset: the dataset's name for the header (lets `ginn audit` reload it).
+    num_classes: the model's number of classes (for the header).
+    fsync: fsync the transcript after every record.
+
+  Returns:
+    A `RunResult` (with ``violation`` set if the run halted on one).
+
+  Raises:
+    ReportRejected: the worker sent a malformed report; nothing was written
+      for it and the run directory can be resumed.
+    TranscriptError: the run directory is damaged or belongs to another run.
+  """
+  if checkpoint_every < 1 or num_steps < 0:
+    raise ValueError(f"checkpoint_every must be >= 1 and num_steps >= 0, got {checkpoint_every}, {num_steps}")
+  run_dir = os.fspath(run_dir)
+  rt = TrustedRuntime(model, images, labels, config, tolerance=tolerance, audit_secret=audit_secret,
+                      deferred=deferred)
+  header = run_header(rt, num_steps=num_steps, checkpoint_every=checkpoint_every,
+                      keep_reports=keep_reports, dataset=dataset, num_classes=num_classes)
+  path = os.path.join(run_dir, TRANSCRIPT)
+  resumed_from = None
+  if os.path.exists(path):
+    writer, resumed_from, closed = _resume(rt, run_dir, header, fsync)
+    if closed is not None:
+      writer.close()
+      return _result(rt, run_dir, resumed_from, closed.body["params_digest"])
+  else:
+    for sub in ("checkpoints", "reports"):
+      os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
+    writer = TranscriptWriter.create(path, header, rt.signing_seed(), fsync=fsync)
+    _checkpoint(rt, run_dir, writer)
+  rt.recorder = writer
+  try:
+    try:
+      while rt.step < num_steps:
+        order = rt.next_order()
+        report = worker(order)
+        try:
+          rt.submit(report)
+        except errors.IntegrityViolation as v:
+          if keep_reports and v.step == order.step:  # Keep the violating report as evidence.
+            _keep_report(run_dir, writer, rt, report, order.step, order.params)
+          raise
+        if keep_reports:
+          _keep_report(run_dir, writer, rt, report, order.step, order.params)
+        if rt.step % checkpoint_every == 0 or rt.step == num_steps:
+          rt.finalize()
+          _checkpoint(rt, run_dir, writer)
+      rt.finalize()
+    except errors.IntegrityViolation as v:
+      digest = ckpt.tree_digest(rt.state.params)
+      writer.append("close", {"status": "violation", "step": rt.step, "violation_step": v.step,
+                              "params_digest": digest, "num_verified": rt.num_verified})
+      return _result(rt, run_dir, resumed_from, digest)
+    digest = ckpt.tree_digest(rt.state.params)
+    writer.append("close", {"status": "complete", "step": rt.step, "params_digest": digest,
+                            "num_verified": rt.num_verified})
+    return _result(rt, run_dir, resumed_from, digest)
+  finally:
+    rt.recorder = None
+    rt.close()
+    writer.close()
+
+
+def _keep_report(run_dir: str, writer: TranscriptWriter, rt: TrustedRuntime, report, step: int,
+                 params: Params) -> None:
+  """Stores an accepted report (MAC'ed) and records its SHA-256."""
+  leaves, loss = commit.validate_report(report, step=step, params=params)
+  name = report_name(step)
+  sha = ckpt.save_report(os.path.join(run_dir, name), step, leaves, loss, authenticate=rt.authenticate)
+  writer.append("report", {"step": step, "file": name, "sha256": sha})
+
+
+def _checkpoint(rt: TrustedRuntime, run_dir: str, writer: TranscriptWriter) -> Record:
+  name = checkpoint_name(rt.step)
+  sha = ckpt.save_checkpoint(os.path.join(run_dir, name), rt.state, num_verified=rt.num_verified,
+                             authenticate=rt.authenticate)
+  return writer.append("checkpoint", {"step": rt.step, "file": name, "sha256": sha,
+                                      "num_verified": rt.num_verified,
+                                      "params_digest": ckpt.tree_digest(rt.state.params)})
+
+
+def _resume(rt: TrustedRuntime, run_dir: str, header: dict[str, Any],
+            fsync: bool) -> tuple[TranscriptWriter, int, Record | None]:
+  """Verifies the transcript, restores the newest valid checkpoint, cuts the tail."""
+  path = os.path.join(run_dir, TRANSCRIPT)
+  records = read_transcript(path, public_key=header["public_key"], allow_torn_tail=True)
+  old = records[0].body
+  last = records[-1]
+  if last.type == "close" and last.body.get("status") != "complete" or any(
+      r.body.get("outcome") == "violation" for r in records if r.type in ("step", "check")):
+    raise errors.RuntimeHalted(f"{path}: this run halted on an integrity violation; it cannot be "
+                               "resumed (start a new run with a trustworthy worker)")
+  changed = [k for k in _FIXED if old.get(k) != header.get(k)]
+  if changed:
+    raise TranscriptError(f"this run directory was made with other settings ({', '.join(changed)} "
+                          "differ); use a new run directory or the original settings and secret",
+                          file=path, entry=1)
+  rejected = []
+  for rec in reversed(records):
+    if rec.type != "checkpoint":
+      continue
+    try:
+      state, meta = ckpt.load_checkpoint(os.path.join(run_dir, rec.body["file"]), rt.state,
+                                         expected_sha256=rec.body["sha256"], authenticate=rt.authenticate)
+    except (TranscriptError, OSError) as e:
+      rejected.append(f"{rec.body.get('file')}: {e}")
+      continue
+    if state.step != rec.body["step"]:
+      rejected.append(f"{rec.body['file']}: step {state.step} differs from its record")
+      continue
+    break
+  else:
+    raise TranscriptError(f"no checkpoint verifies ({'; '.join(rejected) or 'none recorded'})", file=path)
+  kept = records[:rec.seq + 1]
+  closed = records[-1] if records[-1].type == "close" and records[-1].seq == rec.seq + 1 else None
+  entries = [entry_of(r) for r in kept if r.type in ("step", "check")]
+  rt.restore(state, entries, int(meta["num_verified"]))
+  if closed is not None:
+    return TranscriptWriter(path, rt.signing_seed(), seq=closed.seq + 1, prev=closed.hash, fsync=fsync), \
+        state.step, closed
+  writer = TranscriptWriter.resume(path, rec, rt.signing_seed(), fsync=fsync)
+  writer.append("resume", {"step": state.step, "rejected_checkpoints": rejected})
+  return writer, state.step, None
+
+
+def _result(rt: TrustedRuntime, run_dir: str, resumed_from: int | None, digest: str) -> RunResult:
+  return RunResult(run_dir=run_dir, params=rt.state.params, steps=rt.step, num_verified=rt.num_verified,
+                   violation=rt.halted, resumed_from=resumed_from, final_digest=digest,
+                   transcript=list(rt.transcript))
