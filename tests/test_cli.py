@@ -48,7 +48,7 @@ def _check_demo(summary, *, p1: bool):
 def test_tiny_demo_with_every_step_verified(tmp_path):
   path = tmp_path / "demo.json"
   out = ginn("demo", "--steps", "30", "--attack-start", "12", "--p", "1", "--model", "mlp",
-             "--no-progress", "--json", str(path))
+             "--no-progress", "--json", str(path), "--run-dir", "")
   assert out.returncode == 0, out.stderr
   assert "CAUGHT at step 12" in out.stdout
   _check_demo(json.loads(path.read_text()), p1=True)
@@ -58,8 +58,15 @@ def test_tiny_demo_with_every_step_verified(tmp_path):
 def test_default_demo_catches_the_attack(tmp_path):
   """The README's main job, on its default settings."""
   path = tmp_path / "demo.json"
-  out = ginn("demo", "--no-progress", "--json", str(path))
+  runs = tmp_path / "runs"
+  out = ginn("demo", "--no-progress", "--json", str(path), "--run-dir", str(runs))
   assert out.returncode == 0, out.stderr
   s = json.loads(path.read_text())
   _check_demo(s, p1=False)
   assert s["honest_clean_accuracy"] > 0.93
+  # The run it leaves behind passes the audit; the attacked one fails naming the step.
+  honest = ginn("audit", str(runs / "honest"))
+  assert honest.returncode == 0, honest.stdout + honest.stderr
+  attacked = ginn("audit", str(runs / "attacked"))
+  assert attacked.returncode == 1
+  assert f"step {s['attack_detected_at_step']}" in attacked.stderr

@@ -14,7 +14,7 @@ def _demo(args) -> int:
                    clip_value=args.clip_value, seed=args.seed, dataset=args.dataset,
                    data_dir=args.data_dir, model=args.model, batch_size=args.batch_size,
                    learning_rate=args.lr)
-  summary = run_demo(cfg, progress=not args.no_progress, run_dir=args.run_dir,
+  summary = run_demo(cfg, progress=not args.no_progress, run_dir=args.run_dir or None,
                      checkpoint_every=args.checkpoint_every)
   if args.json:
     write_json(summary, args.json)
@@ -151,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
   _add_training_args(demo, steps=600)
   demo.add_argument("--attack-start", type=int, default=300, help="first malicious step")
   demo.add_argument("--json", default=None, metavar="PATH", help="write the summary as JSON")
-  demo.add_argument("--run-dir", default=None, metavar="DIR",
-                    help="persist each run (DIR/honest, DIR/attacked) for `ginn audit`")
+  demo.add_argument("--run-dir", default="runs/demo", metavar="DIR",
+                    help="persist each run (DIR/honest, DIR/attacked) for `ginn audit` (default: runs/demo; "
+                         "'' to keep nothing)")
   demo.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
   demo.set_defaults(func=_demo)
 

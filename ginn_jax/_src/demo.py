@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Any
 
@@ -85,9 +86,13 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, progress: bool = True, log=print
       rt = TrustedRuntime(model, x, y, protocol, tolerance=cal.tolerance)
       return train(rt, worker, cfg.steps, progress=f"{name} run" if progress else False,
                    raise_on_violation=False)
-    return run_verified(os.path.join(run_dir, name), model, x, y, protocol, worker, cfg.steps,
+    path = os.path.join(run_dir, name)
+    if os.path.exists(os.path.join(path, "transcript.jsonl")):
+      shutil.rmtree(path)  # The demo starts fresh runs; `run_verified` would resume them.
+    return run_verified(path, model, x, y, protocol, worker, cfg.steps,
                         audit_secret=keys.new_audit_secret(), checkpoint_every=checkpoint_every,
-                        tolerance=cal.tolerance, dataset=cfg.dataset, num_classes=ds.num_classes)
+                        tolerance=cal.tolerance, dataset=cfg.dataset, num_classes=ds.num_classes,
+                        progress=f"{name} run" if progress else False)
 
   honest = run("honest", HonestWorker(model, x, y))
   honest_acc, honest_asr = evaluate(honest.params)
@@ -130,6 +135,10 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, progress: bool = True, log=print
       "seconds": round(time.perf_counter() - t0, 1),
   }
   _print_table(summary, log)
+  if run_dir is not None:
+    summary["run_dirs"] = {n: os.path.join(run_dir, n) for n in ("honest", "attacked")}
+    log(f"run directories: {run_dir}/honest and {run_dir}/attacked "
+        f"(check them with `ginn audit {os.path.join(run_dir, 'honest')}`)")
   return summary
 
 

@@ -27,6 +27,7 @@ import jax
 import jaxlib
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from ginn_jax._src import errors
 from ginn_jax._src.models import Model
@@ -110,7 +111,7 @@ def run_verified(run_dir: str | os.PathLike, model: Model, images: np.ndarray, l
                  config: ProtocolConfig, worker: Worker, num_steps: int, *, audit_secret: bytes,
                  checkpoint_every: int = 10, tolerance: verify.Tolerance | None = None,
                  keep_reports: bool = False, deferred: bool = False, dataset: str | None = None,
-                 num_classes: int = 10, fsync: bool = True) -> RunResult:
+                 num_classes: int = 10, fsync: bool = True, progress: bool | str = False) -> RunResult:
   """Trains to step `num_steps`, persisting everything to `run_dir`; resumes if it exists.
 
   Args:
@@ -157,6 +158,8 @@ def run_verified(run_dir: str | os.PathLike, model: Model, images: np.ndarray, l
     writer = TranscriptWriter.create(path, header, rt.signing_seed(), fsync=fsync)
     _checkpoint(rt, run_dir, writer)
   rt.recorder = writer
+  bar = tqdm(total=num_steps, initial=rt.step, desc=progress if isinstance(progress, str) else "ginn run",
+             disable=not progress, leave=False, dynamic_ncols=True)
   try:
     try:
       while rt.step < num_steps:
@@ -170,6 +173,8 @@ def run_verified(run_dir: str | os.PathLike, model: Model, images: np.ndarray, l
           raise
         if keep_reports:
           _keep_report(run_dir, writer, rt, report, order.step, order.params)
+        bar.update(1)
+        bar.set_postfix(verified=rt.num_verified, pending=rt.num_pending, refresh=False)
         if rt.step % checkpoint_every == 0 or rt.step == num_steps:
           rt.finalize()
           _checkpoint(rt, run_dir, writer)
@@ -184,6 +189,7 @@ def run_verified(run_dir: str | os.PathLike, model: Model, images: np.ndarray, l
                             "num_verified": rt.num_verified})
     return _result(rt, run_dir, resumed_from, digest)
   finally:
+    bar.close()
     rt.recorder = None
     rt.close()
     writer.close()
