@@ -302,3 +302,16 @@ def test_small_perturbation_inside_tolerance_passes_and_outside_fails(mlp, small
         rt.submit(rep)
     else:
       assert rt.submit(rep).outcome == "verified"
+
+
+def test_any_optax_optimizer_can_follow_the_clip(mlp, small_data):
+  import optax
+  # optax.adam's bias correction mixes a Python float with an int32 count, which
+  # strict promotion (our conftest) refuses; users run with standard promotion.
+  with jax.numpy_dtype_promotion("standard"):
+    cfg = config(p=1.0, clip="global_norm", clip_value=1.0)
+    rt = ginn.TrustedRuntime(mlp, *small_data, cfg, audit_secret=SECRET, optimizer=optax.adam(1e-3))
+    res = ginn.train(rt, ginn.HonestWorker(mlp, *small_data), 20, progress=False)
+  assert res.verified and res.num_verified == 20
+  assert np.mean(res.losses[-5:]) < res.losses[0]
+  assert not ginn.analysis.deviation_bound("global_norm", 1.0, "adam").bounded
