@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import pathlib
 import sys
 
 import ginn_jax  # noqa: F401  (before jax: two CPU devices)
 from ginn_jax._src.lab.budget import attack_budget, gradient_quantiles
-from ginn_jax._src.lab.common import Lab, add_lab_args, lab_config, write_results
+from ginn_jax._src.lab.common import Lab, add_lab_args, figure, lab_config, save_experiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,29 +42,23 @@ TINY = Config(seeds=(0,), prefix=3, ks=(1, 2), middle_ks=(2,), middle_honest_ste
 
 
 def plot(result, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   attackers = sorted({r["attacker"] for r in result["runs"]})
-  fig, axes = plt.subplots(1, len(attackers), figsize=(6 * len(attackers), 4), squeeze=False)
-  for ax, attacker in zip(axes[0], attackers):
-    for clip in dict.fromkeys(r["clip"] for r in result["runs"]):
-      rs = [r for r in result["runs"] if r["clip"] == clip and r["attacker"] == attacker]
-      ks = [e["k"] for e in rs[0]["end"]]
-      asr = [sum(r["end"][i]["asr"] for r in rs) / len(rs) for i in range(len(ks))]
-      line, = ax.plot(ks, asr, marker="o", label=f"{clip} (end)")
-      if rs[0]["middle"]:
-        mk = [e["k"] for e in rs[0]["middle"]]
-        masr = [sum(r["middle"][i]["asr"] for r in rs) / len(rs) for i in range(len(mk))]
-        ax.plot(mk, masr, marker="x", ls="--", color=line.get_color(), label=f"{clip} (middle)")
-    ax.set_xscale("log", base=2), ax.set_ylim(-0.02, 1.02)
-    ax.axhline(0.9, color="grey", ls=":"), ax.axhline(0.5, color="grey", ls=":")
-    ax.set_xlabel("malicious steps k"), ax.set_ylabel("attack success rate")
-    ax.set_title(f"{attacker}: ASR vs k (mean over seeds)")
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  with figure(path, ncols=len(attackers)) as axes:
+    for ax, attacker in zip(axes if len(attackers) > 1 else [axes], attackers):
+      for clip in dict.fromkeys(r["clip"] for r in result["runs"]):
+        rs = [r for r in result["runs"] if r["clip"] == clip and r["attacker"] == attacker]
+        ks = [e["k"] for e in rs[0]["end"]]
+        asr = [sum(r["end"][i]["asr"] for r in rs) / len(rs) for i in range(len(ks))]
+        line, = ax.plot(ks, asr, marker="o", label=f"{clip} (end)")
+        if rs[0]["middle"]:
+          mk = [e["k"] for e in rs[0]["middle"]]
+          masr = [sum(r["middle"][i]["asr"] for r in rs) / len(rs) for i in range(len(mk))]
+          ax.plot(mk, masr, marker="x", ls="--", color=line.get_color(), label=f"{clip} (middle)")
+      ax.set_xscale("log", base=2), ax.set_ylim(-0.02, 1.02)
+      ax.axhline(0.9, color="grey", ls=":"), ax.axhline(0.5, color="grey", ls=":")
+      ax.set_xlabel("malicious steps k"), ax.set_ylabel("attack success rate")
+      ax.set_title(f"{attacker}: ASR vs k (mean over seeds)")
+      ax.legend(fontsize=7)
 
 
 def main(argv=None) -> int:
@@ -85,12 +78,8 @@ def main(argv=None) -> int:
   result = attack_budget(lab, clips, seeds=cfg.seeds, prefix_steps=cfg.prefix, ks=cfg.ks,
                          middle_ks=cfg.middle_ks, middle_honest_steps=cfg.middle_honest_steps,
                          progress=not args.no_progress)
-  result.update(experiment="attack_budget", gradient_quantiles=quantiles, lab=dataclasses.asdict(lab.cfg),
-                config=dataclasses.asdict(cfg),
-                command=" ".join(["python", "experiments/attack_budget.py", *(argv or sys.argv[1:])]))
-  out = pathlib.Path(args.out)
-  write_results(out / "attack_budget.json", result)
-  plot(result, out / "attack_budget.png")
+  result["gradient_quantiles"] = quantiles
+  save_experiment(args.out, "attack_budget", result, lab=lab, config=cfg, argv=argv, plot=plot)
   print("honest |g| quantiles:", {k: f"{v:.3g}" for k, v in quantiles.items()})
   for s in result["summary"]:
     print(f"{s['clip']:>22} {s['attacker']:>17} {s['placement']:>6} ASR>={s['level']}%: "

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import pathlib
 import sys
 
 import ginn_jax  # noqa: F401  (before jax: two CPU devices)
 from ginn_jax._src.lab.clip_cost import clip_cost
-from ginn_jax._src.lab.common import Lab, add_lab_args, lab_config, write_results
+from ginn_jax._src.lab.common import Lab, add_lab_args, figure, lab_config, save_experiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,21 +37,15 @@ TINY = Config(clips=(("none", "none", None), ("C=0.001", "elementwise", 0.001)),
 
 
 def plot(result, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for s in result["settings"]:
-    steps = [t for t, _ in s["runs"][0]["curve"]]
-    mean = [sum(r["curve"][i][1] for r in s["runs"]) / len(s["runs"]) for i in range(len(steps))]
-    ax.plot(steps, mean, marker="o", label=s["name"])
-  ax.axvline(result["budget_steps"], color="grey", ls=":", label="budget")
-  ax.set_xlabel("training step"), ax.set_ylabel("clean test accuracy")
-  ax.set_title("Cost of element-wise clipping (mean over seeds)")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  with figure(path) as ax:
+    for s in result["settings"]:
+      steps = [t for t, _ in s["runs"][0]["curve"]]
+      mean = [sum(r["curve"][i][1] for r in s["runs"]) / len(s["runs"]) for i in range(len(steps))]
+      ax.plot(steps, mean, marker="o", label=s["name"])
+    ax.axvline(result["budget_steps"], color="grey", ls=":", label="budget")
+    ax.set_xlabel("training step"), ax.set_ylabel("clean test accuracy")
+    ax.set_title("Cost of element-wise clipping (mean over seeds)")
+    ax.legend(fontsize=8)
 
 
 def main(argv=None) -> int:
@@ -68,11 +61,7 @@ def main(argv=None) -> int:
   lab = Lab(lab_config(args, eval_examples=200 if args.tiny else None))
   result = clip_cost(lab, cfg.clips, seeds=cfg.seeds, budget_steps=cfg.budget, max_steps=cfg.max_steps,
                      eval_every=cfg.eval_every, progress=not args.no_progress)
-  result.update(experiment="clip_cost", lab=dataclasses.asdict(lab.cfg), config=dataclasses.asdict(cfg),
-                command=" ".join(["python", "experiments/clip_cost.py", *(argv or sys.argv[1:])]))
-  out = pathlib.Path(args.out)
-  write_results(out / "clip_cost.json", result)
-  plot(result, out / "clip_cost.png")
+  save_experiment(args.out, "clip_cost", result, lab=lab, config=cfg, argv=argv, plot=plot)
   for s in result["settings"]:
     print(f"{s['name']:>18}: accuracy at {cfg.budget} steps {s['accuracy_at_budget']:.4f}; "
           f"steps to recover: {[r['steps_to_recover'] for r in s['runs']]}")

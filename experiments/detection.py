@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import pathlib
 import sys
 
 import ginn_jax  # noqa: F401  (before jax: two CPU devices)
-from ginn_jax._src.lab.common import Lab, add_lab_args, lab_config, write_results
+from ginn_jax._src.lab.common import Lab, add_lab_args, figure, lab_config, save_experiment
 from ginn_jax._src.lab.detection import detection_rates
 
 
@@ -31,25 +30,20 @@ class Config:
 TINY = Config(cases=((0.5, 2), (0.1, 3)), trials=5)
 
 
-def plot(rows, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for p in sorted({r["p"] for r in rows}, reverse=True):
-    rs = [r for r in rows if r["p"] == p]
-    ks = [r["k"] for r in rs]
-    ax.errorbar(ks, [r["rate"] for r in rs],
-                yerr=[[r["rate"] - r["ci99"][0] for r in rs], [r["ci99"][1] - r["rate"] for r in rs]],
-                fmt="o", capsize=3, label=f"measured, p={p}")
-    kk = list(range(1, max(ks) + 1))
-    ax.plot(kk, [1 - (1 - p) ** k for k in kk], lw=1)
-  ax.set_xscale("log"), ax.set_xlabel("malicious steps k"), ax.set_ylabel("detection rate")
-  ax.set_title("Detection: real runs (99% CI) vs 1-(1-p)^k")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+def plot(result, path):
+  rows = result["rows"]
+  with figure(path) as ax:
+    for p in sorted({r["p"] for r in rows}, reverse=True):
+      rs = [r for r in rows if r["p"] == p]
+      ks = [r["k"] for r in rs]
+      ax.errorbar(ks, [r["rate"] for r in rs],
+                  yerr=[[r["rate"] - r["ci99"][0] for r in rs], [r["ci99"][1] - r["rate"] for r in rs]],
+                  fmt="o", capsize=3, label=f"measured, p={p}")
+      kk = list(range(1, max(ks) + 1))
+      ax.plot(kk, [1 - (1 - p) ** k for k in kk], lw=1)
+    ax.set_xscale("log"), ax.set_xlabel("malicious steps k"), ax.set_ylabel("detection rate")
+    ax.set_title("Detection: real runs (99% CI) vs 1-(1-p)^k")
+    ax.legend(fontsize=8)
 
 
 def main(argv=None) -> int:
@@ -62,12 +56,7 @@ def main(argv=None) -> int:
     cfg = dataclasses.replace(cfg, trials=args.trials)
   lab = Lab(lab_config(args))
   rows = detection_rates(lab, cfg.cases, trials=cfg.trials, progress=not args.no_progress)
-  out = pathlib.Path(args.out)
-  write_results(out / "detection.json", {
-      "experiment": "detection", "rows": rows, "lab": dataclasses.asdict(lab.cfg),
-      "config": dataclasses.asdict(cfg),
-      "command": " ".join(["python", "experiments/detection.py", *(argv or sys.argv[1:])])})
-  plot(rows, out / "detection.png")
+  save_experiment(args.out, "detection", {"rows": rows}, lab=lab, config=cfg, argv=argv, plot=plot)
   for r in rows:
     print(f"p={r['p']:<5} k={r['k']:<4} rate {r['rate']:.3f} (99% CI {r['ci99'][0]:.3f}-{r['ci99'][1]:.3f}) "
           f"expected {r['expected']:.3f} {'inside' if r['expected_inside_ci'] else 'OUTSIDE'}")

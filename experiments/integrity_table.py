@@ -13,15 +13,22 @@ those first. Reproduce the committed table:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
 import sys
 
 from ginn_jax._src import analysis
-from ginn_jax._src.lab.common import write_results
+from ginn_jax._src.lab.common import figure, save_experiment
 
 TARGET = 0.999
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  target: float = TARGET
+  attackers: str = "best of badnets and model_replacement, malicious steps at the end"
 
 
 def _measured_speedup(benches: list[dict], p: float) -> list[dict]:
@@ -83,23 +90,15 @@ def build_table(results: pathlib.Path) -> dict:
 
 
 def plot(table, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   rows = table["rows"]
-  fig, ax = plt.subplots(figsize=(6, 3.5))
-  names = [r["clip"] for r in rows]
-  ax.bar(names, [r[f"p_for_{table['target']}"] for r in rows], color="tab:blue")
-  for i, r in enumerate(rows):
-    k = r["k_min_90"]
-    ax.text(i, r[f"p_for_{table['target']}"], f"k={k if k is not None else '>' + str(r['k_min_not_reached_by'])}",
-            ha="center", va="bottom", fontsize=8)
-  ax.set_yscale("log"), ax.set_ylabel(f"p needed for {table['target']}")
-  ax.set_title("Verification rate needed per clip bound")
-  plt.setp(ax.get_xticklabels(), rotation=15, fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  with figure(path, size=(6, 3.5)) as ax:
+    ax.bar([r["clip"] for r in rows], [r[f"p_for_{table['target']}"] for r in rows], color="tab:blue")
+    for i, r in enumerate(rows):
+      k = r["k_min_90"] if r["k_min_90"] is not None else ">" + str(r["k_min_not_reached_by"])
+      ax.text(i, r[f"p_for_{table['target']}"], f"k={k}", ha="center", va="bottom", fontsize=8)
+    ax.set_yscale("log"), ax.set_ylabel(f"p needed for {table['target']}")
+    ax.set_title("Verification rate needed per clip bound")
+    ax.tick_params(axis="x", labelrotation=15, labelsize=8)
 
 
 def main(argv=None) -> int:
@@ -108,11 +107,8 @@ def main(argv=None) -> int:
   parser.add_argument("--tiny", action="store_true", help="accepted for symmetry with the other scripts")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
-  out = pathlib.Path(args.out)
-  table = build_table(out)
-  table["command"] = " ".join(["python", "experiments/integrity_table.py", *(argv or sys.argv[1:])])
-  write_results(out / "integrity_table.json", table)
-  plot(table, out / "integrity_table.png")
+  table = build_table(pathlib.Path(args.out))
+  save_experiment(args.out, "integrity_table", table, lab=None, config=Config(), argv=argv, plot=plot)
   for r in table["rows"]:
     k = r["k_min_90"] if r["k_min_90"] is not None else f">{r['k_min_not_reached_by']}"
     meas = "; ".join(f"{m['model']} {m['speedup_vs_pure_tee']:.2f}x at p={m['p']} on {m['worker_device']}"

@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import pathlib
 import sys
 
 import ginn_jax as ginn
-from ginn_jax._src.lab.common import Lab, add_lab_args, lab_config, write_results
+from ginn_jax._src.lab.common import Lab, add_lab_args, figure, lab_config, save_experiment
 from ginn_jax._src.lab.stealth import stealth_runs
 
 
@@ -41,19 +40,13 @@ TINY = Config(steps=4, eval_every=2)
 
 
 def plot(result, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for row in result["honest"] + result["runs"]:
-    ax.plot([c["step"] for c in row["curve"]], [c["asr"] for c in row["curve"]], marker="o",
-            label=f"{row['tolerance']} (seed {row['seed']})")
-  ax.set_xlabel("training step"), ax.set_ylabel("attack success rate"), ax.set_ylim(-0.02, 1.02)
-  ax.set_title("Stealth attacker inside the tolerance, every step")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  with figure(path) as ax:
+    for row in result["honest"] + result["runs"]:
+      ax.plot([c["step"] for c in row["curve"]], [c["asr"] for c in row["curve"]], marker="o",
+              label=f"{row['tolerance']} (seed {row['seed']})")
+    ax.set_xlabel("training step"), ax.set_ylabel("attack success rate"), ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Stealth attacker inside the tolerance, every step")
+    ax.legend(fontsize=8)
 
 
 def main(argv=None) -> int:
@@ -75,11 +68,7 @@ def main(argv=None) -> int:
   tolerances = [("calibrated", calibrated), ("paper prototype", ginn.PAPER_PROTOTYPE_TOLERANCE)]
   result = stealth_runs(lab, tolerances, seeds=cfg.seeds, steps=cfg.steps, p=cfg.p, clip=cfg.clip,
                         clip_value=cfg.clip_value, eval_every=cfg.eval_every, progress=not args.no_progress)
-  result.update(experiment="stealth", lab=dataclasses.asdict(lab.cfg), config=dataclasses.asdict(cfg),
-                command=" ".join(["python", "experiments/stealth.py", *(argv or sys.argv[1:])]))
-  out = pathlib.Path(args.out)
-  write_results(out / "stealth.json", result)
-  plot(result, out / "stealth.png")
+  save_experiment(args.out, "stealth", result, lab=lab, config=cfg, argv=argv, plot=plot)
   for row in result["honest"] + result["runs"]:
     last = row["curve"][-1]
     print(f"{row['tolerance']:>16} seed {row['seed']}: {row['steps']} steps, {row['steps_verified']} verified, "

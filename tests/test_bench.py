@@ -3,8 +3,6 @@ import json
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 
 import ginn_jax as ginn

@@ -1,5 +1,4 @@
 """The GINN protocol end to end (DESIGN.md sections 2-5), on two CPU devices."""
-import dataclasses
 import hashlib
 import math
 

@@ -237,7 +237,7 @@ def format_table(result: dict[str, Any]) -> str:
              fmt(r.get("bound_1_over_p"), ".0f"), fmt(r.get("bookkeeping_fraction"), ".2%"),
              fmt(r["rss_mib"], ".0f")]
     lines.append(f"{r['config']:<20}" + "".join(f"  {c:>12}" for c in cells))
-  lines.append(f"digest throughput (GB/s): " + ", ".join(
+  lines.append("digest throughput (GB/s): " + ", ".join(
       f"{k} {v:.2f}" for k, v in result["digest_gb_per_s"].items()))
   return "\n".join(lines)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 from tqdm.auto import tqdm
 
 from ginn_jax._src import errors

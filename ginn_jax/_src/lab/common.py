@@ -1,6 +1,7 @@
 """What every experiment shares: data, model, trigger, runtimes, evaluation."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -128,3 +129,33 @@ def lab_config(args, **overrides) -> LabConfig:
             batch_size=args.batch_size, learning_rate=args.lr)
   kw.update(overrides)
   return LabConfig(**kw)
+
+
+@contextlib.contextmanager
+def figure(path: str | os.PathLike, *, ncols: int = 1, size: tuple[float, float] = (6, 4)):
+  """Yields the axes of a new figure (one per column) and saves it as PNG on exit."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, ncols, figsize=(size[0] * ncols, size[1]), squeeze=False)
+  try:
+    yield list(axes[0]) if ncols > 1 else axes[0][0]
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+  finally:
+    plt.close(fig)
+
+
+def save_experiment(out: str | os.PathLike, name: str, result: dict[str, Any], *, lab: Lab | None,
+                    config: Any, argv: list[str] | None, plot) -> pathlib.Path:
+  """Adds the provenance (lab, config, reproducing command) to `result`, writes
+  ``out/name.json`` and draws ``out/name.png`` with ``plot(result, path)``."""
+  import sys
+  result.update(experiment=name, config=dataclasses.asdict(config),
+                command=" ".join(["python", f"experiments/{name}.py", *(argv if argv is not None else sys.argv[1:])]))
+  if lab is not None:
+    result["lab"] = dataclasses.asdict(lab.cfg)
+  out = pathlib.Path(out)
+  path = write_results(out / f"{name}.json", result)
+  plot(result, out / f"{name}.png")
+  return path

@@ -18,7 +18,6 @@ import functools
 import hashlib
 import hmac
 import time
-import math
 from typing import Any, Protocol
 
 import flax.struct
