@@ -36,13 +36,13 @@ def plot(result, path):
     for p in sorted({r["p"] for r in rows}, reverse=True):
       rs = [r for r in rows if r["p"] == p]
       ks = [r["k"] for r in rs]
-      ax.errorbar(ks, [r["rate"] for r in rs],
-                  yerr=[[r["rate"] - r["ci99"][0] for r in rs], [r["ci99"][1] - r["rate"] for r in rs]],
-                  fmt="o", capsize=3, label=f"measured, p={p}")
+      bars = ax.errorbar(ks, [r["rate"] for r in rs],
+                         yerr=[[r["rate"] - r["ci99"][0] for r in rs], [r["ci99"][1] - r["rate"] for r in rs]],
+                         fmt="o", capsize=3, label=f"measured, p={p}")
       kk = list(range(1, max(ks) + 1))
-      ax.plot(kk, [1 - (1 - p) ** k for k in kk], lw=1)
+      ax.plot(kk, [1 - (1 - p) ** k for k in kk], lw=1, color=bars[0].get_color())
     ax.set_xscale("log"), ax.set_xlabel("malicious steps k"), ax.set_ylabel("detection rate")
-    ax.set_title("Detection: real runs (99% CI) vs 1-(1-p)^k")
+    ax.set_title("Detection: real runs (99% CI) vs 1-(1-p)^k (lines)")
     ax.legend(fontsize=8)
 
 
