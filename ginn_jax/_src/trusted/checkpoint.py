@@ -155,11 +155,7 @@ def load_checkpoint(path: str | os.PathLike, template: TrainState, *, expected_s
   Raises:
     TranscriptError: the file is damaged, forged or of another model.
   """
-  file = os.fspath(path)
-  with open(file, "rb") as f:
-    data = f.read()
-  arrays, meta = decode_blob(data, file=file, label=CHECKPOINT_LABEL, expected_sha256=expected_sha256,
-                             authenticate=authenticate)
+  file, arrays, meta = _read_blob(path, CHECKPOINT_LABEL, expected_sha256, authenticate)
   leaves, treedef = jax.tree_util.tree_flatten((template.params, template.opt_state))
   if meta.get("treedef") != str(treedef) or meta.get("leaves") != _specs(leaves):
     raise TranscriptError("checkpoint does not match the model and optimizer (tree structure, dtypes "
@@ -171,6 +167,16 @@ def load_checkpoint(path: str | os.PathLike, template: TrainState, *, expected_s
     raise TranscriptError(f"checkpoint step {step!r} is not a non-negative int", file=file)
   params, opt_state = jax.tree_util.tree_unflatten(treedef, arrays)
   return TrainState(step=step, params=params, opt_state=opt_state), meta
+
+
+def _read_blob(path, label: bytes, expected_sha256, authenticate):
+  """Reads and decodes one blob file; returns (file name, arrays, metadata)."""
+  file = os.fspath(path)
+  with open(file, "rb") as f:
+    data = f.read()
+  arrays, meta = decode_blob(data, file=file, label=label, expected_sha256=expected_sha256,
+                             authenticate=authenticate)
+  return file, arrays, meta
 
 
 def save_report(path: str | os.PathLike, step: int, leaves: list[np.ndarray], loss: np.float32, *,
@@ -189,11 +195,7 @@ def load_report(path: str | os.PathLike, *, step: int, expected_sha256: str | No
   Raises:
     TranscriptError: the file is damaged, forged or for another step.
   """
-  file = os.fspath(path)
-  with open(file, "rb") as f:
-    data = f.read()
-  arrays, meta = decode_blob(data, file=file, label=REPORT_LABEL, expected_sha256=expected_sha256,
-                             authenticate=authenticate)
+  file, arrays, meta = _read_blob(path, REPORT_LABEL, expected_sha256, authenticate)
   if meta.get("step") != step or not arrays or arrays[-1].shape != () or arrays[-1].dtype != np.float32:
     raise TranscriptError(f"report file is not the report of step {step}", file=file, step=step)
   return arrays[:-1], np.float32(arrays[-1])
