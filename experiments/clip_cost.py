@@ -1,7 +1,7 @@
 """Experiment 2: the cost of clipping (clean accuracy vs C at a fixed step budget,
 and the steps each C needs to recover the unclipped accuracy).
 
-Reproduce the committed results (about 10 minutes on 2 CPU cores):
+Reproduce the committed results (about 12 minutes on 2 CPU cores):
 
     python experiments/clip_cost.py --out docs/results
 

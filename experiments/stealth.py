@@ -3,7 +3,7 @@ tolerance on every step of a whole run. Reports the ASR it reaches at the
 calibrated tolerance and at the paper's prototype tolerance, next to an honest
 run. This is where the method can fail: the results say so plainly.
 
-Reproduce the committed results (about 6 minutes on 2 CPU cores):
+Reproduce the committed results (about 3 minutes on 2 CPU cores):
 
     python experiments/stealth.py --out docs/results
 

@@ -3,7 +3,7 @@
 A trusted runtime (a CPU device standing in for the TEE) orders every step,
 authenticates the untrusted worker's gradient report, clips and applies the
 update itself, and re-computes a secret random sample of steps. See
-DESIGN.md in the project for the protocol.
+docs/design.md in the project for the protocol.
 
 Importing ginn_jax before jax gives the process two CPU devices (worker and
 trusted) unless ``XLA_FLAGS`` already sets a device count or

@@ -1,4 +1,4 @@
-"""The analysis module against DESIGN.md section 8's reference numbers."""
+"""The analysis module against docs/design.md section 8's reference numbers."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""The attack suite (DESIGN.md section 7): every attacker, one shared table.
+"""The attack suite (docs/design.md section 7): every attacker, one shared table.
 
 (a) at p = 1 every attacker is caught at its first malicious step, whatever its
 schedule, and reports honestly before it; the stealth attacker instead passes

@@ -19,12 +19,20 @@ def test_help_lists_subcommands():
 
 
 def test_analyze_reproduces_the_design_number():
-  out = ginn("analyze", "--k", "688", "--p", "0.01")
+  out = ginn("analyze", "--k", "688", "--p", "0.01", "--clip-value", "0.005", "--lr", "0.1")
   assert out.returncode == 0, out.stderr
   res = json.loads(out.stdout)
   assert res["p_for_0.999"] == pytest.approx(0.01, abs=2e-4)
   assert res["detection_probability"] == pytest.approx(0.999, abs=2e-4)
-  assert res["deviation_bound"]["per_step"] == pytest.approx(2 * 0.1 * 0.005)
+  assert res["deviation_bound"]["per_step"] == pytest.approx(2 * 0.1 * 0.005)  # The paper's setting.
+
+
+def test_analyze_unbounded_cases_are_valid_json():
+  out = ginn("analyze", "--clip", "none", "--p", "0")
+  assert out.returncode == 0, out.stderr
+  res = json.loads(out.stdout, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+  assert res["deviation_bound"]["bounded"] is False and res["deviation_bound"]["per_step"] is None
+  assert res["ideal_speedup"] is None and res["k_for_0.999"] is None
 
 
 def test_missing_tfds_dataset_is_a_clear_error(tmp_path):

@@ -1,4 +1,4 @@
-"""The GINN protocol end to end (DESIGN.md sections 2-5), on two CPU devices."""
+"""The GINN protocol end to end (docs/design.md sections 2-5), on two CPU devices."""
 import hashlib
 import math
 

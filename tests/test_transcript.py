@@ -1,4 +1,4 @@
-"""The signed hash-chained transcript (DESIGN.md section 6): every change is caught."""
+"""The signed hash-chained transcript (docs/design.md section 6): every change is caught."""
 import json
 
 import pytest

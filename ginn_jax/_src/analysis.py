@@ -1,4 +1,4 @@
-"""What verification at rate p and a clip C guarantee (DESIGN.md sections 1, 4, 8).
+"""What verification at rate p and a clip C guarantee (docs/design.md sections 1, 4, 8).
 
 Detection: a backdoor that needs k malicious steps, each verified
 independently with probability p, escapes with probability (1-p)^k.

@@ -290,7 +290,8 @@ def _replay(ctx: _Context, start: TrainState, end: TrainState, reports, tol) -> 
     rel = float(np.linalg.norm(d) / max(np.linalg.norm(w), 1e-30))
     mx = float(np.max(np.abs(d), initial=0.0) / max(np.max(np.abs(w), initial=0.0), 1e-30))
     worst = (max(worst[0], rel), max(worst[1], mx))
-  detail = (f"re-trained {n} steps ({n_rep} kept reports re-verified); vs checkpoint: "
+  kept = f" ({n_rep} kept reports re-verified)" if n_rep else ""
+  detail = (f"re-trained {n} steps{kept}; vs checkpoint: "
             f"rel_l2 {worst[0]:.2e}, max_abs {worst[1]:.2e}")
   if worst[0] > tol.rel_l2 or worst[1] > tol.max_abs:
     return AuditItem("segment", name, False, f"step {end.step}: checkpoint differs from the re-trained "

@@ -10,7 +10,7 @@ them alike), after warm-up, and reported as the median over repetitions:
 * ``ginn``: the protocol (work order -> worker -> validate, digest, MAC, coin,
   clip+update, verify) at each p, synchronous and deferred.
 
-Speed model (DESIGN.md section 8): with T_u the unprotected step and T_tee the
+Speed model (docs/design.md section 8): with T_u the unprotected step and T_tee the
 pure-TEE step, the ideal GINN step is T_u + p*T_tee (synchronous) or
 max(T_u, p*T_tee) (deferred); the speedup over pure TEE is bounded by 1/p.
 """
@@ -50,7 +50,8 @@ class BenchConfig:
     model: "mnist_cnn" (on mnist5k) or "vgg11" (on CIFAR-sized random data).
     batch_size: examples per step.
     steps: timed steps per block.
-    warmup: untimed steps before the first block of each configuration.
+    warmup: untimed steps before the first block of each configuration (GINN
+      configurations with p > 0 also warm up until one step was verified).
     repeats: blocks per configuration (the median is reported).
     ps: verification probabilities for GINN.
     modes: "sync" and/or "deferred".
@@ -156,6 +157,11 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: bool = True) -> dic
 
   for run in runners.values():
     run(cfg.warmup)
+  for g in ginns.values():  # Compile the verification path too, before any timed block.
+    for _ in range(200):
+      if g.runtime.num_verified or g.runtime.config.p == 0:
+        break
+      g.run(1)
   for g in ginns.values():
     g.runtime.reset_phase_seconds()
   times: dict[str, list[float]] = {name: [] for name in runners}

@@ -1,4 +1,4 @@
-"""Calibrating the verification tolerance (DESIGN.md section 5).
+"""Calibrating the verification tolerance (docs/design.md section 5).
 
 Runs honest steps on the worker's device, recomputes every one on the
 trusted device, and returns the largest disagreement times a safety factor,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Sequence
 
@@ -70,7 +71,7 @@ def _calibrate(args) -> int:
   model = ginn.get_model(args.model, input_shape=ds.image_shape, num_classes=ds.num_classes)
   cfg = ginn.ProtocolConfig(batch_size=args.batch_size, clip="none", clip_value=None)
   cal = ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg, num_steps=args.steps,
-                                 safety_factor=args.safety_factor, progress=True)
+                                 safety_factor=args.safety_factor, progress=not args.no_progress)
   print(json.dumps({"tolerance": cal.tolerance.to_dict(), "max_rel_l2": cal.max_rel_l2,
                     "max_abs": cal.max_abs, "num_steps": cal.num_steps,
                     "worker_device": str(ginn.worker_device()),
@@ -92,8 +93,13 @@ def _analyze(args) -> int:
     out["ideal_speedup"] = analysis.ideal_speedup(args.p)
   b = analysis.deviation_bound(args.clip, args.clip_value,
                                OptimizerConfig(learning_rate=args.lr, momentum=args.momentum))
-  out["deviation_bound"] = {"norm": b.norm, "per_step": b.per_step, "with_momentum": b.with_momentum,
-                            "note": b.note}
+  finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (JSON has no Infinity)
+  out["deviation_bound"] = {"norm": b.norm, "bounded": b.bounded, "per_step": finite(b.per_step),
+                            "with_momentum": finite(b.with_momentum), "note": b.note}
+  if "ideal_speedup" in out:
+    out["ideal_speedup"] = finite(out["ideal_speedup"])
+  if f"k_for_{args.target}" in out:
+    out[f"k_for_{args.target}"] = finite(out[f"k_for_{args.target}"])
   print(json.dumps(out, indent=2))
   return 0
 
@@ -180,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
   cal.add_argument("--batch-size", type=int, default=64)
   cal.add_argument("--steps", type=int, default=16)
   cal.add_argument("--safety-factor", type=float, default=10.0)
+  cal.add_argument("--no-progress", action="store_true")
   cal.set_defaults(func=_calibrate)
 
   be = sub.add_parser("bench", help="GINN vs unprotected vs pure-TEE speed, measured in one process")
@@ -199,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
   an.add_argument("--p", type=float, default=None, help="verification probability")
   an.add_argument("--target", type=float, default=0.999, help="target detection probability")
   an.add_argument("--clip", default="elementwise", choices=["elementwise", "global_norm", "none"])
-  an.add_argument("--clip-value", type=float, default=0.005)
-  an.add_argument("--lr", type=float, default=0.1)
+  an.add_argument("--clip-value", type=float, default=0.01, help="clip bound C (the demo's default)")
+  an.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (the demo's default)")
   an.add_argument("--momentum", type=float, default=0.9)
   an.set_defaults(func=_analyze)
 

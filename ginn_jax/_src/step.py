@@ -1,6 +1,6 @@
 """The one gradient function, shared by the worker and the trusted verifier.
 
-DESIGN.md section 4: the verifier calls exactly the same function as the
+docs/design.md section 4: the verifier calls exactly the same function as the
 worker, so there is no second implementation of the model to drift apart. This
 module holds that function; `worker/` and `trusted/` both import it, neither
 imports the other.

@@ -1,2 +1,2 @@
-"""Experiment logic (DESIGN.md sections 7-8). Scripts in `experiments/` are thin
+"""Experiment logic (docs/design.md sections 7-8). Scripts in `experiments/` are thin
 configs around these functions."""

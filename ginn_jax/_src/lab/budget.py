@@ -106,18 +106,29 @@ def attack_budget(lab: Lab, clips: Sequence[tuple[str, str, float | None]], *, s
                      "k_min_end": {"50": _k_min(end, 0.5), "90": _k_min(end, 0.9)},
                      "k_min_middle": {"50": _k_min(middle, 0.5), "90": _k_min(middle, 0.9)}})
   bar.close()
+  summary = summarize(runs, ks=ks, middle_ks=middle_ks)
+  return {"runs": runs, "summary": summary, "ks": ks, "middle_ks": list(middle_ks),
+          "middle_honest_steps": middle_honest_steps, "prefix_steps": prefix_steps}
+
+
+def summarize(runs: list[dict[str, Any]], *, ks: Sequence[int], middle_ks: Sequence[int]) -> list[dict[str, Any]]:
+  """k_min per (clip, attacker, placement, level): per seed, median and range.
+
+  ``not_reached_by_k`` is the largest k tried in that placement (the "end"
+  grid `ks`, or `middle_ks`) when some seed did not reach the level.
+  """
   summary = []
-  for name, _, value in clips:
-    for attacker_name in attackers:
+  largest = {"end": max(ks), "middle": max(middle_ks) if middle_ks else None}
+  for name in dict.fromkeys(r["clip"] for r in runs):
+    for attacker_name in dict.fromkeys(r["attacker"] for r in runs):
       rs = [r for r in runs if r["clip"] == name and r["attacker"] == attacker_name]
       for placement in ("end", "middle"):
         for level in ("50", "90"):
           vals = [r[f"k_min_{placement}"][level] for r in rs]
           found = sorted(v for v in vals if v is not None)
-          summary.append({"clip": name, "C": value, "attacker": attacker_name, "placement": placement,
+          summary.append({"clip": name, "C": rs[0]["C"], "attacker": attacker_name, "placement": placement,
                           "level": int(level), "k_min_per_seed": vals,
                           "k_min_median": found[len(found) // 2] if len(found) == len(vals) else None,
                           "k_min_range": [found[0], found[-1]] if found else None,
-                          "not_reached_by_k": None if len(found) == len(vals) else ks[-1]})
-  return {"runs": runs, "summary": summary, "ks": ks, "middle_ks": list(middle_ks),
-          "middle_honest_steps": middle_honest_steps, "prefix_steps": prefix_steps}
+                          "not_reached_by_k": None if len(found) == len(vals) else largest[placement]})
+  return summary

@@ -1,4 +1,4 @@
-"""Validation, digest and MAC of a gradient report (DESIGN.md section 4, 1-2).
+"""Validation, digest and MAC of a gradient report (docs/design.md section 4, 1-2).
 
 `validate_report` reads the untrusted report and either raises a specific
 `ReportRejected` or returns host copies of its leaves; it never touches the

@@ -1,4 +1,4 @@
-"""Randomness of the trusted runtime (DESIGN.md section 3).
+"""Randomness of the trusted runtime (docs/design.md section 3).
 
 Two roots, never mixed:
 

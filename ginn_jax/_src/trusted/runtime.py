@@ -1,4 +1,4 @@
-"""The trusted runtime: the TEE's side of one GINN step (DESIGN.md section 4).
+"""The trusted runtime: the TEE's side of one GINN step (docs/design.md section 4).
 
 Pure pieces (`init_state`, `apply_update`) and a thin stateful shell,
 `TrustedRuntime`, that issues work orders and takes reports::
@@ -111,7 +111,10 @@ def init_state(model: Model, tx: optax.GradientTransformation, init_key: jax.Arr
   dev = trusted_device()
   init_key = jax.device_put(init_key, dev)
   params = _init_params(model, init_key)
-  return TrainState(step=0, params=params, opt_state=_init_opt(tx, params))
+  # tx.init does not read the values, so jit leaves its output uncommitted; commit
+  # it to the trusted device, or the first update would see a new sharding and
+  # compile a second time.
+  return TrainState(step=0, params=params, opt_state=jax.device_put(_init_opt(tx, params), dev))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -1,4 +1,4 @@
-"""The persisted transcript: hash-chained, signed JSON lines (DESIGN.md section 6).
+"""The persisted transcript: hash-chained, signed JSON lines (docs/design.md section 6).
 
 One record per line, in canonical JSON (sorted keys, no spaces)::
 

@@ -1,4 +1,4 @@
-"""The trusted update: one optax chain, clip first (DESIGN.md section 4, 4).
+"""The trusted update: one optax chain, clip first (docs/design.md section 4, 4).
 
 The chain is a `named_chain` so its parts read by name: ``clip`` then
 ``optimizer``. The worker never applies an update and cannot skip the clip.

@@ -1,4 +1,4 @@
-"""Synchronous and deferred verification of sampled steps (DESIGN.md section 5).
+"""Synchronous and deferred verification of sampled steps (docs/design.md section 5).
 
 Both modes run the same `Check` through the same function; deferred mode only
 adds a bounded queue and one background thread:

@@ -1,4 +1,4 @@
-"""Comparing a report with the trusted recomputation (DESIGN.md section 5)."""
+"""Comparing a report with the trusted recomputation (docs/design.md section 5)."""
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +41,7 @@ class Tolerance:
 
 
 # What two honest runs on the same CPU may differ by at most when nothing was
-# calibrated (DESIGN.md 5: 1 vs 2 threads differ by 7e-9, f32 vs f64 by 2.4e-7).
+# calibrated (docs/design.md 5: 1 vs 2 threads differ by 7e-9, f32 vs f64 by 2.4e-7).
 DEFAULT_FLOOR = Tolerance(rel_l2=1e-5, max_abs=1e-5)
 # The paper's prototype tolerance: 1% relative or 0.05 absolute per element.
 PAPER_PROTOTYPE = Tolerance(rel_l2=1e-2, max_abs=5e-2)

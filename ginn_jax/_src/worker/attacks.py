@@ -1,4 +1,4 @@
-"""The attack suite of DESIGN.md section 7, beyond plain data poisoning.
+"""The attack suite of docs/design.md section 7, beyond plain data poisoning.
 
 Every attacker is a `MaliciousWorker`: it has the honest worker's interface,
 misbehaves only on the steps its schedule names, and reports the honest

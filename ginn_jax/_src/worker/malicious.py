@@ -1,4 +1,4 @@
-"""Malicious workers with the honest worker's interface (DESIGN.md section 7).
+"""Malicious workers with the honest worker's interface (docs/design.md section 7).
 
 This module holds what every attacker shares: `MaliciousWorker`, the base that
 follows a schedule, places data on the worker device and reports honest
