@@ -63,3 +63,16 @@ def test_memory_is_flat_over_2000_steps(mlp, small_data, deferred):
   # Keeping every sampled step's check alive would cost ~850 x 200 KB = 170 MiB here.
   assert growth < 25, f"RSS grew by {growth:.1f} MiB over 1700 steps"
   assert rt.num_verified > 700
+
+
+def test_compile_verification_changes_nothing_and_compiles(mlp, small_data):
+  from conftest import tree_bytes
+  cfg = ginn.ProtocolConfig(seed=4, batch_size=32, p=1.0, clip="elementwise", clip_value=0.01)
+  rt = ginn.TrustedRuntime(mlp, *small_data, cfg, audit_secret=b"c" * 32)
+  before = (rt.step, tree_bytes(rt.state.params), len(rt.transcript), rt.num_verified)
+  rt.compile_verification()
+  assert (rt.step, tree_bytes(rt.state.params), len(rt.transcript), rt.num_verified) == before
+  size = rt._reference._fn._cache_size()
+  assert size >= 1
+  ginn.train(rt, ginn.HonestWorker(mlp, *small_data), 3, progress=False)
+  assert rt._reference._fn._cache_size() == size and rt.num_verified == 3

@@ -301,6 +301,17 @@ class TrustedRuntime:
     finally:
       self.verifier.close()
 
+  def compile_verification(self) -> None:
+    """Compiles the trusted re-computation and comparison now (by checking the
+    reference gradient of the current step against itself), so the first
+    sampled step does not pay for the compilation. Changes no state."""
+    t = self.state.step
+    indices, key = self.schedule.indices(t), keys.layer_key(self.streams, t)
+    loss, grads = self._reference(self.state.params, indices, key)
+    self._recompute(Check(step=t, params=self.state.params, batch_indices=indices, layer_key=key,
+                          reported=jax.tree_util.tree_leaves(grads),
+                          loss=np.float32(jax.device_get(loss))))
+
   @property
   def num_pending(self) -> int:
     """Sampled steps whose deferred check has not been applied yet."""
