@@ -24,8 +24,6 @@ Returns an `AuditReport` (one item per file, step or segment); its
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import hmac
 import os
 import secrets
 from typing import Any
@@ -123,8 +121,8 @@ def audit_run(run_dir: str | os.PathLike, *, model: Model | None = None, images:
   header = records[0].body
   mac = None
   if audit_secret is not None:
-    storage_key = keys.audit_keys(audit_secret).storage_key
-    mac = lambda data, *, label: hmac.new(storage_key, label + b"\x00" + data, hashlib.sha256).digest()
+    audit_keys = keys.audit_keys(audit_secret)
+    mac = lambda data, *, label: keys.storage_mac(audit_keys, data, label=label)  # noqa: E731
   try:
     ctx = _Context(header, model, images, labels, data_dir)
   except (ValueError, KeyError, TypeError) as e:

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from ginn_jax._src.trusted import commit
 from ginn_jax._src.trusted.runtime import TrainState
 from ginn_jax._src.trusted.transcript import TranscriptError
 
@@ -46,10 +47,7 @@ def sha256_hex(data: bytes) -> str:
 def tree_digest(tree: Any) -> str:
   """SHA-256 (hex) of every leaf's dtype, shape and little-endian bytes, in tree order."""
   h = hashlib.sha256(b"ginn_jax/tree/v1")
-  for leaf in jax.tree_util.tree_leaves(tree):
-    a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
-    h.update(f"{a.dtype.str}{a.shape}".encode())
-    h.update(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+  commit.hash_leaves(h, (np.asarray(x) for x in jax.device_get(jax.tree_util.tree_leaves(tree))))
   return h.hexdigest()
 
 

@@ -128,10 +128,17 @@ def report_digest(step: int, leaves: list[np.ndarray], loss: np.float32) -> byte
   h = hashlib.sha256(DIGEST_DOMAIN)
   h.update(step.to_bytes(8, "big"))
   h.update(np.asarray(loss, "<f4").tobytes())
+  hash_leaves(h, leaves)
+  return h.digest()
+
+
+def hash_leaves(h, leaves) -> None:
+  """Feeds each host array's dtype, shape and little-endian bytes into hash `h`
+  (the canonical leaf encoding of report and parameter digests)."""
   for leaf in leaves:
+    leaf = np.ascontiguousarray(leaf)
     h.update(f"{leaf.dtype.str}{leaf.shape}".encode())
     h.update(memoryview(leaf.astype(leaf.dtype.newbyteorder("<"), copy=False).reshape(-1)).cast("B"))
-  return h.digest()
 
 
 def report_mac(mac_key: bytes, digest: bytes) -> bytes:

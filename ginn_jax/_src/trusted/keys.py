@@ -133,6 +133,12 @@ def audit_keys(secret: bytes) -> AuditKeys:
                    signing_seed=derive(b"ginn_jax/ed25519-seed/v1"))
 
 
+def storage_mac(keys: AuditKeys, data: bytes, *, label: bytes) -> bytes:
+  """HMAC-SHA256 of ``label || 0x00 || data`` under the storage key: the MAC of
+  files the runtime writes to untrusted storage and reads back."""
+  return hmac.new(keys.storage_key, label + b"\x00" + data, hashlib.sha256).digest()
+
+
 def verification_coin(keys: AuditKeys, step: int, report_digest: bytes, p: float) -> bool:
   """The secret coin of `step`: True with probability `p`.
 

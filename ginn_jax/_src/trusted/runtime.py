@@ -15,8 +15,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import hashlib
-import hmac
 import time
 from typing import Any, Protocol
 
@@ -370,7 +368,7 @@ class TrustedRuntime:
     """HMAC-SHA256 of `label || data` under the storage key (derived from the
     audit secret, distinct from the report MAC key). For anything the runtime
     writes to untrusted storage and reads back (checkpoints, kept reports)."""
-    return hmac.new(self._keys.storage_key, label + b"\x00" + data, hashlib.sha256).digest()
+    return keys.storage_mac(self._keys, data, label=label)
 
   def signing_seed(self) -> bytes:
     """32-byte Ed25519 private-key seed derived from the audit secret, so a
