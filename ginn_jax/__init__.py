@@ -23,6 +23,8 @@ if (
 
 # Boundary messages.
 from ginn_jax._src.boundary import GradientReport
+from ginn_jax._src.boundary import Witness
+from ginn_jax._src.boundary import WitnessRequest
 from ginn_jax._src.boundary import WorkOrder
 # Errors.
 from ginn_jax._src.errors import DtypeMismatch
@@ -35,6 +37,7 @@ from ginn_jax._src.errors import RuntimeHalted
 from ginn_jax._src.errors import ShapeMismatch
 from ginn_jax._src.errors import StepMismatch
 from ginn_jax._src.errors import StructureMismatch
+from ginn_jax._src.errors import WitnessViolation
 # Data and models.
 from ginn_jax._src.data import Dataset
 from ginn_jax._src.data import DatasetNotFoundError
@@ -44,6 +47,8 @@ from ginn_jax._src.data import load_dataset
 from ginn_jax._src.models import get_model
 from ginn_jax._src.models import list_models
 from ginn_jax._src.models import Model
+from ginn_jax._src import layered
+from ginn_jax._src.layered import LayeredModule
 from ginn_jax._src.types import Batch
 # Devices and the shared gradient function.
 from ginn_jax._src.devices import trusted_device
@@ -60,6 +65,7 @@ from ginn_jax._src.trusted.transforms import make_update_transform
 from ginn_jax._src.trusted.transforms import OptimizerConfig
 from ginn_jax._src.trusted.verify import Tolerance
 from ginn_jax._src.trusted.verify import PAPER_PROTOTYPE as PAPER_PROTOTYPE_TOLERANCE
+from ginn_jax._src.trusted.verify import DEFAULT_WITNESS_FLOOR
 # Workers.
 from ginn_jax._src.worker.honest import HonestWorker
 from ginn_jax._src.worker.honest import Worker
@@ -76,6 +82,7 @@ from ginn_jax._src.worker.attacks import ModelReplacementWorker
 from ginn_jax._src.worker.attacks import NoiseWorker
 from ginn_jax._src.worker.attacks import ScaledBackdoorWorker
 from ginn_jax._src.worker.attacks import StealthWorker
+from ginn_jax._src.worker.attacks import WitnessForgeryWorker
 # Loop, calibration, metrics, analysis.
 from ginn_jax._src.loop import train
 from ginn_jax._src.loop import TrainResult

@@ -1,8 +1,10 @@
-"""The only two messages that cross the trust boundary.
+"""The messages that cross the trust boundary.
 
 The trusted runtime sends a `WorkOrder`; the worker answers with a
-`GradientReport`. Nothing else is exchanged: in particular nothing derived from
-the audit secret (MAC key, verification coin) is ever part of a work order.
+`GradientReport`. On a step drawn for a witness check, and only after its
+report is committed, the runtime also sends a `WitnessRequest` and the worker
+answers with a `Witness`. Nothing derived from the audit secret (MAC key,
+coins, Freivalds vectors) is ever part of a message to the worker.
 """
 from __future__ import annotations
 
@@ -42,3 +44,36 @@ class GradientReport:
   step: Any
   grads: Any
   loss: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class WitnessRequest:
+  """The runtime's challenge for the witness of `step` (sent after the report
+  of `step` was committed and its coin drawn).
+
+  Attributes:
+    step: the step whose witness is asked for (the one just reported).
+    order: that step's work order (a worker that kept no witness can compute
+      it again from this).
+  """
+
+  step: int
+  order: WorkOrder
+
+
+@dataclasses.dataclass(frozen=True)
+class Witness:
+  """What a worker claims about the inside of a step (docs/design.md section 10).
+
+  Attributes:
+    step: the step.
+    outputs: each linear layer's pre-activation output Y_l, in layer order.
+    input_grads: the loss gradient with respect to each linear layer's input,
+      dX_l, for layers 1..L-1 (not the first).
+
+  Untrusted, like a report: the runtime validates every field.
+  """
+
+  step: Any
+  outputs: Any
+  input_grads: Any

@@ -64,6 +64,8 @@ class IntegrityViolation(GinnError, RuntimeError):
       as of the last accepted step, transcript so far), so nothing is lost.
   """
 
+  check = "recompute"
+
   def __init__(self, *, step: int, leaf: str, error: dict[str, float], tolerance: Any):
     self.step = step
     self.leaf = leaf
@@ -77,6 +79,38 @@ class IntegrityViolation(GinnError, RuntimeError):
         "The worker's report for this step is not the gradient the model, batch and key "
         "define; training is halted and no further update is applied."
     )
+
+
+class WitnessViolation(IntegrityViolation):
+  """A step drawn for a witness check failed it (docs/design.md section 10).
+
+  Either the witness was missing, late or malformed (`reason` says what, and
+  `error` is None), or one of its Freivalds checks was outside the witness
+  tolerance: then `leaf` names the layer and the check, e.g.
+  ``"layer 2 (Conv_2) weight_grad"``.
+  """
+
+  check = "witness"
+
+  def __init__(self, *, step: int, leaf: str, error: dict[str, float] | None = None,
+               tolerance: Any = None, reason: str | None = None):
+    self.step = step
+    self.leaf = leaf
+    self.error = error
+    self.tolerance = tolerance
+    self.reason = reason
+    self.result: Any = None
+    if error is None:
+      msg = (f"integrity violation at step {step}: the witness check failed at {leaf}: {reason}. "
+             "The step's report was already committed, so a missing, late or malformed witness "
+             "is a violation; training is halted and no further update is applied.")
+    else:
+      msg = (f"integrity violation at step {step}: witness check {leaf} is off by "
+             f"rel_l2={error['rel_l2']:.3e}, max_abs={error['max_abs']:.3e} (witness tolerance "
+             f"rel_l2<={tolerance.rel_l2:.3e}, max_abs<={tolerance.max_abs:.3e}). The worker's "
+             "report and witness for this step are not what the model, batch and key define; "
+             "training is halted and no further update is applied.")
+    GinnError.__init__(self, msg)
 
 
 class RuntimeHalted(GinnError, RuntimeError):

@@ -90,11 +90,12 @@ def train(runtime: TrustedRuntime, worker: Worker, num_steps: int, *,
     IntegrityViolation: a verified step disagreed with its recomputation.
     ReportRejected: the worker sent a malformed report (state unchanged).
   """
+  witness = getattr(worker, "witness", None)  # Asked only on steps drawn for a witness check.
   desc = progress if isinstance(progress, str) else "ginn train"
   bar = tqdm(total=num_steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
   try:
     for i in range(num_steps):
-      entry = runtime.submit(worker(runtime.next_order()))
+      entry = runtime.submit(worker(runtime.next_order()), witness=witness)
       bar.update(1)
       if i % 10 == 0 or i == num_steps - 1:
         bar.set_postfix(loss=f"{entry.loss:.4f}", verified=runtime.num_verified,

@@ -22,61 +22,34 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ginn_jax._src import layered
 from ginn_jax._src.types import Batch, Params
 
 
-class MnistCNN(nn.Module):
+def mnist_cnn_layers(num_classes: int = 10) -> tuple[layered.Op, ...]:
   """The paper's MNIST CNN: conv 32/64/128 (3x3, ReLU, 2x2 max-pool), FC128, FC10."""
-
-  num_classes: int = 10
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    del train  # No dropout in this model.
-    for features in (32, 64, 128):
-      x = nn.relu(nn.Conv(features, (3, 3), padding="SAME")(x))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
-    x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(128)(x))
-    return nn.Dense(self.num_classes)(x)
+  convs = []
+  for features in (32, 64, 128):
+    convs += [layered.Conv(features), layered.ReLU(), layered.MaxPool(2)]
+  return (*convs, layered.Flatten(), layered.Dense(128), layered.ReLU(), layered.Dense(num_classes))
 
 
 VGG11_LAYERS: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-class VGG11(nn.Module):
+def vgg11_layers(num_classes: int = 10, dropout_rate: float = 0.5) -> tuple[layered.Op, ...]:
   """VGG-11 without batch norm (the paper's timing model): 3x3 convs
   64|128|256x2|512x2|512x2 with max-pools, FC128 with dropout 0.5, FC10."""
-
-  num_classes: int = 10
-  layers: Sequence[int | str] = VGG11_LAYERS
-  dropout_rate: float = 0.5
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    for layer in self.layers:
-      if layer == "M":
-        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
-      else:
-        x = nn.relu(nn.Conv(int(layer), (3, 3), padding="SAME")(x))
-    x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(128)(x))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes)(x)
+  ops: list[layered.Op] = []
+  for layer in VGG11_LAYERS:
+    ops += [layered.MaxPool(2)] if layer == "M" else [layered.Conv(int(layer)), layered.ReLU()]
+  return (*ops, layered.Flatten(), layered.Dense(128), layered.ReLU(),
+          layered.Dropout(dropout_rate), layered.Dense(num_classes))
 
 
-class MLP(nn.Module):
+def mlp_layers(num_classes: int = 10, hidden: int = 32) -> tuple[layered.Op, ...]:
   """A tiny MLP for fast tests."""
-
-  num_classes: int = 10
-  hidden: int = 32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    del train
-    x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(self.hidden)(x))
-    return nn.Dense(self.num_classes)(x)
+  return (layered.Flatten(), layered.Dense(hidden), layered.ReLU(), layered.Dense(num_classes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +66,12 @@ class Model:
   module: nn.Module
   input_shape: tuple[int, int, int]
 
+  @property
+  def layered(self) -> bool:
+    """True when the model has a layered form (`ginn_jax.LayeredModule`), so
+    its steps can be checked with witnesses (``ProtocolConfig.p_witness``)."""
+    return isinstance(self.module, layered.LayeredModule)
+
   def init(self, key: jax.Array) -> Params:
     """Initial parameters from `key` (pure)."""
     dummy = jnp.zeros((1, *self.input_shape), jnp.float32)
@@ -104,16 +83,19 @@ class Model:
 
   def loss(self, params: Params, batch: Batch, *, key: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy of `batch`; `key` drives dropout."""
-    logits = self.module.apply(
-        {"params": params}, batch.images, train=True, rngs={"dropout": key}
-    )
+    if self.layered:  # Dropout masks come from fold_in(key, op index): see layered.py.
+      logits = self.module.apply({"params": params}, batch.images, train=True, key=key)
+    else:
+      logits = self.module.apply(
+          {"params": params}, batch.images, train=True, rngs={"dropout": key}
+      )
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels).mean()
 
 
 _REGISTRY: dict[str, Callable[[int], nn.Module]] = {
-    "mnist_cnn": lambda n: MnistCNN(num_classes=n),
-    "vgg11": lambda n: VGG11(num_classes=n),
-    "mlp": lambda n: MLP(num_classes=n),
+    "mnist_cnn": lambda n: layered.LayeredModule(mnist_cnn_layers(n)),
+    "vgg11": lambda n: layered.LayeredModule(vgg11_layers(n)),
+    "mlp": lambda n: layered.LayeredModule(mlp_layers(n)),
 }
 
 

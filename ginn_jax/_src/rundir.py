@@ -41,7 +41,7 @@ from ginn_jax._src.worker.honest import Worker
 
 TRANSCRIPT = "transcript.jsonl"
 # Header fields that must not change when a run is resumed.
-_FIXED = ("model", "input_shape", "num_classes", "config", "tolerance", "dataset_digest", "num_examples",
+_FIXED = ("model", "input_shape", "num_classes", "config", "tolerance", "witness_tolerance", "dataset_digest", "num_examples",
           "prng_impl", "public_key", "checkpoint_every", "keep_reports", "num_steps")
 
 
@@ -110,13 +110,15 @@ def _version() -> str:
 def run_verified(run_dir: str | os.PathLike, model: Model, images: np.ndarray, labels: np.ndarray,
                  config: ProtocolConfig, worker: Worker, num_steps: int, *, audit_secret: bytes,
                  checkpoint_every: int = 10, tolerance: verify.Tolerance | None = None,
+                 witness_tolerance: verify.Tolerance | None = None,
                  keep_reports: bool = False, deferred: bool = False, dataset: str | None = None,
                  num_classes: int = 10, fsync: bool = True, progress: bool | str = False) -> RunResult:
   """Trains to step `num_steps`, persisting everything to `run_dir`; resumes if it exists.
 
   Args:
     run_dir: the run directory (created if missing, resumed if it holds a transcript).
-    model, images, labels, config, tolerance, deferred: as for `TrustedRuntime`.
+    model, images, labels, config, tolerance, witness_tolerance, deferred: as for
+      `TrustedRuntime`.
     worker: the (untrusted) worker.
     num_steps: total steps of the run (not steps to add on a resume).
     audit_secret: the runtime's private secret. It is never written to the run
@@ -141,8 +143,8 @@ def run_verified(run_dir: str | os.PathLike, model: Model, images: np.ndarray, l
   if checkpoint_every < 1 or num_steps < 0:
     raise ValueError(f"checkpoint_every must be >= 1 and num_steps >= 0, got {checkpoint_every}, {num_steps}")
   run_dir = os.fspath(run_dir)
-  rt = TrustedRuntime(model, images, labels, config, tolerance=tolerance, audit_secret=audit_secret,
-                      deferred=deferred)
+  rt = TrustedRuntime(model, images, labels, config, tolerance=tolerance,
+                      witness_tolerance=witness_tolerance, audit_secret=audit_secret, deferred=deferred)
   header = run_header(rt, num_steps=num_steps, checkpoint_every=checkpoint_every,
                       keep_reports=keep_reports, dataset=dataset, num_classes=num_classes)
   path = os.path.join(run_dir, TRANSCRIPT)
@@ -166,7 +168,7 @@ def run_verified(run_dir: str | os.PathLike, model: Model, images: np.ndarray, l
         order = rt.next_order()
         report = worker(order)
         try:
-          rt.submit(report)
+          rt.submit(report, witness=getattr(worker, "witness", None))
         except errors.IntegrityViolation as v:
           if keep_reports and v.step == order.step:  # Keep the violating report as evidence.
             _keep_report(run_dir, writer, rt, report, order.step, order.params)

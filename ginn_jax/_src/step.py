@@ -65,3 +65,30 @@ class DeviceGradFn:
     params, indices, key = jax.device_put((params, indices, key), self.device)
     with jax.default_matmul_precision("highest"):
       return self._fn(params, self.images, self.labels, indices, key)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_gather_and_witness(module):
+  from ginn_jax._src import layered
+
+  def f(params, images, labels, indices, key):
+    return layered.loss_grads_and_witness(module, params, images[indices], labels[indices], key)
+
+  return jax.jit(f)
+
+
+class DeviceWitnessFn:
+  """Like `DeviceGradFn` for a layered model, returning the witness too:
+  ``(loss, grads, outputs, input_grads)`` (docs/design.md section 10). The
+  gradient is that of the fused loss (bitwise on CPU)."""
+
+  def __init__(self, module, images, labels, device: jax.Device):
+    self.device = device
+    self._fn = _jitted_gather_and_witness(module)
+    self.images = images
+    self.labels = labels
+
+  def __call__(self, params: Params, indices, key: jax.Array):
+    params, indices, key = jax.device_put((params, indices, key), self.device)
+    with jax.default_matmul_precision("highest"):
+      return self._fn(params, self.images, self.labels, indices, key)

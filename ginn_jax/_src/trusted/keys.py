@@ -116,6 +116,7 @@ class AuditKeys:
   coin_key: bytes = dataclasses.field(repr=False)
   storage_key: bytes = dataclasses.field(repr=False)
   signing_seed: bytes = dataclasses.field(repr=False)
+  freivalds_key: bytes = dataclasses.field(repr=False)
 
 
 def new_audit_secret() -> bytes:
@@ -130,7 +131,8 @@ def audit_keys(secret: bytes) -> AuditKeys:
   derive = lambda label: hmac.new(bytes(secret), label, hashlib.sha256).digest()
   return AuditKeys(mac_key=derive(b"ginn_jax/mac-key/v1"), coin_key=derive(b"ginn_jax/coin-key/v1"),
                    storage_key=derive(b"ginn_jax/storage-key/v1"),
-                   signing_seed=derive(b"ginn_jax/ed25519-seed/v1"))
+                   signing_seed=derive(b"ginn_jax/ed25519-seed/v1"),
+                   freivalds_key=derive(b"ginn_jax/freivalds-key/v1"))
 
 
 def storage_mac(keys: AuditKeys, data: bytes, *, label: bytes) -> bytes:
@@ -146,6 +148,16 @@ def verification_coin(keys: AuditKeys, step: int, report_digest: bytes, p: float
   so it can only be drawn after the report is committed, and a worker without
   the key cannot predict it.
   """
-  msg = b"ginn_jax/coin/v1" + step.to_bytes(8, "big") + report_digest
+  return _coin(keys, b"ginn_jax/coin/v1", step, report_digest, p)
+
+
+def witness_coin(keys: AuditKeys, step: int, report_digest: bytes, p_witness: float) -> bool:
+  """The secret witness-check coin of `step`: True with probability `p_witness`,
+  independent of `verification_coin` (another PRF domain, same key)."""
+  return _coin(keys, b"ginn_jax/witness-coin/v1", step, report_digest, p_witness)
+
+
+def _coin(keys: AuditKeys, domain: bytes, step: int, report_digest: bytes, p: float) -> bool:
+  msg = domain + step.to_bytes(8, "big") + report_digest
   u = int.from_bytes(hmac.new(keys.coin_key, msg, hashlib.sha256).digest()[:8], "big") / 2.0**64
   return u < p

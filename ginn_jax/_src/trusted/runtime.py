@@ -5,7 +5,8 @@ Pure pieces (`init_state`, `apply_update`) and a thin stateful shell,
 
     rt = TrustedRuntime(model, images, labels, config)
     order = rt.next_order()          # -> the worker
-    entry = rt.submit(worker(order)) # validate, commit, coin, update, verify
+    entry = rt.submit(worker(order), witness=worker.witness)
+                                     # validate, commit, coins, (challenge), update, verify
 
 `submit` is all-or-nothing: a rejected report or a failed verification leaves
 parameters, optimizer state, step and transcript exactly as they were.
@@ -16,20 +17,21 @@ import collections
 import dataclasses
 import functools
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import flax.struct
 import jax
 import numpy as np
 import optax
 
-from ginn_jax._src import errors
-from ginn_jax._src.boundary import GradientReport, WorkOrder
+from ginn_jax._src import errors, layered
+from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
 from ginn_jax._src.data import dataset_digest
 from ginn_jax._src.devices import trusted_device
 from ginn_jax._src.models import Model
 from ginn_jax._src.step import DeviceGradFn
 from ginn_jax._src.trusted import commit, keys, verify
+from ginn_jax._src.trusted import witness as witness_lib
 from ginn_jax._src.trusted.verifier import Check, CheckResult, Verifier
 from ginn_jax._src.trusted.transforms import ClipMode, OptimizerConfig, make_update_transform
 from ginn_jax._src.types import Params
@@ -43,6 +45,11 @@ class ProtocolConfig:
     seed: the public training seed (init, data order, layer randomness).
     batch_size: examples per step.
     p: probability that a step is re-computed by the trusted runtime.
+    p_witness: probability that a step's witness is asked for and checked
+      (Freivalds, docs/design.md section 10); drawn independently of `p`.
+      Needs a layered model (`Model.layered`).
+    witness_timeout_s: a witness that takes longer than this to arrive is a
+      violation (None: no deadline).
     clip: "elementwise" (the paper), "global_norm" or "none".
     clip_value: the clip bound C.
     optimizer: SGD settings, used unless an optax transformation is passed to
@@ -52,13 +59,20 @@ class ProtocolConfig:
   seed: int = 0
   batch_size: int = 64
   p: float = 0.1
+  p_witness: float = 0.0
+  witness_timeout_s: float | None = 60.0
   clip: ClipMode = "elementwise"
   clip_value: float | None = 0.01
   optimizer: OptimizerConfig = OptimizerConfig()
 
   def __post_init__(self):
-    if not (isinstance(self.p, (int, float)) and 0.0 <= self.p <= 1.0):
-      raise ValueError(f"p must be a probability in [0, 1], got {self.p!r}")
+    for name in ("p", "p_witness"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+        raise ValueError(f"{name} must be a probability in [0, 1], got {v!r}")
+    t = self.witness_timeout_s
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
+      raise ValueError(f"witness_timeout_s must be a positive number or None, got {t!r}")
     if not (isinstance(self.batch_size, int) and self.batch_size > 0):
       raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
 
@@ -80,10 +94,14 @@ class TranscriptEntry:
   """One record of the transcript.
 
   ``kind == "step"``: an accepted (or, synchronously, violating) report; its
-  `outcome` is "unverified" (coin not drawn), "verified" (re-computed and
-  within tolerance), "pending" (queued for deferred verification) or
-  "violation". ``kind == "check"``: the later result of a deferred check of
-  `step`, outcome "verified" or "violation".
+  `outcome` is "unverified" (no coin drawn), "verified" (every drawn check
+  passed), "pending" (queued for deferred verification) or "violation".
+  ``kind == "check"``: the later result of a deferred check of `step`,
+  outcome "verified" or "violation".
+
+  `check` says which checks were drawn: "", "recompute", "witness" or
+  "recompute+witness"; `max_rel_l2`/`max_abs` are the re-computation's worst
+  errors and `witness_rel_l2`/`witness_max_abs` the witness check's.
   """
 
   step: int
@@ -95,6 +113,10 @@ class TranscriptEntry:
   max_rel_l2: float | None = None
   max_abs: float | None = None
   kind: str = "step"
+  check: str = ""
+  witness_digest: str | None = None
+  witness_rel_l2: float | None = None
+  witness_max_abs: float | None = None
 
 
 class Recorder(Protocol):
@@ -123,6 +145,16 @@ def _init_params(model: Model, key: jax.Array) -> Params:
 @functools.partial(jax.jit, static_argnums=0)
 def _init_opt(tx: optax.GradientTransformation, params: Params) -> optax.OptState:
   return tx.init(params)
+
+
+@jax.jit
+def _gather(images, labels, indices):
+  return images[indices], labels[indices]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_witness(module, params, images, labels, key):
+  return layered.loss_grads_and_witness(module, params, images, labels, key)
 
 
 def _update_arrays(tx: optax.GradientTransformation, params, opt_state, grads):
@@ -168,6 +200,8 @@ class TrustedRuntime:
     config: public protocol settings.
     tolerance: verification tolerance (calibrate it with
       `ginn_jax.calibrate_tolerance`; the default is the CPU floor).
+    witness_tolerance: tolerance of the witness check (calibrated alongside;
+      default `DEFAULT_WITNESS_FLOOR`).
     audit_secret: private bytes for the MAC key and the coin; 32 random bytes
       from the OS when omitted. Use a fixed value only in tests.
     optimizer: an optax transformation replacing the SGD of `config.optimizer`
@@ -186,6 +220,7 @@ class TrustedRuntime:
       config: ProtocolConfig = ProtocolConfig(),
       *,
       tolerance: verify.Tolerance | None = None,
+      witness_tolerance: verify.Tolerance | None = None,
       audit_secret: bytes | None = None,
       optimizer: optax.GradientTransformation | None = None,
       deferred: bool = False,
@@ -195,7 +230,14 @@ class TrustedRuntime:
     self.model = model
     self.config = config
     self.device = trusted_device()
+    if config.p_witness > 0 and not model.layered:
+      raise ValueError(
+          f"p_witness={config.p_witness}: witness checks need a layered model (a "
+          f"ginn_jax.LayeredModule: linear layers with element-wise ops between them), and "
+          f"model {model.name!r} has none; use re-computation checks (p) only, or define the "
+          "model as a LayeredModule")
     self.tolerance = tolerance or verify.DEFAULT_FLOOR
+    self.witness_tolerance = witness_tolerance or verify.DEFAULT_WITNESS_FLOOR
     self.tx = make_update_transform(config.clip, config.clip_value, optimizer or config.optimizer)
     self.dataset_digest = dataset_digest(images, labels)
     self._keys = keys.audit_keys(audit_secret if audit_secret is not None else keys.new_audit_secret())
@@ -212,6 +254,8 @@ class TrustedRuntime:
     self.num_verified = 0
     self.halted: errors.IntegrityViolation | None = None
     self._phases = PhaseClock()
+    self._witness_spec: witness_lib.WitnessSpec | None = None
+    self.witness_seconds: list[float] = []  # How long each witness took to arrive.
 
   # -- the two messages --------------------------------------------------------
 
@@ -232,8 +276,15 @@ class TrustedRuntime:
         layer_key=keys.layer_key(self.streams, t),
     )
 
-  def submit(self, report: GradientReport) -> TranscriptEntry:
-    """Validates, commits, draws the coin, updates and (if sampled) verifies.
+  def submit(self, report: GradientReport, *,
+             witness: Callable[[WitnessRequest], Witness] | None = None) -> TranscriptEntry:
+    """Validates, commits, draws the coins, challenges, updates and verifies.
+
+    Args:
+      report: the worker's report for the current step.
+      witness: the worker's answer to a witness challenge (``worker.witness``);
+        called only when the step's witness coin comes up, after the report is
+        committed. Missing (None) on such a step is a violation.
 
     Returns:
       The transcript entry of the accepted step.
@@ -244,6 +295,9 @@ class TrustedRuntime:
       IntegrityViolation: a re-computation disagrees (this step's,
         synchronously: its update is not applied; or an earlier step's,
         deferred). The runtime is halted.
+      WitnessViolation (an IntegrityViolation): the step's witness is missing,
+        late or malformed (its update is not applied, in both modes), or
+        fails a Freivalds check (as above).
     """
     self._collect_checks()
     self._raise_if_halted()
@@ -256,16 +310,25 @@ class TrustedRuntime:
     lap("digest")
     tag = commit.report_mac(self._keys.mac_key, digest)
     sampled = keys.verification_coin(self._keys, t, digest, self.config.p)  # After the commit.
+    challenged = keys.witness_coin(self._keys, t, digest, self.config.p_witness)
     lap("mac_coin")
+    entry = TranscriptEntry(step=t, digest=digest.hex(), mac=tag.hex(), verified=sampled or challenged,
+                            outcome="pending" if sampled or challenged else "unverified", loss=float(loss),
+                            check="+".join(c for c, on in (("recompute", sampled), ("witness", challenged))
+                                           if on))
+    wit = None
+    if challenged:
+      wit, wdigest, seed = self._challenge(entry, digest, witness)
+      entry = dataclasses.replace(entry, witness_digest=wdigest.hex())
+      lap("witness")  # Asking for, receiving, validating and hashing the witness.
     grads_leaves = jax.device_put(leaves, self.device)
     lap("transfer")
     new_state = apply_update(self.tx, self.state, jax.tree_util.tree_unflatten(self._treedef, grads_leaves))
     lap("update")  # Dispatch only: the update runs asynchronously on the trusted device.
-    entry = TranscriptEntry(step=t, digest=digest.hex(), mac=tag.hex(), verified=sampled,
-                            outcome="pending" if sampled else "unverified", loss=float(loss))
-    if sampled:
+    if sampled or challenged:
       check = Check(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
-                    layer_key=keys.layer_key(self.streams, t), reported=grads_leaves, loss=loss)
+                    layer_key=keys.layer_key(self.streams, t), reported=grads_leaves, loss=loss,
+                    recompute=sampled, witness=wit, witness_seed=seed if challenged else None)
       result = self.verifier.submit(check)
       lap("verify")  # Synchronous re-computation, or waiting for room in the queue.
       if result is not None:  # Synchronous: resolved before the update is committed.
@@ -300,15 +363,23 @@ class TrustedRuntime:
       self.verifier.close()
 
   def compile_verification(self) -> None:
-    """Compiles the trusted re-computation and comparison now (by checking the
-    reference gradient of the current step against itself), so the first
+    """Compiles the trusted re-computation, the comparison and (with
+    ``p_witness > 0``) the witness check now, by checking the reference
+    gradient and witness of the current step against themselves, so the first
     sampled step does not pay for the compilation. Changes no state."""
     t = self.state.step
     indices, key = self.schedule.indices(t), keys.layer_key(self.streams, t)
     loss, grads = self._reference(self.state.params, indices, key)
+    wit = seed = None
+    if self.config.p_witness > 0:
+      images, labels = self._trusted_batch(indices)
+      with jax.default_matmul_precision("highest"):
+        _, _, outputs, input_grads = _jit_witness(self.model.module, self.state.params, images,
+                                                  labels, key)
+      wit, seed = (list(outputs), list(input_grads)), jax.device_put(np.zeros(2, np.uint32), self.device)
     self._recompute(Check(step=t, params=self.state.params, batch_indices=indices, layer_key=key,
                           reported=jax.tree_util.tree_leaves(grads),
-                          loss=np.float32(jax.device_get(loss))))
+                          loss=np.float32(jax.device_get(loss)), witness=wit, witness_seed=seed))
 
   @property
   def num_pending(self) -> int:
@@ -317,23 +388,84 @@ class TrustedRuntime:
 
   # -- verification ------------------------------------------------------------
 
-  def _recompute(self, check: Check) -> verify.Comparison:
-    ref_loss, ref_grads = self._reference(check.params, check.batch_indices, check.layer_key)
-    return verify.compare(
-        check.reported, jax.device_put(np.asarray(check.loss), self.device),
-        jax.tree_util.tree_leaves(ref_grads), ref_loss, self._paths,
-    )
+  def witness_spec(self) -> witness_lib.WitnessSpec:
+    """The form every witness of this run must have."""
+    if self._witness_spec is None:
+      self._witness_spec = witness_lib.WitnessSpec.of(
+          self.model.module, self.state.params, (self.config.batch_size, *self.model.input_shape))
+    return self._witness_spec
+
+  def _trusted_batch(self, indices):
+    idx = jax.device_put(np.asarray(indices), self.device)
+    return _gather(self._reference.images, self._reference.labels, idx)
+
+  def _challenge(self, entry: TranscriptEntry, report_digest: bytes, answer):
+    """Asks for the witness of the committed step, validates and hashes it, and
+    derives the secret vectors from it. Every failure is a violation: the
+    runtime halts and the step's update is not applied."""
+    t = entry.step
+    try:
+      if answer is None:
+        raise errors.WitnessViolation(
+            step=t, leaf="witness", reason="the worker offers no witness (it has no `witness` "
+            "method) but this step was drawn for a witness check")
+      order = WorkOrder(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
+                        layer_key=keys.layer_key(self.streams, t))
+      start = time.perf_counter()
+      try:
+        w = answer(WitnessRequest(step=t, order=order))
+      except Exception as e:  # The worker failed to answer: a missing witness.
+        raise errors.WitnessViolation(step=t, leaf="witness",
+                                      reason=f"the worker raised {type(e).__name__}: {e}") from e
+      elapsed = time.perf_counter() - start
+      self.witness_seconds.append(elapsed)
+      limit = self.config.witness_timeout_s
+      if limit is not None and elapsed > limit:
+        raise errors.WitnessViolation(step=t, leaf="witness",
+                                      reason=f"it arrived after {elapsed:.1f} s (limit {limit} s)")
+      outputs, input_grads = witness_lib.validate_witness(w, step=t, spec=self.witness_spec())
+    except errors.WitnessViolation as violation:
+      self._append(dataclasses.replace(entry, outcome="violation"))
+      self.halted = violation
+      raise
+    wdigest = witness_lib.witness_digest(t, report_digest, outputs, input_grads)
+    seed = witness_lib.freivalds_seed(self._keys.freivalds_key, t, wdigest)  # After the digest.
+    wit = jax.device_put((outputs, input_grads), self.device)
+    return wit, wdigest, jax.device_put(seed, self.device)
+
+  def _recompute(self, check: Check) -> tuple[verify.Comparison | None, verify.Comparison | None]:
+    comparison = witness = None
+    reported_loss = jax.device_put(np.asarray(check.loss), self.device)
+    if check.recompute:
+      ref_loss, ref_grads = self._reference(check.params, check.batch_indices, check.layer_key)
+      comparison = verify.compare(check.reported, reported_loss,
+                                  jax.tree_util.tree_leaves(ref_grads), ref_loss, self._paths)
+    if check.witness is not None:
+      images, labels = self._trusted_batch(check.batch_indices)
+      grads = jax.tree_util.tree_unflatten(self._treedef, check.reported)
+      outputs, input_grads = check.witness
+      witness = witness_lib.witness_errors(
+          self.model.module, self.witness_spec(), check.params, grads, reported_loss, images,
+          labels, check.layer_key, outputs, input_grads, check.witness_seed)
+    return comparison, witness
 
   def _resolve(self, entry: TranscriptEntry, result: CheckResult) -> TranscriptEntry:
-    """The entry with the check's outcome; records and raises on a violation."""
+    """The entry with the checks' outcome; records and raises on a violation."""
     if result.error is not None:
       raise RuntimeError(
-          f"the trusted re-computation of step {entry.step} failed; the runtime cannot vouch "
+          f"the trusted check of step {entry.step} failed to run; the runtime cannot vouch "
           f"for this step") from result.error
-    c = result.comparison
-    entry = dataclasses.replace(entry, outcome="verified", max_rel_l2=c.max_rel_l2, max_abs=c.max_max_abs)
+    c, w = result.comparison, result.witness
+    if c is not None:
+      entry = dataclasses.replace(entry, max_rel_l2=c.max_rel_l2, max_abs=c.max_max_abs)
+    if w is not None:
+      entry = dataclasses.replace(entry, witness_rel_l2=w.max_rel_l2, witness_max_abs=w.max_max_abs)
+    entry = dataclasses.replace(entry, outcome="verified")
     try:
-      verify.check(c, self.tolerance, step=entry.step)
+      if c is not None:
+        verify.check(c, self.tolerance, step=entry.step)
+      if w is not None:
+        verify.check(w, self.witness_tolerance, step=entry.step, violation=errors.WitnessViolation)
     except errors.IntegrityViolation as violation:
       self._append(dataclasses.replace(entry, outcome="violation"))
       self.halted = violation
@@ -414,6 +546,7 @@ class TrustedRuntime:
         "input_shape": list(self.model.input_shape),
         "config": self.config.to_dict(),
         "tolerance": self.tolerance.to_dict(),
+        "witness_tolerance": self.witness_tolerance.to_dict(),
         "dataset_digest": self.dataset_digest,
         "num_examples": self.schedule.num_examples,
         "jax_version": jax.__version__,

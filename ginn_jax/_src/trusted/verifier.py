@@ -26,7 +26,8 @@ from ginn_jax._src.types import Params
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-  """Everything needed to re-compute step `step` and compare it with its report."""
+  """Everything needed to check step `step`: re-compute it and compare with its
+  report (`recompute`), and/or check its witness (`witness` is set)."""
 
   step: int
   params: Params
@@ -34,25 +35,31 @@ class Check:
   layer_key: jax.Array
   reported: list[jax.Array]
   loss: np.float32
+  recompute: bool = True
+  witness: tuple[list[jax.Array], list[jax.Array]] | None = None  # On the trusted device.
+  witness_seed: np.ndarray | None = None  # Freivalds key data (secret).
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckResult:
   step: int
-  comparison: verify.Comparison | None
-  error: BaseException | None = None  # An exception raised while re-computing.
+  comparison: verify.Comparison | None  # The re-computation's, if it ran.
+  error: BaseException | None = None  # An exception raised while checking.
+  witness: verify.Comparison | None = None  # The witness check's, if it ran.
 
 
 class Verifier:
   """Runs checks synchronously, or on a background thread behind a bounded queue.
 
   Args:
-    recompute: ``recompute(check) -> Comparison`` (the trusted re-computation).
+    recompute: ``recompute(check) -> (Comparison | None, Comparison | None)``,
+      the re-computation's and the witness check's results.
     deferred: run checks on a background thread.
     max_pending: bound of the queue in deferred mode (>= 1).
   """
 
-  def __init__(self, recompute: Callable[[Check], verify.Comparison], *, deferred: bool = False,
+  def __init__(self, recompute: Callable[[Check], tuple[verify.Comparison | None, verify.Comparison | None]],
+               *, deferred: bool = False,
                max_pending: int = 4):
     if max_pending < 1:
       raise ValueError(f"max_pending must be >= 1, got {max_pending}")
@@ -67,7 +74,8 @@ class Verifier:
 
   def _run(self, check: Check) -> CheckResult:
     try:
-      return CheckResult(check.step, self._recompute(check))
+      comparison, witness = self._recompute(check)
+      return CheckResult(check.step, comparison, witness=witness)
     except Exception as e:  # Reported to the training thread, never swallowed.
       return CheckResult(check.step, None, e)
 

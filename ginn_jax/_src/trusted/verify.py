@@ -43,6 +43,10 @@ class Tolerance:
 # What two honest runs on the same CPU may differ by at most when nothing was
 # calibrated (docs/design.md 5: 1 vs 2 threads differ by 7e-9, f32 vs f64 by 2.4e-7).
 DEFAULT_FLOOR = Tolerance(rel_l2=1e-5, max_abs=1e-5)
+# The witness check's floor: honest Freivalds errors on CPU are at most ~2e-6
+# relative (docs/design.md 10), tampering with one gradient entry by 1% of its
+# leaf's maximum shows 3.5e-4 and more.
+DEFAULT_WITNESS_FLOOR = Tolerance(rel_l2=2e-5, max_abs=2e-5)
 # The paper's prototype tolerance: 1% relative or 0.05 absolute per element.
 PAPER_PROTOTYPE = Tolerance(rel_l2=1e-2, max_abs=5e-2)
 # Accepts anything finite: used by calibration to measure errors without halting.
@@ -101,12 +105,14 @@ def compare(
   return Comparison(paths=paths, errors=np.asarray(jax.device_get(errs), dtype=np.float64))
 
 
-def check(comparison: Comparison, tol: Tolerance, *, step: int) -> None:
-  """Raises `IntegrityViolation` naming the first leaf outside `tol`."""
+def check(comparison: Comparison, tol: Tolerance, *, step: int,
+          violation: type[errors.IntegrityViolation] = errors.IntegrityViolation) -> None:
+  """Raises `violation` (an `IntegrityViolation`) naming the first leaf, or
+  witness check, outside `tol`."""
   i = comparison.first_violation(tol)
   if i is not None:
     rel, mx = comparison.errors[i]
-    raise errors.IntegrityViolation(
+    raise violation(
         step=step, leaf=comparison.paths[i],
         error={"rel_l2": float(rel), "max_abs": float(mx)}, tolerance=tol,
     )

@@ -12,7 +12,13 @@ gradient everywhere else. On a malicious step it reports:
 * `LabelFlipWorker` -- the gradient with labels flipped, no trigger;
 * `NoiseWorker` -- random noise (instead of, or on top of, the gradient);
 * `StealthWorker` -- the honest gradient plus the largest perturbation towards
-  the backdoor that still passes the verification tolerance.
+  the backdoor that still passes the verification tolerance;
+* `WitnessForgeryWorker` -- a poisoned gradient with a forged answer to the
+  witness challenge (the honest witness, its poisoned batch's own consistent
+  witness, or a malformed one).
+
+Every attacker answers a witness challenge (``witness(request)``) with the
+honest witness of the step unless it says otherwise.
 
 The backdoor loss is the loss of the batch with every eligible example
 triggered and relabelled (`Backdoor.triggered`). Only worker-side and shared
@@ -36,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ginn_jax._src import layered
+from ginn_jax._src.boundary import Witness, WitnessRequest
 from ginn_jax._src.devices import worker_device
 from ginn_jax._src.models import Model
 from ginn_jax._src.types import Batch, Params
@@ -393,3 +401,78 @@ class StealthWorker(MaliciousWorker):
     loss, grads = self.honest.grad_fn(params, indices, jax.random.clone(key))
     return loss, _stealth(self.model, self.backdoor, self.rel_l2_budget, self.max_abs_budget,
                           params, self.images, self.labels, indices, key, grads)
+
+
+# -- forged witnesses ----------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _poisoned_witness(module, backdoor, params, images, labels, indices, key):
+  batch = backdoor.poison(Batch(images[indices], labels[indices]))
+  return layered.loss_grads_and_witness(module, params, batch.images, batch.labels, key)
+
+
+WitnessAnswer = Literal["honest", "poisoned", "missing_layer", "nan", "replaced_layer", "none"]
+
+
+class WitnessForgeryWorker(MaliciousWorker):
+  """Reports a poisoned-batch gradient on scheduled steps and answers the
+  witness challenge with a forgery (docs/design.md section 10).
+
+  `answer` says how:
+
+  * "honest": the honest witness of the step (consistent with the trusted
+    batch, not with the reported gradient);
+  * "poisoned": the witness of the poisoned batch, consistent with the
+    reported gradient (but not with the trusted batch and labels);
+  * "missing_layer": the poisoned witness without its last layer's output;
+  * "nan": the poisoned witness with a NaN in one layer's output;
+  * "replaced_layer": the honest witness with one layer's output replaced by
+    the poisoned batch's (`layer`, default 1);
+  * "none": raises instead of answering.
+
+  Args:
+    model, images, labels, schedule, device: as for `MaliciousWorker` (the
+      model must be layered).
+    backdoor: the poisoning.
+    answer: the forgery, as above.
+    layer: the layer whose output "nan" and "replaced_layer" tamper with.
+  """
+
+  def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
+               schedule: Schedule, backdoor: Backdoor = Backdoor(), answer: WitnessAnswer = "poisoned",
+               layer: int = 1, device: jax.Device | None = None):
+    if not model.layered:
+      raise ValueError(f"model {model.name!r} has no layered form, so it has no witness to forge")
+    if answer not in WitnessAnswer.__args__:
+      raise ValueError(f"answer must be one of {WitnessAnswer.__args__}, got {answer!r}")
+    super().__init__(model, images, labels, schedule=schedule, device=device)
+    self.backdoor, self.answer, self.layer = backdoor, answer, layer
+    self._poisoned: Witness | None = None
+
+  def attack(self, step: int, params: Params, indices: jax.Array,
+             key: jax.Array) -> tuple[jax.Array, Params]:
+    loss, grads, outputs, input_grads = _poisoned_witness(
+        self.model.module, self.backdoor, params, self.images, self.labels, indices, key)
+    self._poisoned = Witness(step=step, outputs=list(outputs), input_grads=list(input_grads))
+    return loss, grads
+
+  def witness(self, request: WitnessRequest) -> Witness:
+    poisoned, self._poisoned = self._poisoned, None
+    if poisoned is None or poisoned.step != request.step:  # An honest step: answer honestly.
+      return self.honest.witness(request)
+    if self.answer == "none":
+      raise RuntimeError("no witness kept")
+    if self.answer == "honest":
+      return self.honest.witness(request)
+    outputs, input_grads = list(poisoned.outputs), list(poisoned.input_grads)
+    if self.answer == "missing_layer":
+      outputs = outputs[:-1]
+    elif self.answer == "nan":
+      outputs[self.layer] = outputs[self.layer].at[(0,) * outputs[self.layer].ndim].set(jnp.nan)
+    elif self.answer == "replaced_layer":
+      honest = self.honest.witness(request)
+      outputs = list(honest.outputs)
+      outputs[self.layer] = poisoned.outputs[self.layer]
+      input_grads = list(honest.input_grads)
+    return Witness(step=request.step, outputs=outputs, input_grads=input_grads)

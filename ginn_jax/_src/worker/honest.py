@@ -1,19 +1,23 @@
 """The honest worker: `value_and_grad` of the model's pure loss, jitted on its device."""
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 import jax
 import numpy as np
 
-from ginn_jax._src.boundary import GradientReport, WorkOrder
+from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
 from ginn_jax._src.devices import worker_device
 from ginn_jax._src.models import Model
-from ginn_jax._src.step import DeviceGradFn
+from ginn_jax._src.step import DeviceGradFn, DeviceWitnessFn
 
 
 class Worker(Protocol):
-  """Anything that turns a work order into a gradient report."""
+  """Anything that turns a work order into a gradient report.
+
+  A worker that can answer witness challenges (``ProtocolConfig.p_witness``)
+  also has ``witness(request: WitnessRequest) -> Witness``.
+  """
 
   def __call__(self, order: WorkOrder) -> GradientReport:
     ...
@@ -26,13 +30,45 @@ class HonestWorker:
     model: the model (its pure `loss`).
     images, labels: the worker's copy of the training set, put on `device` once.
     device: where to compute; default `ginn_jax.worker_device()`.
+    witness: for a layered model, "keep" computes each step's witness with its
+      gradient (one pass, the same gradient) and keeps the last step's on the
+      device until the next step; "recompute" computes the plain gradient and,
+      when challenged, the witness again from the work order. Either way at
+      most one step's witness is held at a time.
   """
 
-  def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *, device: jax.Device | None = None):
+  def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
+               device: jax.Device | None = None, witness: Literal["keep", "recompute"] = "keep"):
+    if witness not in ("keep", "recompute"):
+      raise ValueError(f"witness must be 'keep' or 'recompute', got {witness!r}")
     self.model = model
     self.device = device or worker_device()
     self.grad_fn = DeviceGradFn(model.loss, images, labels, self.device)
+    self.witness_fn = (DeviceWitnessFn(model.module, self.grad_fn.images, self.grad_fn.labels, self.device)
+                       if model.layered else None)
+    self.keep = witness == "keep" and model.layered
+    self._kept: Witness | None = None
 
   def __call__(self, order: WorkOrder) -> GradientReport:
+    if self.keep:
+      loss, grads, outputs, input_grads = self.witness_fn(order.params, order.batch_indices,
+                                                           order.layer_key)
+      self._kept = Witness(step=order.step, outputs=outputs, input_grads=input_grads)
+      return GradientReport(step=order.step, grads=grads, loss=loss)
     loss, grads = self.grad_fn(order.params, order.batch_indices, order.layer_key)
     return GradientReport(step=order.step, grads=grads, loss=loss)
+
+  def witness(self, request: WitnessRequest) -> Witness:
+    """The witness of the requested step: the kept one, or computed again.
+
+    Raises:
+      ValueError: the model has no layered form.
+    """
+    if self.witness_fn is None:
+      raise ValueError(f"model {self.model.name!r} has no layered form, so it has no witness")
+    kept, self._kept = self._kept, None
+    if kept is not None and kept.step == request.step:
+      return kept
+    order = request.order
+    _, _, outputs, input_grads = self.witness_fn(order.params, order.batch_indices, order.layer_key)
+    return Witness(step=request.step, outputs=outputs, input_grads=input_grads)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ginn_jax._src.boundary import GradientReport, WorkOrder
+from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
 from ginn_jax._src.models import Model
 from ginn_jax._src.triggers import PatchTrigger, Trigger
 from ginn_jax._src.types import Batch, Params
@@ -153,6 +153,12 @@ class MaliciousWorker:
              key: jax.Array) -> tuple[jax.Array, Params]:
     """The malicious ``(loss, grads)`` of `step` (arguments on `self.device`)."""
     raise NotImplementedError
+
+  def witness(self, request: WitnessRequest) -> Witness:
+    """Answers a witness challenge with the honest witness of the step, whatever
+    it reported (the best an attacker without a consistent forgery can do;
+    `WitnessForgeryWorker` tries the others)."""
+    return self.honest.witness(request)
 
 
 class BackdoorWorker(MaliciousWorker):

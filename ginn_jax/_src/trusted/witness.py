@@ -1,0 +1,261 @@
+"""The witness check (Freivalds): verify a step without re-computing its products.
+
+docs/design.md section 10. For a step drawn for a witness check the worker
+answers a `WitnessRequest` with a `Witness`: each linear layer's output Y_l
+and the input gradient dX_l (l >= 1). This module
+
+* validates it (`validate_witness`: structure, shapes, dtypes, finite);
+* hashes it (`witness_digest`) and derives the secret ±1 vectors from the
+  audit secret, the step and that digest (`freivalds_seed`), so they are
+  fixed only after the witness is;
+* checks it (`witness_errors`), with X_0 the trusted batch, X_{l+1} = f_l(Y_l)
+  and dY_l the VJP of f_l at Y_l applied to dX_{l+1} (dY of the logits from
+  the trusted labels), for every linear layer l:
+
+  - forward: ``Y_l r ≈ B(X_l, W_l r) + b_l·r``;
+  - input gradient (l >= 1): ``dX_l s ≈ B_x^T(dY_l, W_l s)``;
+  - weight gradient: ``dW_l r ≈ B_w^T(X_l, dY_l r)`` for the *reported* dW_l;
+  - bias gradient: ``db_l = Σ dY_l`` for the reported db_l;
+
+  and the reported loss against the loss of the witness's logits.
+
+Each projected 3x3 product is one matrix product with 9 columns followed by 9
+shifted adds, so a conv layer's check reads its activations a few times
+instead of multiplying them by every filter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import hmac
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ginn_jax._src import errors, layered
+from ginn_jax._src.boundary import Witness
+from ginn_jax._src.trusted import commit
+from ginn_jax._src.trusted.verify import Comparison
+
+DIGEST_DOMAIN = b"ginn_jax/witness/v1"
+CHECKS = ("forward", "input_grad", "weight_grad", "bias_grad")
+_TINY = 1e-30
+_HI = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class WitnessSpec:
+  """The form a step's witness must have (from the model and the batch size).
+
+  Attributes:
+    outputs: (shape, dtype) of each linear layer's output Y_l.
+    input_grads: (shape, dtype) of each linear layer's input gradient dX_l, l >= 1.
+    names: each linear layer's parameter name.
+  """
+
+  outputs: tuple[tuple[tuple[int, ...], np.dtype], ...]
+  input_grads: tuple[tuple[tuple[int, ...], np.dtype], ...]
+  names: tuple[str, ...]
+
+  @classmethod
+  def of(cls, module: layered.LayeredModule, params, batch_shape, dtype=jnp.float32) -> "WitnessSpec":
+    x = jax.ShapeDtypeStruct(tuple(batch_shape), dtype)
+    _, outs = jax.eval_shape(
+        lambda p, x: module.apply({"params": p}, x, train=False, return_outputs=True), params, x)
+    taps = layered.tap_shapes(module, params, x)
+    return cls(outputs=tuple((tuple(o.shape), np.dtype(o.dtype)) for o in outs),
+               input_grads=tuple((tuple(t.shape), np.dtype(t.dtype)) for t in taps),
+               names=layered.linear_names(module.layers))
+
+  def check_names(self) -> tuple[str, ...]:
+    """Names of the rows of `witness_errors`, in order."""
+    rows = []
+    for l, name in enumerate(self.names):
+      rows += [f"layer {l} ({name}) {c}" for c in CHECKS if c != "input_grad" or l > 0]
+    return (*rows, "loss")
+
+  @property
+  def nbytes(self) -> int:
+    return int(sum(np.prod(s) * d.itemsize for s, d in (*self.outputs, *self.input_grads)))
+
+
+def _violation(step: int, where: str, reason: str) -> errors.WitnessViolation:
+  return errors.WitnessViolation(step=step, leaf=where, reason=reason)
+
+
+def validate_witness(witness: object, *, step: int, spec: WitnessSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Checks a witness's form; returns host copies of its outputs and input gradients.
+
+  Raises:
+    WitnessViolation: the witness is missing, for another step, has a missing
+      or extra layer, a wrong shape or dtype, or a NaN/Inf (the report is
+      already committed, so a bad witness is a violation, not a rejection).
+  """
+  if not isinstance(witness, Witness):
+    raise _violation(step, "witness", f"expected a Witness, got {type(witness).__name__}")
+  s = witness.step
+  if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or s != step:
+    raise _violation(step, "witness.step", f"the witness is for step {s!r}, not {step}")
+  host = []
+  for field, want in (("outputs", spec.outputs), ("input_grads", spec.input_grads)):
+    got = getattr(witness, field)
+    if not isinstance(got, (list, tuple)) or len(got) != len(want):
+      n = len(got) if isinstance(got, (list, tuple)) else type(got).__name__
+      raise _violation(step, f"witness.{field}",
+                       f"expected {len(want)} arrays (one per linear layer{' after the first' if field == 'input_grads' else ''}), got {n}")
+    arrays = []
+    for i, (a, (shape, dtype)) in enumerate(zip(got, want)):
+      where = f"witness.{field}[{i}] ({spec.names[i + (field == 'input_grads')]})"
+      if not isinstance(a, (jax.Array, np.ndarray)):
+        raise _violation(step, where, f"is a {type(a).__name__}, not an array")
+      if tuple(a.shape) != shape:
+        raise _violation(step, where, f"has shape {tuple(a.shape)}, expected {shape}")
+      if a.dtype != dtype:
+        raise _violation(step, where, f"has dtype {a.dtype}, expected {dtype}")
+      h = np.ascontiguousarray(jax.device_get(a))
+      if not np.isfinite(h).all():
+        bad = int(h.size - np.count_nonzero(np.isfinite(h)))
+        raise _violation(step, where, f"holds {bad} NaN/Inf value(s)")
+      arrays.append(h)
+    host.append(arrays)
+  return host[0], host[1]
+
+
+def witness_digest(step: int, report_digest: bytes, outputs, input_grads) -> bytes:
+  """SHA-256 of the witness, bound to the step and the committed report."""
+  h = hashlib.sha256(DIGEST_DOMAIN)
+  h.update(step.to_bytes(8, "big"))
+  h.update(report_digest)
+  commit.hash_leaves(h, [*outputs, *input_grads])
+  return h.digest()
+
+
+def freivalds_seed(key: bytes, step: int, digest: bytes) -> np.ndarray:
+  """The threefry key data of the step's secret ±1 vectors: a PRF of the
+  audit secret's witness key, the step and the witness digest."""
+  mac = hmac.new(key, b"ginn_jax/freivalds/v1" + step.to_bytes(8, "big") + digest,
+                 hashlib.sha256).digest()
+  return np.frombuffer(mac[:8], dtype=">u4").astype(np.uint32)
+
+
+# -- projected products ------------------------------------------------------------------------
+
+
+def _rel(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+  d = (lhs - rhs).ravel()
+  rhs = rhs.ravel()
+  return jnp.stack([jnp.linalg.norm(d) / jnp.maximum(jnp.linalg.norm(rhs), _TINY),
+                    jnp.max(jnp.abs(d)) / jnp.maximum(jnp.max(jnp.abs(rhs)), _TINY)])
+
+
+def _pads(op: layered.Conv, size: int, k: int) -> tuple[int, int]:
+  if op.padding == "VALID":
+    return 0, 0
+  return (k - 1) // 2, k - 1 - (k - 1) // 2
+
+
+def _shifted(z: jax.Array, out_hw: tuple[int, int], k: tuple[int, int], lo: tuple[int, int]):
+  """A[n, h, w, i, j] = z[n, h + lo_h - i, w + lo_w - j, c(i, j)] (zero outside), with
+  c(i, j) = i*kw + j when z has kh*kw channels and 0 when it has one."""
+  (kh, kw), (H, W) = k, out_hw
+  ho, wo = z.shape[1], z.shape[2]
+  ah, aw = kh - 1 - lo[0], kw - 1 - lo[1]
+  z = jnp.pad(z, ((0, 0), (ah, H + kh - 1 - ho - ah), (aw, W + kw - 1 - wo - aw), (0, 0)))
+  cols = []
+  for i in range(kh):
+    for j in range(kw):
+      c = i * kw + j if z.shape[3] > 1 else 0
+      cols.append(z[:, kh - 1 - i:kh - 1 - i + H, kw - 1 - j:kw - 1 - j + W, c])
+  return cols
+
+
+def _conv_checks(op: layered.Conv, x, y, dy, dx, kernel, bias, dk, db, r, s):
+  kh, kw = op.kernel
+  n, H, W, ci = x.shape
+  co = kernel.shape[-1]
+  lo = (_pads(op, H, kh)[0], _pads(op, W, kw)[0])
+  hi = (_pads(op, H, kh)[1], _pads(op, W, kw)[1])
+  x2 = x.reshape(-1, ci)
+  # Forward: Y r = sum_ij Xpad[h+i, w+j] . (K r)[i, j] + b.r
+  kr = jnp.dot(kernel.reshape(-1, co), r, precision=_HI).reshape(kh * kw, ci)
+  z = jnp.dot(x2, kr.T, precision=_HI).reshape(n, H, W, kh * kw)
+  z = jnp.pad(z, ((0, 0), (lo[0], hi[0]), (lo[1], hi[1]), (0, 0)))
+  ho, wo = y.shape[1], y.shape[2]
+  rhs = sum(z[:, i:i + ho, j:j + wo, i * kw + j] for i in range(kh) for j in range(kw))
+  rows = [_rel(jnp.dot(y, r, precision=_HI), rhs + jnp.dot(bias, r, precision=_HI))]
+  # Input gradient: dX s = sum_ij dYpad[h+lo-i, w+lo-j] . (K s)[i, j]
+  if dx is not None:
+    ks = jnp.einsum("ijco,c->ijo", kernel, s, precision=_HI).reshape(kh * kw, co)
+    zs = jnp.dot(dy.reshape(-1, co), ks.T, precision=_HI).reshape(n, ho, wo, kh * kw)
+    rows.append(_rel(jnp.dot(dx, s, precision=_HI), sum(_shifted(zs, (H, W), (kh, kw), lo))))
+  # Weight gradient: (dK r)[i, j] = sum_nhw X[h, w] (dY r)[h+lo-i, w+lo-j]
+  u = jnp.dot(dy, r, precision=_HI)[..., None]
+  cols = jnp.stack(_shifted(u, (H, W), (kh, kw), lo), axis=-1).reshape(-1, kh * kw)
+  dkr = jnp.dot(cols.T, x2, precision=_HI)  # [kh*kw, ci]
+  rows.append(_rel(jnp.dot(dk.reshape(-1, co), r, precision=_HI).reshape(kh * kw, ci), dkr))
+  rows.append(_rel(db, dy.sum(axis=(0, 1, 2))))
+  return rows
+
+
+def _dense_checks(x, y, dy, dx, kernel, bias, dk, db, r, s):
+  rows = [_rel(jnp.dot(y, r, precision=_HI),
+               jnp.dot(x, jnp.dot(kernel, r, precision=_HI), precision=_HI)
+               + jnp.dot(bias, r, precision=_HI))]
+  if dx is not None:
+    rows.append(_rel(jnp.dot(dx, s, precision=_HI),
+                     jnp.dot(dy, jnp.dot(s, kernel, precision=_HI), precision=_HI)))
+  rows.append(_rel(jnp.dot(dk, r, precision=_HI), jnp.dot(jnp.dot(dy, r, precision=_HI), x, precision=_HI)))
+  rows.append(_rel(db, dy.sum(axis=0)))
+  return rows
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _errors(structure: layered.Structure, params, grads, loss, images, labels, layer_key,
+            outputs, input_grads, seed):
+  """[num_checks, 2] (rel_l2, max_abs) of every check, in `WitnessSpec.check_names` order."""
+  vec_key = jax.random.wrap_key_data(seed, impl="threefry2x32")
+  # Forward: X_0 from the trusted batch, X_{l+1} = f_l(Y_l) from the witness.
+  x = images
+  for i, op in structure.prefix:
+    x = layered.op_forward(op, i, x, key=layer_key, train=True)
+  xs, saved = [x], []
+  for seg, y in zip(structure.segments, outputs):
+    x, sv = layered.segment_forward(seg, y, key=layer_key, train=True)
+    xs.append(x)
+    saved.append(sv)
+  logits = outputs[-1]
+  loss_ref = layered.cross_entropy(logits, labels)
+  dy = (jax.nn.softmax(logits) - jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)) \
+      / jnp.asarray(logits.shape[0], logits.dtype)
+  rows_by_layer = []
+  for l in reversed(range(structure.num_linear)):
+    _, op = structure.linear[l]
+    name = structure.names[l]
+    kernel, bias = params[name]["kernel"], params[name]["bias"]
+    dk, db = grads[name]["kernel"], grads[name]["bias"]
+    kr, ks = jax.random.split(jax.random.fold_in(vec_key, l))
+    r = jax.random.rademacher(kr, (kernel.shape[-1],), dtype=kernel.dtype)
+    s = jax.random.rademacher(ks, (kernel.shape[-2],), dtype=kernel.dtype)
+    dx = input_grads[l - 1] if l > 0 else None
+    if isinstance(op, layered.Conv):
+      rows = _conv_checks(op, xs[l], outputs[l], dy, dx, kernel, bias, dk, db, r, s)
+    else:
+      rows = _dense_checks(xs[l], outputs[l], dy, dx, kernel, bias, dk, db, r, s)
+    rows_by_layer.append(rows)
+    if l > 0:
+      dy = layered.segment_vjp(structure.segments[l - 1], saved[l - 1], dx, key=layer_key, train=True)
+  rows = [row for rows in reversed(rows_by_layer) for row in rows]
+  rows.append(_rel(jnp.asarray(loss, jnp.float32)[None], loss_ref[None]))
+  return jnp.stack(rows)
+
+
+def witness_errors(module: layered.LayeredModule, spec: WitnessSpec, params, grads, loss, images,
+                   labels, layer_key, outputs, input_grads, seed) -> Comparison:
+  """Runs every check of one witness (arguments on the trusted device)."""
+  structure = layered.Structure.of(module.layers)
+  errs = _errors(structure, params, grads, loss, images, labels, layer_key, tuple(outputs),
+                 tuple(input_grads), seed)
+  return Comparison(paths=spec.check_names(), errors=np.asarray(jax.device_get(errs), dtype=np.float64))
