@@ -119,6 +119,41 @@ def test_attack_is_caught_at_its_first_malicious_step_when_p_is_1(mlp, small_dat
   assert rt.step == first and rt.transcript[-1].outcome == "violation"
 
 
+@pytest.mark.parametrize("deferred", [False, True], ids=["sync", "deferred"])
+@pytest.mark.parametrize("attack", ATTACKS, ids=str)
+def test_attack_is_caught_by_the_witness_check_alone(mlp, small_data, backdoored, attack, deferred):
+  """p = 0, p_witness = 1: no re-computation at all, and every attacker (answering
+  the challenge with the honest witness of the step) is caught at its first
+  malicious step."""
+  factory, overrides = ATTACKS[attack]
+  sched = ginn.schedules.FromStep(2)
+  rt = ginn.TrustedRuntime(mlp, *small_data, config(p=0.0, p_witness=1.0, **overrides),
+                           audit_secret=SECRET, deferred=deferred)
+  attacker = factory(mlp, small_data, sched, backdoored)
+  with pytest.raises(ginn.WitnessViolation) as info:
+    ginn.train(rt, attacker, 8, progress=False)
+  assert info.value.step == 2 == attacker.malicious_steps[0]
+  assert not info.value.result.verified
+  assert all(e.check == "witness" for e in rt.transcript)
+  if not deferred:
+    assert rt.step == 2 and rt.transcript[-1].outcome == "violation"
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["sync", "deferred"])
+def test_stealth_attacker_sized_to_the_recompute_tolerance_is_caught_by_the_witness_check(
+    mlp, small_data, deferred):
+  """The stealth attacker hides inside the re-computation tolerance it is given
+  (here the paper prototype's 1e-2); the witness check has its own, calibrated
+  tolerance (2e-5 floor) and catches it."""
+  rt = ginn.TrustedRuntime(mlp, *small_data, config(p=0.0, p_witness=1.0), audit_secret=SECRET,
+                           deferred=deferred, tolerance=ginn.PAPER_PROTOTYPE_TOLERANCE)
+  attacker = ginn.StealthWorker(mlp, *small_data, schedule=ginn.schedules.FromStep(2),
+                                tolerance=ginn.PAPER_PROTOTYPE_TOLERANCE)
+  with pytest.raises(ginn.WitnessViolation) as info:
+    ginn.train(rt, attacker, 8, progress=False)
+  assert info.value.step == 2
+
+
 def test_attackers_do_not_import_the_trusted_side():
   src = pathlib.Path(ginn.__file__).parent / "_src" / "worker"
   for name in ("malicious.py", "attacks.py"):

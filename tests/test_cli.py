@@ -35,6 +35,36 @@ def test_analyze_unbounded_cases_are_valid_json():
   assert res["ideal_speedup"] is None and res["k_for_0.999"] is None
 
 
+def test_analyze_with_witness_checks():
+  out = ginn("analyze", "--k", "688", "--p", "0.005", "--p-witness", "0.005", "--witness-ratio", "20")
+  assert out.returncode == 0, out.stderr
+  res = json.loads(out.stdout)
+  # The existing keys are still there, unchanged.
+  assert res["detection_probability"] == pytest.approx(1 - 0.995**688)
+  assert res["p_for_0.999"] == pytest.approx(0.01, abs=2e-4)
+  assert res["p_witness"] == 0.005
+  assert res["combined_detection_probability"] == pytest.approx(1 - (0.995 * 0.995)**688)
+  # With p = 0.005 already, a little more than 0.005 of witness checks reaches 0.999.
+  pw = res["required_p_witness"]
+  assert 0.005 < pw < 0.0051
+  assert 1 - (0.995 * (1 - pw))**688 == pytest.approx(0.999)
+  assert res["trusted_cost"] == pytest.approx(0.005 + 0.005 / 20)
+
+
+def test_analyze_required_p_witness_without_p():
+  out = ginn("analyze", "--k", "688", "--p-witness", "0.01")
+  assert out.returncode == 0, out.stderr
+  res = json.loads(out.stdout)
+  assert res["required_p_witness"] == pytest.approx(res["p_for_0.999"])
+  assert res["combined_detection_probability"] == pytest.approx(0.999, abs=2e-4)
+  assert "detection_probability" not in res  # Needs --p.
+
+
+def test_analyze_refuses_a_bad_witness_probability():
+  out = ginn("analyze", "--p-witness", "1.5")
+  assert out.returncode == 2 and "p-witness" in out.stderr
+
+
 def test_missing_tfds_dataset_is_a_clear_error(tmp_path):
   out = ginn("data", "digest", "cifar10", "--data-dir", str(tmp_path))
   assert out.returncode == 2

@@ -1,7 +1,10 @@
 """What verification at rate p and a clip C guarantee (docs/design.md sections 1, 4, 8).
 
 Detection: a backdoor that needs k malicious steps, each verified
-independently with probability p, escapes with probability (1-p)^k.
+independently with probability p, escapes with probability (1-p)^k. With
+witness checks (Freivalds, design.md section 10) a step is also challenged,
+independently, with probability p_witness; a malicious step escapes only if
+neither coin comes up, so the attack escapes with ((1-p)(1-p_witness))^k.
 
 Deviation: with the trusted update ``clip -> (weight decay) -> SGD(eta, m)``,
 the honest and the malicious update of one step differ only through the
@@ -45,6 +48,66 @@ def required_p(target: float, k: int) -> float:
   if k <= 0:
     raise ValueError(f"k must be >= 1, got {k}")
   return 1.0 - (1.0 - target) ** (1.0 / k)
+
+
+def combined_detection_probability(p: float, p_witness: float, k: int) -> float:
+  """P(at least one of k malicious steps is re-computed or witness-checked).
+
+  The two coins of a step are independent, so a malicious step escapes both
+  with probability (1-p)(1-p_witness), and all k escape with its k-th power:
+  1 - ((1-p)(1-p_witness))^k. With ``p_witness == 0`` this is exactly
+  `detection_probability(p, k)`.
+
+  >>> round(combined_detection_probability(0.01, 0.05, 100), 4)
+  0.9978
+  """
+  _check_p(p)
+  _check_p(p_witness, "p_witness")
+  if k < 0:
+    raise ValueError(f"k must be >= 0, got {k}")
+  return 1.0 - ((1.0 - p) * (1.0 - p_witness)) ** k
+
+
+def required_p_witness(target: float, k: int, p: float = 0.0) -> float:
+  """Smallest p_witness with combined_detection_probability(p, p_witness, k) >= target.
+
+  Solves ((1-p)(1-p_witness))^k = 1-target: p_witness = 1 - (1-target)^(1/k) / (1-p);
+  0 when re-computation at rate p alone already reaches the target. With
+  ``p == 0`` it equals `required_p(target, k)`.
+
+  >>> round(required_p_witness(0.999, 688), 4)
+  0.01
+  >>> required_p_witness(0.999, 688, p=0.02)
+  0.0
+  """
+  if not 0.0 <= target < 1.0:
+    raise ValueError(f"target must be in [0, 1), got {target}")
+  if k <= 0:
+    raise ValueError(f"k must be >= 1, got {k}")
+  _check_p(p)
+  escape = (1.0 - target) ** (1.0 / k)  # Largest per-step escape probability allowed.
+  if 1.0 - p <= escape:
+    return 0.0
+  return max(0.0, 1.0 - escape / (1.0 - p))
+
+
+def trusted_cost(p: float, p_witness: float, witness_ratio: float) -> float:
+  """Expected trusted check cost per step, in units of one pure-TEE step.
+
+  A re-computation costs one step; a witness check costs 1/witness_ratio of
+  one, so the expectation is p + p_witness / witness_ratio.
+
+  Args:
+    p: re-computation rate.
+    p_witness: witness-check rate.
+    witness_ratio: re-computation cost / witness-check cost (> 0; e.g. as
+      measured by `ginn bench`).
+  """
+  _check_p(p)
+  _check_p(p_witness, "p_witness")
+  if not (isinstance(witness_ratio, (int, float)) and witness_ratio > 0):
+    raise ValueError(f"witness_ratio must be > 0, got {witness_ratio!r}")
+  return p + p_witness / witness_ratio
 
 
 def required_k(target: float, p: float) -> int:
@@ -114,6 +177,6 @@ def deviation_bound(clip: ClipMode, clip_value: float | None,
   )
 
 
-def _check_p(p: float) -> None:
+def _check_p(p: float, name: str = "p") -> None:
   if not 0.0 <= p <= 1.0:
-    raise ValueError(f"p must be in [0, 1], got {p}")
+    raise ValueError(f"{name} must be in [0, 1], got {p}")

@@ -412,6 +412,11 @@ def _poisoned_witness(module, backdoor, params, images, labels, indices, key):
   return layered.loss_grads_and_witness(module, params, batch.images, batch.labels, key)
 
 
+@jax.jit
+def _with_nan(x):
+  return x.at[(0,) * x.ndim].set(jnp.nan)
+
+
 WitnessAnswer = Literal["honest", "poisoned", "missing_layer", "nan", "replaced_layer", "none"]
 
 
@@ -469,7 +474,7 @@ class WitnessForgeryWorker(MaliciousWorker):
     if self.answer == "missing_layer":
       outputs = outputs[:-1]
     elif self.answer == "nan":
-      outputs[self.layer] = outputs[self.layer].at[(0,) * outputs[self.layer].ndim].set(jnp.nan)
+      outputs[self.layer] = _with_nan(outputs[self.layer])
     elif self.answer == "replaced_layer":
       honest = self.honest.witness(request)
       outputs = list(honest.outputs)
