@@ -348,3 +348,24 @@ def test_honest_worker_passes_2000_witness_checked_steps(cnn, mnist5k):
   assert res.verified and res.num_verified == 2000
   worst = max(e.witness_rel_l2 for e in res.transcript if e.kind == "check")
   assert worst < rt.witness_tolerance.rel_l2 / 2, worst
+
+
+def test_no_false_alarm_whatever_the_vectors(mlp, small_data):
+  """±1 vectors that nearly cancel a projection (e.g. all ones against the logits'
+  gradient, whose rows sum to zero: 2 in 1,024 draws for 10 classes) must not
+  turn rounding noise into an alarm. 3,000 draws on one honest witness."""
+  x, y = small_data[0][:32], small_data[1][:32]
+  dev = jax.devices("cpu")[0]
+  params = jax.jit(mlp.init)(make_key(0))
+  x, y = jax.device_put((x, y), dev)
+  key = make_key(1)
+  loss, grads, outputs, input_grads = jax.jit(
+      lambda p, x, y, k: layered.loss_grads_and_witness(mlp.module, p, x, y, k))(params, x, y, key)
+  spec = witness_lib.WitnessSpec.of(mlp.module, params, x.shape)
+  worst = 0.0
+  for i in range(3000):
+    seed = jax.device_put(np.array([i, 7], np.uint32), dev)
+    c = witness_lib.witness_errors(mlp.module, spec, params, grads, loss, x, y, key, outputs,
+                                   input_grads, seed)
+    worst = max(worst, float(c.errors.max()))
+  assert worst < ginn.DEFAULT_WITNESS_FLOOR.rel_l2 / 4, worst

@@ -4,7 +4,8 @@
 2. Honest run: no violation expected; print clean test accuracy.
 3. Attacked run, same public seed: a BadNets worker (3x3 white patch,
    bottom-right, all-to-one target 0) starts reporting poisoned gradients at
-   `attack_start`; random verification catches it. Print the step it started,
+   `attack_start`; random verification catches it: every step's witness is
+   checked (Freivalds, p_witness = 1) and 10% of steps are re-computed. Print the step it started,
    the step it was caught and what the backdoor had reached by then.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ class DemoConfig:
   steps: int = 600
   attack_start: int = 300
   p: float = 0.1
+  p_witness: float = 1.0
   clip: str = "elementwise"
   clip_value: float = 0.01
   learning_rate: float = 0.05
@@ -66,7 +68,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, progress: bool = True, log=print
   t0 = time.perf_counter()
   ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
   model = get_model(cfg.model, input_shape=ds.image_shape, num_classes=ds.num_classes)
-  protocol = ProtocolConfig(seed=cfg.seed, batch_size=cfg.batch_size, p=cfg.p, clip=cfg.clip,
+  protocol = ProtocolConfig(seed=cfg.seed, batch_size=cfg.batch_size, p=cfg.p,
+                            p_witness=cfg.p_witness if model.layered else 0.0, clip=cfg.clip,
                             clip_value=cfg.clip_value,
                             optimizer=OptimizerConfig(learning_rate=cfg.learning_rate))
   trigger = PatchTrigger(size=3, value=1.0, position="bottom_right")
@@ -75,6 +78,10 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, progress: bool = True, log=print
   cal = calibrate_tolerance(model, x, y, protocol, num_steps=cfg.calibration_steps)
   log(f"calibrated tolerance: rel_l2<={cal.tolerance.rel_l2:.2e} max_abs<={cal.tolerance.max_abs:.2e} "
       f"(largest honest error seen: {cal.max_rel_l2:.2e} / {cal.max_abs:.2e})")
+  if cal.witness_tolerance is not None:
+    log(f"calibrated witness tolerance: rel_l2<={cal.witness_tolerance.rel_l2:.2e} "
+        f"max_abs<={cal.witness_tolerance.max_abs:.2e} (largest honest error seen: "
+        f"{cal.witness_max_rel_l2:.2e} / {cal.witness_max_abs:.2e})")
 
   def evaluate(params):
     return (accuracy(model, params, ds.test_images, ds.test_labels),
@@ -83,7 +90,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, progress: bool = True, log=print
 
   def run(name, worker):
     if run_dir is None:
-      rt = TrustedRuntime(model, x, y, protocol, tolerance=cal.tolerance)
+      rt = TrustedRuntime(model, x, y, protocol, tolerance=cal.tolerance,
+                          witness_tolerance=cal.witness_tolerance)
       return train(rt, worker, cfg.steps, progress=f"{name} run" if progress else False,
                    raise_on_violation=False)
     path = os.path.join(run_dir, name)
@@ -91,7 +99,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, progress: bool = True, log=print
       shutil.rmtree(path)  # The demo starts fresh runs; `run_verified` would resume them.
     return run_verified(path, model, x, y, protocol, worker, cfg.steps,
                         audit_secret=keys.new_audit_secret(), checkpoint_every=checkpoint_every,
-                        tolerance=cal.tolerance, dataset=cfg.dataset, num_classes=ds.num_classes,
+                        tolerance=cal.tolerance, witness_tolerance=cal.witness_tolerance,
+                        dataset=cfg.dataset, num_classes=ds.num_classes,
                         progress=f"{name} run" if progress else False)
 
   honest = run("honest", HonestWorker(model, x, y))
@@ -106,9 +115,11 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, progress: bool = True, log=print
   v: errors.IntegrityViolation | None = attacked.violation
   k_before = len([s for s in attacker.malicious_steps if v is None or s < v.step])
   if v is not None:
-    log(f"attacked run: malicious from step {cfg.attack_start}, CAUGHT at step {v.step} "
-        f"(leaf {v.leaf}, rel_l2 {v.error['rel_l2']:.3e} > {v.tolerance.rel_l2:.1e}); "
-        f"{k_before} malicious steps were applied unverified before it")
+    what = (f"{v.leaf}: {v.reason}" if v.error is None else
+            f"{v.leaf}, rel_l2 {v.error['rel_l2']:.3e} > {v.tolerance.rel_l2:.1e}")
+    by = "the witness check" if v.check == "witness" else "re-computation"
+    log(f"attacked run: malicious from step {cfg.attack_start}, CAUGHT at step {v.step} by {by} "
+        f"({what}); {k_before} malicious steps were applied unverified before it")
   else:
     log(f"attacked run: malicious from step {cfg.attack_start}, NOT caught in {cfg.steps} steps")
   log(f"model at the halt: clean accuracy {attack_acc:.4f}, backdoor ASR {attack_asr:.4f}")
@@ -117,6 +128,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, progress: bool = True, log=print
   summary = {
       "config": dataclasses.asdict(cfg),
       "tolerance": cal.tolerance.to_dict(),
+      "witness_tolerance": None if cal.witness_tolerance is None else cal.witness_tolerance.to_dict(),
+      "p_witness": protocol.p_witness,
       "honest_steps": honest.steps,
       "honest_steps_verified": honest.num_verified,
       "honest_violations": honest.num_violations,
@@ -125,13 +138,15 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, progress: bool = True, log=print
       "attack_first_malicious_step": attacker.malicious_steps[0] if attacker.malicious_steps else None,
       "attack_detected": v is not None,
       "attack_detected_at_step": None if v is None else v.step,
+      "attack_detected_by": None if v is None else v.check,
       "attack_malicious_steps_applied": k_before,
       "attack_steps_verified": attacked.num_verified,
       "attack_clean_accuracy_at_halt": attack_acc,
       "attack_asr_at_halt": attack_asr,
       "steps_verified": honest.num_verified + attacked.num_verified,
       "per_step_deviation_bound": bound.per_step,
-      "detection_probability_per_malicious_step": cfg.p,
+      "detection_probability_per_malicious_step": analysis.combined_detection_probability(
+          protocol.p, protocol.p_witness, 1),
       "seconds": round(time.perf_counter() - t0, 1),
   }
   _print_table(summary, log)
