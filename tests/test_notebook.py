@@ -16,3 +16,6 @@ def test_walkthrough_notebook_runs(monkeypatch):
   outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
   assert re.search(r"caught at: \d+", outputs), outputs[-2000:]
   assert "StructureMismatch" in outputs  # The malformed report was refused.
+  assert re.search(r"witness check caught it at: (\d+)", outputs), outputs[-2000:]
+  first, caught = re.search(r"first malicious step: (\d+) witness check caught it at: (\d+)", outputs).groups()
+  assert first == caught  # Every step's witness is checked: caught at the first malicious step.
