@@ -147,6 +147,22 @@ def test_the_worker_keeps_at_most_one_witness(cnn, cnn_data):
   assert w._kept is None  # Handed over.
 
 
+def test_deferred_runtime_holds_at_most_one_witness(cnn, cnn_data):
+  import time
+  rt = ginn.TrustedRuntime(cnn, *cnn_data, config(p_witness=1.0), audit_secret=SECRET, deferred=True,
+                           max_pending=4)
+  inner = rt.verifier._recompute
+
+  def slow(check):
+    time.sleep(0.05)
+    return inner(check)
+
+  rt.verifier._recompute = slow
+  res = ginn.train(rt, ginn.HonestWorker(cnn, *cnn_data), 12, progress=False)
+  assert res.verified and res.num_verified == 12
+  assert rt.max_witnesses_held == 1 and rt._witnesses_held == 0
+
+
 # -- the random vectors -------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import threading
 import time
 from typing import Any, Callable, Protocol
 
@@ -256,6 +257,11 @@ class TrustedRuntime:
     self._phases = PhaseClock()
     self._witness_spec: witness_lib.WitnessSpec | None = None
     self.witness_seconds: list[float] = []  # How long each witness took to arrive.
+    # At most one step's witness is held by the trusted side at a time (received,
+    # queued or being checked): a new challenge waits until the last check is done.
+    self._witness_slot = threading.BoundedSemaphore(1)
+    self._witnesses_held = 0
+    self.max_witnesses_held = 0
 
   # -- the two messages --------------------------------------------------------
 
@@ -328,7 +334,8 @@ class TrustedRuntime:
     if sampled or challenged:
       check = Check(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
                     layer_key=keys.layer_key(self.streams, t), reported=grads_leaves, loss=loss,
-                    recompute=sampled, witness=wit, witness_seed=seed if challenged else None)
+                    recompute=sampled, witness=wit, witness_seed=seed if challenged else None,
+                    done=self._release_witness if challenged else None)
       result = self.verifier.submit(check)
       lap("verify")  # Synchronous re-computation, or waiting for room in the queue.
       if result is not None:  # Synchronous: resolved before the update is committed.
@@ -404,6 +411,7 @@ class TrustedRuntime:
     derives the secret vectors from it. Every failure is a violation: the
     runtime halts and the step's update is not applied."""
     t = entry.step
+    self._hold_witness()
     try:
       if answer is None:
         raise errors.WitnessViolation(
@@ -425,6 +433,7 @@ class TrustedRuntime:
                                       reason=f"it arrived after {elapsed:.1f} s (limit {limit} s)")
       outputs, input_grads = witness_lib.validate_witness(w, step=t, spec=self.witness_spec())
     except errors.WitnessViolation as violation:
+      self._release_witness()
       self._append(dataclasses.replace(entry, outcome="violation"))
       self.halted = violation
       raise
@@ -432,6 +441,15 @@ class TrustedRuntime:
     seed = witness_lib.freivalds_seed(self._keys.freivalds_key, t, wdigest)  # After the digest.
     wit = jax.device_put((outputs, input_grads), self.device)
     return wit, wdigest, jax.device_put(seed, self.device)
+
+  def _hold_witness(self) -> None:
+    self._witness_slot.acquire()  # Deferred: waits for the previous witness check.
+    self._witnesses_held += 1
+    self.max_witnesses_held = max(self.max_witnesses_held, self._witnesses_held)
+
+  def _release_witness(self) -> None:
+    self._witnesses_held -= 1
+    self._witness_slot.release()
 
   def _recompute(self, check: Check) -> tuple[verify.Comparison | None, verify.Comparison | None]:
     comparison = witness = None

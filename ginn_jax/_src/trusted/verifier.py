@@ -38,6 +38,7 @@ class Check:
   recompute: bool = True
   witness: tuple[list[jax.Array], list[jax.Array]] | None = None  # On the trusted device.
   witness_seed: np.ndarray | None = None  # Freivalds key data (secret).
+  done: Callable[[], None] | None = None  # Called once the check has run (frees its witness).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,9 @@ class Verifier:
       return CheckResult(check.step, comparison, witness=witness)
     except Exception as e:  # Reported to the training thread, never swallowed.
       return CheckResult(check.step, None, e)
+    finally:
+      if check.done is not None:
+        check.done()
 
   def submit(self, check: Check) -> CheckResult | None:
     """Runs `check` now (synchronous: returns its result) or enqueues it (deferred: None)."""
@@ -97,6 +101,7 @@ class Verifier:
         self._queue.task_done()
         return
       result = self._run(check)
+      del check  # Hold nothing of a finished check (its witness is freed now).
       with self._lock:
         self._done.append(result)
       self._queue.task_done()
