@@ -3,10 +3,14 @@ attacker's k_min (smallest number of malicious steps reaching ASR 90%, best of
 the attackers, malicious steps at the end of training), the verification rate
 p needed to catch it with probability 0.999, the ideal speedup 1/p, and the
 speedup `ginn bench` measured at the nearest benchmarked p (when its results
-are there).
+are there). Witness checks (Freivalds) get their own columns: the p_witness
+needed for 0.999 at the same k_min (no re-computation at all), and the
+trusted side's check cost per step relative to a pure-TEE step, from the
+measured `check_cost` of each model (re-computation costs p, witness checks
+p_witness * witness_ms / recompute_ms).
 
-Reads attack_budget.json, clip_cost.json and bench_*.json from --out; run
-those first. Reproduce the committed table:
+Reads attack_budget.json, clip_cost.json, bench_*.json and check_cost_*.json
+from --out; run those first. Reproduce the committed table:
 
     python experiments/integrity_table.py --out docs/results
 """
@@ -44,6 +48,25 @@ def _measured_speedup(benches: list[dict], p: float) -> list[dict]:
   return out
 
 
+def _check_costs(results: pathlib.Path) -> list[dict]:
+  """The measured check_cost of each benchmarked model (files with a "check_cost" object)."""
+  out = []
+  for f in sorted(results.glob("check_cost_*.json")) + sorted(results.glob("bench_*.json")):
+    b = json.loads(f.read_text())
+    c = b.get("check_cost")
+    if c and c.get("ratio"):
+      out.append({"file": f.name, "model": b["config"]["model"], "batch_size": b["config"]["batch_size"],
+                  "worker_device": b.get("worker_device"), **c})
+  return out
+
+
+def _witness_columns(p_needed: float, costs: list[dict]) -> list[dict]:
+  return [{"model": c["model"], "batch_size": c["batch_size"], "file": c["file"], "ratio": c["ratio"],
+           "recompute_cost_vs_pure_tee": p_needed,
+           "witness_cost_vs_pure_tee": p_needed / c["ratio"],
+           "ideal_speedup_witness": c["ratio"] / p_needed} for c in costs]
+
+
 def build_table(results: pathlib.Path) -> dict:
   budget = json.loads((results / "attack_budget.json").read_text())
   cost_file = results / "clip_cost.json"
@@ -54,6 +77,7 @@ def build_table(results: pathlib.Path) -> dict:
     b["_file"] = f.name
     benches.append(b)
   max_k = budget["ks"][-1]
+  costs = _check_costs(results)
   rows = []
   for clip in dict.fromkeys(r["clip"] for r in budget["runs"]):
     rs = [r for r in budget["runs"] if r["clip"] == clip]
@@ -84,9 +108,12 @@ def build_table(results: pathlib.Path) -> dict:
         "p_is_upper_bound": k_min is None,
         "ideal_speedup": analysis.ideal_speedup(p_needed),
         "measured": _measured_speedup(benches, p_needed),
+        f"p_witness_for_{TARGET}": analysis.required_p_witness(TARGET, k_for_p),
+        "witness": _witness_columns(analysis.required_p_witness(TARGET, k_for_p), costs),
     })
   return {"experiment": "integrity_table", "target": TARGET, "rows": rows,
-          "sources": ["attack_budget.json"] + (["clip_cost.json"] if cost else []) + [b["_file"] for b in benches]}
+          "sources": ["attack_budget.json"] + (["clip_cost.json"] if cost else []) + [b["_file"] for b in benches]
+          + sorted({c["file"] for c in costs})}
 
 
 def plot(table, path):
@@ -116,6 +143,11 @@ def main(argv=None) -> int:
     print(f"{r['clip']:>22}: clean acc {r['clean_accuracy_at_attack']:.4f}, k_min90 {k}, "
           f"p for {TARGET} {'<=' if r['p_is_upper_bound'] else ''}{r[f'p_for_{TARGET}']:.4f}, "
           f"ideal speedup {r['ideal_speedup']:.1f}x, measured: {meas}")
+    for w in r["witness"]:
+      print(f"{'':>22}  witness checks ({w['model']}, batch {w['batch_size']}): p_witness "
+            f"{r[f'p_witness_for_{TARGET}']:.4f}, trusted check cost {w['witness_cost_vs_pure_tee']:.4f} "
+            f"of a pure-TEE step (re-computation: {w['recompute_cost_vs_pure_tee']:.4f}), "
+            f"ideal speedup {w['ideal_speedup_witness']:.0f}x")
   return 0
 
 

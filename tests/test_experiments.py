@@ -56,5 +56,13 @@ def test_stealth(tmp_path):
 def test_integrity_table(tmp_path):
   for name in ("attack_budget", "clip_cost"):
     run_script(name, tmp_path, "--model", "mlp")
+  # A check_cost file as `ginn bench --only check-cost` writes it (numbers made up for the test).
+  (tmp_path / "check_cost_x.json").write_text(json.dumps({
+      "config": {"model": "mnist_cnn", "batch_size": 64}, "worker_device": "cpu:1",
+      "check_cost": {"recompute_ms": 100.0, "witness_ms": 10.0, "witness_mib": 13.6, "ratio": 10.0}}))
   res = run_script("integrity_table", tmp_path)
   assert res["rows"] and all("p_for_0.999" in r for r in res["rows"])
+  for r in res["rows"]:
+    assert r["p_witness_for_0.999"] == pytest.approx(r["p_for_0.999"])  # Same k, no re-computation.
+    (w,) = r["witness"]
+    assert w["model"] == "mnist_cnn" and w["witness_cost_vs_pure_tee"] == pytest.approx(r["p_for_0.999"] / 10)
