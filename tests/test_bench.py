@@ -3,32 +3,101 @@ import json
 import subprocess
 import sys
 
+import jax
 import pytest
 
 import ginn_jax as ginn
 from ginn_jax._src.trusted import runtime as runtime_mod
 
 
-def test_bench_smoke(tmp_path):
+CHECK_COST_KEYS = ("recompute_ms", "witness_ms", "ratio", "witness_mib", "fused_step_ms",
+                   "witness_step_ms", "witness_step_ratio")
+METADATA_KEYS = ("config", "worker_device", "trusted_device", "jax_version", "machine",
+                 "param_bytes", "peak_rss_mib", "digest_gb_per_s", "load_average_1m")
+
+
+def _check_cost_ok(c):
+  for k in CHECK_COST_KEYS:
+    assert isinstance(c[k], float) and c[k] > 0, (k, c[k])
+  assert c["ratio"] == pytest.approx(c["recompute_ms"] / c["witness_ms"], rel=1e-12)
+  assert c["witness_step_ratio"] == pytest.approx(c["witness_step_ms"] / c["fused_step_ms"], rel=1e-12)
+  parts = c["witness_parts_ms"]
+  assert set(parts) == {"validate", "digest", "transfer", "freivalds"}
+  assert all(v > 0 for v in parts.values())
+  # The timed checks ran on an honest step: both passed.
+  assert c["recompute_max_rel_l2"] <= 1e-5 and c["witness_max_rel_l2"] <= 2e-5
+
+
+def _bench(tmp_path, *args):
   path = tmp_path / "bench.json"
-  out = subprocess.run(
-      [sys.executable, "-m", "ginn_jax", "bench", "--model", "mlp", "--steps", "3", "--repeats", "2",
-       "--warmup", "1", "--ps", "0,0.5", "--no-progress", "--json", str(path)],
-      capture_output=True, text=True, timeout=600)
+  out = subprocess.run([sys.executable, "-m", "ginn_jax", "bench", "--model", "mlp", "--no-progress",
+                        "--json", str(path), *args], capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr
-  assert "unprotected" in out.stdout and "pure_tee" in out.stdout
-  res = json.loads(path.read_text())
+  return out.stdout, json.loads(path.read_text())
+
+
+def test_bench_smoke(tmp_path):
+  stdout, res = _bench(tmp_path, "--steps", "3", "--repeats", "2", "--warmup", "1", "--ps", "0,0.5",
+                       "--p-witnesses", "0.5,1", "--check-repeats", "1")
+  assert "unprotected" in stdout and "pure_tee" in stdout and "check cost per step" in stdout
   names = [r["config"] for r in res["rows"]]
   assert names == ["unprotected", "pure_tee", "ginn_sync_p0", "ginn_sync_p0.5",
-                   "ginn_deferred_p0", "ginn_deferred_p0.5"]
+                   "ginn_sync_p0_pw0.5", "ginn_sync_p0_pw1", "ginn_deferred_p0", "ginn_deferred_p0.5",
+                   "ginn_deferred_p0_pw0.5", "ginn_deferred_p0_pw1"]
   for r in res["rows"]:
     assert r["steps_per_s"] > 0 and r["rss_mib"] > 0
   unprot = res["rows"][0]
   assert unprot["vs_unprotected"] == 1.0
   g = res["rows"][3]
   assert g["bound_1_over_p"] == 2.0 and 0 <= g["bookkeeping_fraction"] < 1
-  assert g["steps_verified"] > 0
+  assert g["steps_verified"] > 0 and g["p_witness"] == 0.0
+  ginn_rows = {r["config"]: r for r in res["rows"] if r["config"].startswith("ginn")}
+  for name, r in ginn_rows.items():
+    assert r["p_witness"] == (float(name.split("_pw")[1]) if "_pw" in name else 0.0)
+    assert "_pw" not in name or r["p"] == 0.0
+  for mode in ("sync", "deferred"):  # p_witness = 1 checks every timed step's witness.
+    w = ginn_rows[f"ginn_{mode}_p0_pw1"]
+    assert w["steps_verified"] >= 3 * 2 and w["phase_ms_per_step"]["witness"] > 0
+    assert w["bound_1_over_p"] is None and w["ideal_speedup_vs_pure_tee"] > 0
+  assert res["config"]["p_witnesses"] == [0.5, 1.0] and res["config"]["only"] is None
+  _check_cost_ok(res["check_cost"])
+  assert res["check_cost"]["repeats"] == 1
   assert "cpu" in res["worker_device"] and "cpu" in res["trusted_device"]
+
+
+def test_bench_only_check_cost(tmp_path):
+  stdout, res = _bench(tmp_path, "--only", "check-cost", "--batch-size", "16", "--check-repeats", "2")
+  assert res["rows"] == [] and "unprotected" not in stdout
+  assert "check cost per step" in stdout
+  for k in METADATA_KEYS:
+    assert k in res
+  assert res["config"]["only"] == "check-cost" and res["param_bytes"] > 0
+  c = res["check_cost"]
+  _check_cost_ok(c)
+  assert c["repeats"] == 2
+  # mlp at batch 16: Y_0 [16, 32], Y_1 [16, 10], dX_1 [16, 32], float32.
+  assert c["witness_mib"] == pytest.approx(16 * (32 + 10 + 32) * 4 / 2**20)
+
+
+def test_check_cost_in_process_cnn(mnist5k):
+  """The check-cost path under the hardened test runtime (explicit transfers only,
+  key-reuse checks), on the CNN: the witness is what `WitnessSpec` says."""
+  from ginn_jax._src import bench
+  from ginn_jax._src.trusted import witness as witness_lib
+  cfg = bench.BenchConfig(model="mnist_cnn", batch_size=4, check_repeats=1, only="check-cost")
+  model = ginn.get_model("mnist_cnn", input_shape=(28, 28, 1))
+  images, labels = mnist5k.train_images[:64], mnist5k.train_labels[:64]
+  c = bench.measure_check_cost(model, images, labels, cfg, ginn.worker_device())
+  _check_cost_ok(c)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+  spec = witness_lib.WitnessSpec.of(model.module, params, (4, 28, 28, 1))
+  assert c["witness_mib"] == spec.nbytes / 2**20
+
+
+def test_bench_config_rejects_unknown_only():
+  from ginn_jax._src.bench import BenchConfig
+  with pytest.raises(ValueError, match="only"):
+    BenchConfig(only="rows")
 
 
 @pytest.mark.parametrize("deferred", [False, True])

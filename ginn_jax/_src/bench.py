@@ -8,16 +8,29 @@ them alike), after warm-up, and reported as the median over repetitions:
   on the worker device; no integrity at all.
 * ``pure_tee``: the same fused step on the trusted CPU device.
 * ``ginn``: the protocol (work order -> worker -> validate, digest, MAC, coin,
-  clip+update, verify) at each p, synchronous and deferred.
+  clip+update, verify) at each p, synchronous and deferred; and at p = 0 with
+  witness checks at each p_witness (the worker then keeps each step's witness).
+
+``check_cost`` (measured the same way, per step) compares the trusted side's
+two checks of one step: ``recompute_ms``, re-computing the step's gradient and
+comparing it with the report, against ``witness_ms``, the witness check
+(validating, SHA-256 hashing and moving the witness, then the Freivalds
+checks), and the worker's cost of producing the witness
+(``witness_step_ratio``: its gradient+witness pass over the fused gradient
+pass).
 
 Speed model (docs/design.md section 8): with T_u the unprotected step and T_tee the
 pure-TEE step, the ideal GINN step is T_u + p*T_tee (synchronous) or
 max(T_u, p*T_tee) (deferred); the speedup over pure TEE is bounded by 1/p.
+With witness checks (T_w the witness check) the ideal step is
+T_u + p*T_tee + p_witness*T_w (sync) or max(T_u, p*T_tee + p_witness*T_w)
+(deferred).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import resource
 import statistics
@@ -29,17 +42,22 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from ginn_jax._src import errors
+from ginn_jax._src.boundary import WitnessRequest
 from ginn_jax._src.data import load_dataset
 from ginn_jax._src.devices import trusted_device, worker_device
 from ginn_jax._src.models import get_model
 from ginn_jax._src.step import compute_grads
-from ginn_jax._src.trusted import keys, verify
+from ginn_jax._src.trusted import commit, keys, verify
+from ginn_jax._src.trusted import witness as witness_lib
 from ginn_jax._src.trusted.runtime import ProtocolConfig, TrustedRuntime, init_state
 from ginn_jax._src.trusted.transforms import OptimizerConfig, make_update_transform
+from ginn_jax._src.trusted.verifier import Check
 from ginn_jax._src.types import Batch
 from ginn_jax._src.worker.honest import HonestWorker
 
 BOOKKEEPING = ("validate", "digest", "mac_coin", "transfer")
+ONLY = ("check-cost",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +74,20 @@ class BenchConfig:
     ps: verification probabilities for GINN.
     modes: "sync" and/or "deferred".
     clip_value: element-wise clip bound.
+    p_witnesses: witness-check probabilities for GINN rows at p = 0 (layered
+      models only; empty for none).
+    check_repeats: interleaved repetitions of the check-cost measurement
+      (after one warm-up round; the median is reported). None: as many as
+      fit in `check_budget_s`, at least 3 and at most 21.
+    check_budget_s: seconds of timed repetitions when `check_repeats` is None
+      (a VGG-11 step on a 2-core CPU takes several seconds, an MNIST CNN
+      step a few milliseconds).
+    check_settle_s: untimed pause before each timed part of the check-cost
+      measurement. On a CPU worker, the trusted side's work right after a
+      large XLA computation runs several times slower for a moment (measured:
+      validating a VGG-11 witness takes ~50 ms right after a worker step,
+      ~12 ms 0.2 s later), which is the worker's cost, not the check's.
+    only: None (everything) or "check-cost" (only ``check_cost``, no rows).
   """
 
   model: str = "mnist_cnn"
@@ -66,6 +98,17 @@ class BenchConfig:
   ps: tuple[float, ...] = (0.0, 0.01, 0.05, 0.1, 0.5)
   modes: tuple[str, ...] = ("sync", "deferred")
   clip_value: float = 0.01
+  p_witnesses: tuple[float, ...] = (0.1, 0.5, 1.0)
+  check_repeats: int | None = None
+  check_budget_s: float = 90.0
+  check_settle_s: float = 0.2
+  only: str | None = None
+
+  def __post_init__(self):
+    if self.only is not None and self.only not in ONLY:
+      raise ValueError(f"only must be None or one of {ONLY}, got {self.only!r}")
+    if self.check_repeats is not None and self.check_repeats < 1:
+      raise ValueError(f"check_repeats must be >= 1, got {self.check_repeats!r}")
 
 
 def _data(cfg: BenchConfig):
@@ -120,6 +163,8 @@ class _Ginn:
                                   audit_secret=b"bench-secret-" + bytes(20), deferred=deferred,
                                   max_pending=4)
     self.worker = worker
+    # Asked only on steps drawn for a witness check (as in `ginn_jax.train`).
+    self.witness = getattr(worker, "witness", None)
 
   def run(self, n: int) -> None:
     rt = self.runtime
@@ -128,39 +173,197 @@ class _Ginn:
       # The trusted side needs the report's bytes anyway; waiting here keeps the
       # worker's compute out of the "validate" phase of the bookkeeping figure.
       jax.block_until_ready(report.grads)
-      rt.submit(report)
+      rt.submit(report, witness=self.witness)
     rt.finalize()  # Deferred checks count against the block that queued them.
     jax.block_until_ready(rt.state.params)
 
 
+def _ms(ts: list[float]) -> float:
+  return 1e3 * statistics.median(ts)
+
+
+def measure_check_cost(model, images, labels, cfg: BenchConfig, wdev: jax.Device, *,
+                       progress: bool = False) -> dict[str, Any]:
+  """The trusted cost of checking one step by re-computation and by its witness,
+  and the worker's cost of producing the witness, measured in this process.
+
+  One step's report and witness come from an `HonestWorker` (witness="keep")
+  on `wdev`. Each repetition times, once each and interleaved (in reverse
+  order every other repetition; after an untimed round that compiles
+  everything), `cfg.check_repeats` times (or as many as fit in
+  `cfg.check_budget_s`, 3 to 21):
+
+  * recompute: the runtime's ``_recompute`` of a re-computation `Check`
+    (trusted gradient of the step, comparison with the report);
+  * witness: what the runtime does for a witness check: `validate_witness`
+    (which reads the witness off the worker), `witness_digest` (SHA-256),
+    `freivalds_seed`, `jax.device_put` to the trusted device, then
+    ``_recompute`` of a witness-only `Check` (the Freivalds checks);
+  * the worker's fused gradient pass and its gradient+witness pass (the same
+    work order, on the worker device).
+
+  Returns medians in milliseconds: ``recompute_ms``, ``witness_ms``, ``ratio``
+  (recompute_ms / witness_ms), ``witness_mib``, ``fused_step_ms``,
+  ``witness_step_ms``, ``witness_step_ratio`` (witness_step_ms /
+  fused_step_ms), ``witness_parts_ms`` (validate, digest, transfer, freivalds),
+  ``repeats`` and the honest checks' largest errors (both must pass).
+  """
+  protocol = ProtocolConfig(seed=0, batch_size=cfg.batch_size, p=1.0, p_witness=1.0,
+                            clip="elementwise", clip_value=cfg.clip_value, optimizer=OptimizerConfig())
+  rt = TrustedRuntime(model, images, labels, protocol, tolerance=verify.DEFAULT_FLOOR,
+                      audit_secret=b"bench-secret-" + bytes(20))
+  worker = HonestWorker(model, images, labels, device=wdev, witness="keep")
+  order = rt.next_order()
+  t = order.step
+  report = worker(order)
+  wit = worker.witness(WitnessRequest(step=t, order=order))
+  leaves, loss = commit.validate_report(report, step=t, params=rt.state.params)
+  report_digest = commit.report_digest(t, leaves, loss)
+  spec = rt.witness_spec()
+  base = dict(step=t, params=rt.state.params, batch_indices=order.batch_indices,
+              reported=jax.device_put(leaves, rt.device), loss=loss)
+  layer_key = lambda: keys.layer_key(rt.streams, t)  # noqa: E731  (a fresh key per use)
+
+  def recompute() -> verify.Comparison:
+    comparison, _ = rt._recompute(Check(**base, layer_key=layer_key(), recompute=True))
+    return comparison
+
+  parts: dict[str, list[float]] = {k: [] for k in ("validate", "digest", "transfer", "freivalds")}
+
+  def witness_check() -> verify.Comparison:
+    t0 = time.perf_counter()
+    outputs, input_grads = witness_lib.validate_witness(wit, step=t, spec=spec)
+    t1 = time.perf_counter()
+    wdigest = witness_lib.witness_digest(t, report_digest, outputs, input_grads)
+    seed = witness_lib.freivalds_seed(rt._keys.freivalds_key, t, wdigest)
+    t2 = time.perf_counter()
+    moved = jax.block_until_ready(jax.device_put((outputs, input_grads), rt.device))
+    seed = jax.device_put(seed, rt.device)
+    t3 = time.perf_counter()
+    _, result = rt._recompute(Check(**base, layer_key=layer_key(), recompute=False, witness=moved,
+                                    witness_seed=seed))
+    t4 = time.perf_counter()
+    for k, a, b in (("validate", t0, t1), ("digest", t1, t2), ("transfer", t2, t3),
+                    ("freivalds", t3, t4)):
+      parts[k].append(b - a)
+    return result
+
+  def fused_step():
+    jax.block_until_ready(worker.grad_fn(order.params, order.batch_indices, layer_key()))
+
+  def witness_step():
+    jax.block_until_ready(worker.witness_fn(order.params, order.batch_indices, layer_key()))
+
+  timed: dict[str, Callable[[], Any]] = {"recompute": recompute, "witness": witness_check,
+                                         "fused_step": fused_step, "witness_step": witness_step}
+  for name, f in timed.items():  # Warm-up: compiles every path.
+    if name != "witness_step":  # Compiled and run by `worker(order)` above.
+      f()
+  for v in parts.values():
+    v.clear()
+  times: dict[str, list[float]] = {k: [] for k in timed}
+  results: dict[str, Any] = {}
+  fixed = cfg.check_repeats is not None
+  bar = tqdm(total=cfg.check_repeats if fixed else None, desc="check cost", disable=not progress,
+             leave=False)
+  start = time.perf_counter()
+  while True:
+    n = len(times["recompute"])
+    if (n >= cfg.check_repeats if fixed else
+        n >= 21 or (n >= 3 and time.perf_counter() - start >= cfg.check_budget_s)):
+      break
+    # Alternate the order (ABCD DCBA ...) so a drifting machine hits every part alike.
+    for name, f in (list(timed.items()) if n % 2 == 0 else list(timed.items())[::-1]):
+      time.sleep(cfg.check_settle_s)
+      t0 = time.perf_counter()
+      results[name] = f()
+      times[name].append(time.perf_counter() - t0)
+    bar.update(1)
+  bar.close()
+  rt.close()
+  # Both checks of an honest step must pass, or the timing is of the wrong path.
+  verify.check(results["recompute"], rt.tolerance, step=t)
+  verify.check(results["witness"], rt.witness_tolerance, step=t,
+               violation=errors.WitnessViolation)
+  recompute_ms, witness_ms = _ms(times["recompute"]), _ms(times["witness"])
+  fused_ms, wstep_ms = _ms(times["fused_step"]), _ms(times["witness_step"])
+  return {
+      "recompute_ms": recompute_ms,
+      "witness_ms": witness_ms,
+      "ratio": recompute_ms / witness_ms,
+      "witness_mib": spec.nbytes / 2**20,
+      "witness_parts_ms": {k: _ms(v) for k, v in parts.items()},
+      "fused_step_ms": fused_ms,
+      "witness_step_ms": wstep_ms,
+      "witness_step_ratio": wstep_ms / fused_ms,
+      "repeats": len(times["recompute"]),
+      "witness_max_rel_l2": results["witness"].max_rel_l2,
+      "witness_max_abs": results["witness"].max_max_abs,
+      "recompute_max_rel_l2": results["recompute"].max_rel_l2,
+  }
+
+
 def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: bool = True) -> dict[str, Any]:
   """Measures every configuration; returns the table as a dict (what --json writes)."""
+  load_start = os.getloadavg()[0]
   images, labels = _data(cfg)
   model = get_model(cfg.model, input_shape=images.shape[1:], num_classes=10)
   opt = OptimizerConfig()
   tx = make_update_transform("elementwise", cfg.clip_value, opt)
   wdev, tdev = worker_device(), trusted_device()
-  worker = HonestWorker(model, images, labels, device=wdev)
+  check_cost = (measure_check_cost(model, images, labels, cfg, wdev, progress=progress)
+                if model.layered else None)
+  rows = [] if cfg.only == "check-cost" else _rows(cfg, model, images, labels, tx, opt, wdev, tdev,
+                                                    check_cost, progress)
+  params = jax.eval_shape(model.init, keys.seed_streams(0).init_key)
+  nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+  return {
+      "config": dataclasses.asdict(cfg),
+      "worker_device": f"{wdev} ({wdev.device_kind})",
+      "trusted_device": f"{tdev} ({tdev.device_kind})",
+      "jax_version": jax.__version__,
+      "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+      "param_bytes": int(nbytes),
+      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "digest_gb_per_s": _digest_throughput(),
+      # Other processes on the machine disturb the timings; a 1-minute load
+      # average above the number of cores at either end is a warning sign.
+      "load_average_1m": {"start": load_start, "end": os.getloadavg()[0], "cpus": os.cpu_count()},
+      "check_cost": check_cost,
+      "rows": rows,
+  }
 
+
+def _rows(cfg, model, images, labels, tx, opt, wdev, tdev, check_cost, progress) -> list[dict]:
+  # The rows without witness checks use a worker that computes the plain
+  # gradient (it is never asked for a witness); those with witness checks one
+  # that keeps each step's witness (computed with the gradient, in one pass).
+  worker = HonestWorker(model, images, labels, device=wdev, witness="recompute")
   runners: dict[str, Callable[[int], None]] = {
       "unprotected": _Fused(model, tx, images, labels, wdev, cfg.batch_size).run,
       "pure_tee": _Fused(model, tx, images, labels, tdev, cfg.batch_size).run,
   }
-  ginns: dict[str, _Ginn] = {}
+  ginns: dict[str, tuple[_Ginn, str, float, float]] = {}
+  p_witnesses = cfg.p_witnesses if check_cost is not None else ()
+  witness_worker = (HonestWorker(model, images, labels, device=wdev, witness="keep")
+                    if p_witnesses else None)
   for mode in cfg.modes:
-    for p in cfg.ps:
-      protocol = ProtocolConfig(seed=0, batch_size=cfg.batch_size, p=p, clip="elementwise",
-                                clip_value=cfg.clip_value, optimizer=opt)
-      g = _Ginn(model, images, labels, protocol, worker, deferred=(mode == "deferred"))
-      ginns[f"ginn_{mode}_p{p:g}"] = g
-      runners[f"ginn_{mode}_p{p:g}"] = g.run
+    grid = [(p, 0.0) for p in cfg.ps] + [(0.0, pw) for pw in p_witnesses]
+    for p, pw in grid:
+      protocol = ProtocolConfig(seed=0, batch_size=cfg.batch_size, p=p, p_witness=pw,
+                                clip="elementwise", clip_value=cfg.clip_value, optimizer=opt)
+      name = f"ginn_{mode}_p{p:g}" + (f"_pw{pw:g}" if pw > 0 else "")
+      g = _Ginn(model, images, labels, protocol, witness_worker if pw > 0 else worker,
+                deferred=(mode == "deferred"))
+      ginns[name] = (g, mode, p, pw)
+      runners[name] = g.run
 
   for run in runners.values():
     run(cfg.warmup)
-  for g in ginns.values():  # Compile the verification path too, before any timed block.
-    if g.runtime.config.p > 0:
+  for g, *_ in ginns.values():  # Compile the verification path too, before any timed block.
+    if g.runtime.config.p > 0 or g.runtime.config.p_witness > 0:
       g.runtime.compile_verification()
-  for g in ginns.values():
+  for g, *_ in ginns.values():
     g.runtime.reset_phase_seconds()
   times: dict[str, list[float]] = {name: [] for name in runners}
   rss: dict[str, int] = {}
@@ -173,11 +376,12 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: bool = True) -> dic
       rss[name] = max(rss.get(name, 0), _rss_bytes())
       bar.update(1)
   bar.close()
-  for g in ginns.values():
+  for g, *_ in ginns.values():
     g.runtime.close()
 
   t_u = statistics.median(times["unprotected"])
   t_tee = statistics.median(times["pure_tee"])
+  t_w = check_cost["witness_ms"] / 1e3 if check_cost is not None else 0.0
   rows = []
   for name, ts in times.items():
     t = statistics.median(ts)
@@ -187,13 +391,14 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: bool = True) -> dic
         "speedup_vs_pure_tee": t_tee / t, "rss_mib": rss[name] / 2**20,
     }
     if name in ginns:
-      rt = ginns[name].runtime
-      mode, p = name.split("_")[1], float(name.split("_p")[1])
-      ideal = t_u + p * t_tee if mode == "sync" else max(t_u, p * t_tee)
+      g, mode, p, pw = ginns[name]
+      rt = g.runtime
+      check = p * t_tee + pw * t_w
+      ideal = t_u + check if mode == "sync" else max(t_u, check)
       phases = rt.phase_seconds
       timed = cfg.steps * cfg.repeats
       row.update({
-          "mode": mode, "p": p, "ideal_speedup_vs_pure_tee": t_tee / ideal,
+          "mode": mode, "p": p, "p_witness": pw, "ideal_speedup_vs_pure_tee": t_tee / ideal,
           "bound_1_over_p": None if p == 0 else 1.0 / p,
           "fraction_of_bound": None if p == 0 else (t_tee / t) * p,
           "bookkeeping_fraction": sum(phases.get(k, 0.0) for k in BOOKKEEPING) / (t * timed),
@@ -201,19 +406,7 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: bool = True) -> dic
           "steps_verified": rt.num_verified,
       })
     rows.append(row)
-  nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(
-      ginns[next(iter(ginns))].runtime.state.params)) if ginns else 0
-  return {
-      "config": dataclasses.asdict(cfg),
-      "worker_device": f"{wdev} ({wdev.device_kind})",
-      "trusted_device": f"{tdev} ({tdev.device_kind})",
-      "jax_version": jax.__version__,
-      "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-      "param_bytes": int(nbytes),
-      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "digest_gb_per_s": _digest_throughput(),
-      "rows": rows,
-  }
+  return rows
 
 
 def _digest_throughput(nbytes: int = 64 * 2**20) -> dict[str, float]:
@@ -229,21 +422,34 @@ def _digest_throughput(nbytes: int = 64 * 2**20) -> dict[str, float]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-  """The bench result as a fixed-width text table."""
+  """The bench result as a fixed-width text table (no table when there are no rows)."""
   head = ("config", "steps/s", "x unprot", "x TEE", "ideal x TEE", "1/p", "bookkeep", "RSS MiB")
   lines = [f"worker: {result['worker_device']}   trusted: {result['trusted_device']}   "
-           f"model: {result['config']['model']} batch {result['config']['batch_size']}",
-           "  ".join(f"{h:>12}" if i else f"{h:<20}" for i, h in enumerate(head))]
+           f"model: {result['config']['model']} batch {result['config']['batch_size']}"]
+  if result["rows"]:
+    lines.append("  ".join(f"{h:>12}" if i else f"{h:<24}" for i, h in enumerate(head)))
   fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
   for r in result["rows"]:
     cells = [fmt(r["steps_per_s"], ".2f"), fmt(r["vs_unprotected"], ".3f"),
              fmt(r["speedup_vs_pure_tee"], ".2f"), fmt(r.get("ideal_speedup_vs_pure_tee"), ".2f"),
              fmt(r.get("bound_1_over_p"), ".0f"), fmt(r.get("bookkeeping_fraction"), ".2%"),
              fmt(r["rss_mib"], ".0f")]
-    lines.append(f"{r['config']:<20}" + "".join(f"  {c:>12}" for c in cells))
+    lines.append(f"{r['config']:<24}" + "".join(f"  {c:>12}" for c in cells))
   lines.append("digest throughput (GB/s): " + ", ".join(
       f"{k} {v:.2f}" for k, v in result["digest_gb_per_s"].items()))
   return "\n".join(lines)
+
+
+def format_check_cost(result: dict[str, Any]) -> str:
+  """One line: the trusted cost of a re-computation vs a witness check, and the
+  worker's cost of producing the witness."""
+  c = result.get("check_cost")
+  if c is None:
+    return "check cost: - (the model has no layered form, so no witness checks)"
+  return (f"check cost per step: recompute {c['recompute_ms']:.1f} ms, witness check "
+          f"{c['witness_ms']:.1f} ms ({c['witness_mib']:.1f} MiB witness): {c['ratio']:.1f}x cheaper; "
+          f"worker witness step {c['witness_step_ms']:.1f} ms = {c['witness_step_ratio']:.3f}x "
+          f"fused {c['fused_step_ms']:.1f} ms")
 
 
 def write_json(result: dict[str, Any], path: str) -> None:

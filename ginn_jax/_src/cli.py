@@ -11,7 +11,8 @@ from typing import Sequence
 def _demo(args) -> int:
   from ginn_jax._src.demo import DemoConfig, run_demo, write_json
 
-  cfg = DemoConfig(steps=args.steps, attack_start=args.attack_start, p=args.p, clip=args.clip,
+  cfg = DemoConfig(steps=args.steps, attack_start=args.attack_start, p=args.p,
+                   p_witness=args.p_witness, clip=args.clip,
                    clip_value=args.clip_value, seed=args.seed, dataset=args.dataset,
                    data_dir=args.data_dir, model=args.model, batch_size=args.batch_size,
                    learning_rate=args.lr)
@@ -49,16 +50,25 @@ def _train(args) -> int:
 
   ds = ginn.load_dataset(args.dataset, data_dir=args.data_dir)
   model = ginn.get_model(args.model, input_shape=ds.image_shape, num_classes=ds.num_classes)
-  cfg = ginn.ProtocolConfig(seed=args.seed, batch_size=args.batch_size, p=args.p, clip=args.clip,
-                            clip_value=args.clip_value,
+  cfg = ginn.ProtocolConfig(seed=args.seed, batch_size=args.batch_size, p=args.p,
+                            p_witness=args.p_witness, clip=args.clip, clip_value=args.clip_value,
                             optimizer=ginn.OptimizerConfig(learning_rate=args.lr))
-  tol = (ginn.Tolerance.from_dict(json.loads(args.tolerance)) if args.tolerance else
-         ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg).tolerance)
-  rt = ginn.TrustedRuntime(model, ds.train_images, ds.train_labels, cfg, tolerance=tol)
+  if cfg.p_witness > 0 and not model.layered:  # Before calibrating (the runtime would refuse too).
+    raise ValueError(f"--p-witness {cfg.p_witness}: model {model.name!r} is not layered, so it has "
+                     "no witness checks; use --p only")
+  tol = ginn.Tolerance.from_dict(json.loads(args.tolerance)) if args.tolerance else None
+  wtol = ginn.Tolerance.from_dict(json.loads(args.witness_tolerance)) if args.witness_tolerance else None
+  if tol is None or (wtol is None and cfg.p_witness > 0):
+    cal = ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg)
+    tol = tol or cal.tolerance
+    wtol = wtol or cal.witness_tolerance
+  rt = ginn.TrustedRuntime(model, ds.train_images, ds.train_labels, cfg, tolerance=tol,
+                           witness_tolerance=wtol)
   res = ginn.train(rt, ginn.HonestWorker(model, ds.train_images, ds.train_labels), args.steps,
                    progress=not args.no_progress)
   acc = ginn.accuracy(model, res.params, ds.test_images, ds.test_labels)
   out = {**res.summary(), "clean_accuracy": acc, "tolerance": tol.to_dict(),
+         "p_witness": cfg.p_witness, "witness_tolerance": rt.witness_tolerance.to_dict(),
          "dataset_digest": rt.dataset_digest}
   print(json.dumps(out, indent=2))
   return 0
@@ -72,8 +82,12 @@ def _calibrate(args) -> int:
   cfg = ginn.ProtocolConfig(batch_size=args.batch_size, clip="none", clip_value=None)
   cal = ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg, num_steps=args.steps,
                                  safety_factor=args.safety_factor, progress=not args.no_progress)
+  wtol = cal.witness_tolerance
   print(json.dumps({"tolerance": cal.tolerance.to_dict(), "max_rel_l2": cal.max_rel_l2,
                     "max_abs": cal.max_abs, "num_steps": cal.num_steps,
+                    "witness_tolerance": wtol.to_dict() if wtol is not None else None,
+                    "witness_max_rel_l2": cal.witness_max_rel_l2,
+                    "witness_max_abs": cal.witness_max_abs,
                     "worker_device": str(ginn.worker_device()),
                     "trusted_device": str(ginn.trusted_device())}, indent=2))
   return 0
@@ -86,8 +100,19 @@ def _analyze(args) -> int:
   out = {}
   if args.k is not None and args.p is not None:
     out["detection_probability"] = analysis.detection_probability(args.p, args.k)
+  if args.p_witness is not None:
+    if not 0.0 <= args.p_witness <= 1.0:
+      raise ValueError(f"--p-witness must be in [0, 1], got {args.p_witness}")
+    out["p_witness"] = args.p_witness
+  if args.k is not None and (args.p is not None or args.p_witness is not None):
+    out["combined_detection_probability"] = analysis.combined_detection_probability(
+        args.p or 0.0, args.p_witness or 0.0, args.k)
   if args.k is not None:
     out[f"p_for_{args.target}"] = analysis.required_p(args.target, args.k)
+    out["required_p_witness"] = analysis.required_p_witness(args.target, args.k, args.p or 0.0)
+  if args.witness_ratio is not None:
+    out["trusted_cost"] = analysis.trusted_cost(args.p or 0.0, args.p_witness or 0.0,
+                                                args.witness_ratio)
   if args.p is not None:
     out[f"k_for_{args.target}"] = analysis.required_k(args.target, args.p)
     out["ideal_speedup"] = analysis.ideal_speedup(args.p)
@@ -120,14 +145,18 @@ def _data(args) -> int:
 
 
 def _bench(args) -> int:
-  from ginn_jax._src.bench import BenchConfig, format_table, run_bench, write_json
+  from ginn_jax._src.bench import (BenchConfig, format_check_cost, format_table, run_bench,
+                                   write_json)
 
   cfg = BenchConfig(model=args.model, batch_size=args.batch_size, steps=args.steps,
                     repeats=args.repeats, warmup=args.warmup,
                     ps=tuple(float(p) for p in args.ps.split(",")),
-                    modes=tuple(args.modes.split(",")))
+                    modes=tuple(args.modes.split(",")),
+                    p_witnesses=tuple(float(p) for p in args.p_witnesses.split(",") if p.strip()),
+                    check_repeats=args.check_repeats, only=args.only)
   result = run_bench(cfg, progress=not args.no_progress)
   print(format_table(result))
+  print(format_check_cost(result))
   if args.json:
     write_json(result, args.json)
     print(f"results written to {args.json}")
@@ -156,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
   demo = sub.add_parser("demo", help="honest and attacked verified training on mnist5k (the main job)")
   _add_training_args(demo, steps=600)
   demo.add_argument("--attack-start", type=int, default=300, help="first malicious step")
+  demo.add_argument("--p-witness", type=float, default=1.0,
+                    help="witness-check (Freivalds) probability per step (default 1: every step)")
   demo.add_argument("--json", default=None, metavar="PATH", help="write the summary as JSON")
   demo.add_argument("--run-dir", default="runs/demo", metavar="DIR",
                     help="persist each run (DIR/honest, DIR/attacked) for `ginn audit` (default: runs/demo; "
@@ -177,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
   tr = sub.add_parser("train", help="verified training with an honest worker; prints a JSON summary")
   _add_training_args(tr, steps=500)
   tr.add_argument("--tolerance", default=None, help='JSON {"rel_l2": ..., "max_abs": ...}; calibrated if omitted')
+  tr.add_argument("--p-witness", type=float, default=0.0,
+                  help="witness-check (Freivalds) probability per step; needs a layered model")
+  tr.add_argument("--witness-tolerance", default=None,
+                  help='witness-check tolerance, JSON like --tolerance; calibrated if omitted')
   tr.set_defaults(func=_train)
 
   cal = sub.add_parser("calibrate", help="measure honest worker-vs-trusted error; print a tolerance")
@@ -197,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
   be.add_argument("--warmup", type=int, default=3)
   be.add_argument("--ps", default="0,0.01,0.05,0.1,0.5", help="comma-separated verification rates")
   be.add_argument("--modes", default="sync,deferred")
+  be.add_argument("--p-witnesses", default="0.1,0.5,1",
+                  help="comma-separated witness-check rates (rows at p = 0; '' for none)")
+  be.add_argument("--check-repeats", type=int, default=None,
+                  help="interleaved repetitions of the check-cost measurement (default: as many "
+                       "as fit in about 90 s, 3 to 21)")
+  be.add_argument("--only", default=None, choices=["check-cost"],
+                  help="measure only this part (check-cost: the trusted cost of re-computing vs "
+                       "witness-checking one step, and the worker's cost of the witness)")
   be.add_argument("--json", default=None, metavar="PATH")
   be.add_argument("--no-progress", action="store_true")
   be.set_defaults(func=_bench)
@@ -204,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
   an = sub.add_parser("analyze", help="detection probability, required p or k, deviation bound")
   an.add_argument("--k", type=int, default=None, help="malicious steps the attack needs")
   an.add_argument("--p", type=float, default=None, help="verification probability")
+  an.add_argument("--p-witness", type=float, default=None,
+                  help="witness-check probability (independent of --p)")
+  an.add_argument("--witness-ratio", type=float, default=None,
+                  help="re-computation cost / witness-check cost; prints the expected trusted cost")
   an.add_argument("--target", type=float, default=0.999, help="target detection probability")
   an.add_argument("--clip", default="elementwise", choices=["elementwise", "global_norm", "none"])
   an.add_argument("--clip-value", type=float, default=0.01, help="clip bound C (the demo's default)")
