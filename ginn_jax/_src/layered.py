@@ -295,20 +295,79 @@ class Structure:
     return len(self.linear)
 
 
+def _pool2_parts(y: jax.Array):
+  """The four 2x2-window members of y (padded with -inf to even sizes, as
+  "SAME" pooling does), each [N, Ho, Wo, C], in row-major window order."""
+  n, h, w, c = y.shape
+  (hl, hh), (wl, wh) = _same_pad(h, 2), _same_pad(w, 2)
+  if hl or hh or wl or wh:
+    y = jnp.pad(y, ((0, 0), (hl, hh), (wl, wh), (0, 0)), constant_values=-jnp.inf)
+  v = y.reshape(n, y.shape[1] // 2, 2, y.shape[2] // 2, 2, c)
+  return (v[:, :, 0, :, 0], v[:, :, 0, :, 1], v[:, :, 1, :, 0], v[:, :, 1, :, 1]), (h, w, hl, wl)
+
+
+def _pool2_forward(y: jax.Array, relu: bool):
+  (a, b, c, d), _ = _pool2_parts(y)
+  m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+  return jnp.maximum(m, jnp.zeros((), m.dtype)) if relu else m
+
+
+def _pool2_vjp(y: jax.Array, g: jax.Array, relu: bool) -> jax.Array:
+  """VJP of [ReLU then] 2x2 max-pool at y: g goes to the first maximum of each
+  window in row-major order (XLA's select-and-scatter tie rule), and nowhere
+  when ReLU zeroed the window. Strided slices and one interleave, no
+  select-and-scatter (slow on XLA CPU) and no transposes."""
+  (a, b, c, d), (h, w, hl, wl) = _pool2_parts(y)
+  m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+  ta = a == m
+  tb = (b == m) & ~ta
+  tc = (c == m) & ~ta & ~tb
+  td = ~(ta | tb | tc)
+  z = jnp.zeros((), g.dtype)
+  live = m > 0 if relu else jnp.ones((), bool)
+  ga, gb, gc, gd = (jnp.where(t & live, g, z) for t in (ta, tb, tc, td))
+  n, ho, wo, ch = g.shape
+  out = jnp.stack([jnp.stack([ga, gb], axis=3), jnp.stack([gc, gd], axis=3)], axis=2)
+  return out.reshape(n, 2 * ho, 2 * wo, ch)[:, hl:hl + h, wl:wl + w, :]
+
+
+def _fused(segment):
+  """The segment's ops, with each ReLU directly followed by MaxPool(2) (and
+  each lone MaxPool(2)) as one ("pool2", relu) op."""
+  ops, i = [], 0
+  while i < len(segment):
+    idx, op = segment[i]
+    nxt = segment[i + 1][1] if i + 1 < len(segment) else None
+    if isinstance(op, ReLU) and isinstance(nxt, MaxPool) and nxt.window == 2:
+      ops.append((idx, ("pool2", True)))
+      i += 2
+      continue
+    if isinstance(op, MaxPool) and op.window == 2:
+      ops.append((idx, ("pool2", False)))
+    else:
+      ops.append((idx, op))
+    i += 1
+  return ops
+
+
 def segment_forward(segment, y: jax.Array, *, key, train: bool = True):
   """X_{l+1} = f_l(Y_l), and what `segment_vjp` needs."""
   saved = []
   x = y
-  for i, op in segment:
-    x, s = _fast_forward(op, i, x, key, train)
-    saved.append(s)
+  for i, op in _fused(segment):
+    if isinstance(op, tuple):
+      saved.append(x)
+      x = _pool2_forward(x, op[1])
+    else:
+      x, s = _fast_forward(op, i, x, key, train)
+      saved.append(s)
   return x, saved
 
 
 def segment_vjp(segment, saved, g: jax.Array, *, key, train: bool = True) -> jax.Array:
   """dY_l = VJP of f_l at Y_l applied to dX_{l+1}."""
-  for (i, op), s in zip(reversed(segment), reversed(saved)):
-    g = _fast_vjp(op, i, s, g, key, train)
+  for (i, op), s in zip(reversed(_fused(segment)), reversed(saved)):
+    g = _pool2_vjp(s, g, op[1]) if isinstance(op, tuple) else _fast_vjp(op, i, s, g, key, train)
   return g
 
 

@@ -565,6 +565,7 @@ class TrustedRuntime:
         "config": self.config.to_dict(),
         "tolerance": self.tolerance.to_dict(),
         "witness_tolerance": self.witness_tolerance.to_dict(),
+        "witness_digest": witness_lib.DIGEST_NAME,
         "dataset_digest": self.dataset_digest,
         "num_examples": self.schedule.num_examples,
         "jax_version": jax.__version__,

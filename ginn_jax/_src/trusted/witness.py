@@ -5,7 +5,7 @@ answers a `WitnessRequest` with a `Witness`: each linear layer's output Y_l
 and the input gradient dX_l (l >= 1). This module
 
 * validates it (`validate_witness`: structure, shapes, dtypes, finite);
-* hashes it (`witness_digest`) and derives the secret ±1 vectors from the
+* hashes it (`witness_digest`, BLAKE3) and derives the secret ±1 vectors from the
   audit secret, the step and that digest (`freivalds_seed`), so they are
   fixed only after the witness is;
 * checks it (`witness_errors`), with X_0 the trusted batch, X_{l+1} = f_l(Y_l)
@@ -30,6 +30,7 @@ import functools
 import hashlib
 import hmac
 
+import blake3
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,9 +125,17 @@ def validate_witness(witness: object, *, step: int, spec: WitnessSpec) -> tuple[
   return host[0], host[1]
 
 
+# The witness digest's hash function, recorded in the run's header. BLAKE3 on all
+# cores: a witness is ~100 MiB for VGG-11, and SHA-256 (1.5 GB/s here) alone
+# took a third of the check; BLAKE3 hashes the same bytes about 3x faster.
+DIGEST_NAME = "blake3"
+
+
 def witness_digest(step: int, report_digest: bytes, outputs, input_grads) -> bytes:
-  """SHA-256 of the witness, bound to the step and the committed report."""
-  h = hashlib.sha256(DIGEST_DOMAIN)
+  """BLAKE3 (32 bytes) of the witness, bound to the step and the committed report:
+  the domain, the step, the report digest, then each array's dtype, shape and
+  little-endian bytes (outputs, then input gradients, in layer order)."""
+  h = blake3.blake3(DIGEST_DOMAIN, max_threads=blake3.blake3.AUTO)
   h.update(step.to_bytes(8, "big"))
   h.update(report_digest)
   commit.hash_leaves(h, [*outputs, *input_grads])
