@@ -23,6 +23,16 @@ def pytest_configure(config):
   assert len(jax.devices("cpu")) >= 2, "tests need two CPU devices (XLA_FLAGS was set too late)"
 
 
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `benchmark` run only when selected (``-m benchmark``)."""
+  if "benchmark" in (config.getoption("markexpr") or ""):
+    return
+  skip = pytest.mark.skip(reason="a benchmark: run it with -m benchmark")
+  for item in items:
+    if "benchmark" in item.keywords:
+      item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def mnist5k():
   return ginn.load_dataset("mnist5k")
