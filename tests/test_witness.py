@@ -378,10 +378,12 @@ def test_no_false_alarm_whatever_the_vectors(mlp, small_data):
   loss, grads, outputs, input_grads = jax.jit(
       lambda p, x, y, k: layered.loss_grads_and_witness(mlp.module, p, x, y, k))(params, x, y, key)
   spec = witness_lib.WitnessSpec.of(mlp.module, params, x.shape)
+  idx = jax.device_put(np.arange(32, dtype=np.int32), dev)
+  prep = witness_lib.witness_prep(mlp.module, x, y, idx, key, outputs, input_grads)
   worst = 0.0
   for i in range(3000):
     seed = jax.device_put(np.array([i, 7], np.uint32), dev)
-    c = witness_lib.witness_errors(mlp.module, spec, params, grads, loss, x, y, key, outputs,
+    c = witness_lib.witness_errors(mlp.module, spec, params, grads, loss, prep, outputs,
                                    input_grads, seed)
     worst = max(worst, float(c.errors.max()))
   assert worst < ginn.DEFAULT_WITNESS_FLOOR.rel_l2 / 4, worst

@@ -196,8 +196,9 @@ def measure_check_cost(model, images, labels, cfg: BenchConfig, wdev: jax.Device
   * recompute: the runtime's ``_recompute`` of a re-computation `Check`
     (trusted gradient of the step, comparison with the report);
   * witness: what the runtime does for a witness check: `validate_witness`
-    (which reads the witness off the worker), `witness_digest` (SHA-256),
-    `freivalds_seed`, `jax.device_put` to the trusted device, then
+    (which reads the witness off the worker), ``receive_witness`` (moves it to
+    the trusted device, starts the vector-free part of the check and
+    meanwhile hashes it with BLAKE3, derives the vectors' seed), then
     ``_recompute`` of a witness-only `Check` (the Freivalds checks);
   * the worker's fused gradient pass and its gradient+witness pass (the same
     work order, on the worker device).
@@ -205,7 +206,7 @@ def measure_check_cost(model, images, labels, cfg: BenchConfig, wdev: jax.Device
   Returns medians in milliseconds: ``recompute_ms``, ``witness_ms``, ``ratio``
   (recompute_ms / witness_ms), ``witness_mib``, ``fused_step_ms``,
   ``witness_step_ms``, ``witness_step_ratio`` (witness_step_ms /
-  fused_step_ms), ``witness_parts_ms`` (validate, digest, transfer, freivalds),
+  fused_step_ms), ``witness_parts_ms`` (validate, receive, freivalds),
   ``repeats`` and the honest checks' largest errors (both must pass).
   """
   protocol = ProtocolConfig(seed=0, batch_size=cfg.batch_size, p=1.0, p_witness=1.0,
@@ -228,23 +229,20 @@ def measure_check_cost(model, images, labels, cfg: BenchConfig, wdev: jax.Device
     comparison, _ = rt._recompute(Check(**base, layer_key=layer_key(), recompute=True))
     return comparison
 
-  parts: dict[str, list[float]] = {k: [] for k in ("validate", "digest", "transfer", "freivalds")}
+  parts: dict[str, list[float]] = {k: [] for k in ("validate", "receive", "freivalds")}
 
   def witness_check() -> verify.Comparison:
     t0 = time.perf_counter()
     outputs, input_grads = witness_lib.validate_witness(wit, step=t, spec=spec)
     t1 = time.perf_counter()
-    wdigest = witness_lib.witness_digest(t, report_digest, outputs, input_grads)
-    seed = witness_lib.freivalds_seed(rt._keys.freivalds_key, t, wdigest)
+    # Moves the witness, starts its vector-free part and hashes it meanwhile.
+    moved, _, seed = rt.receive_witness(t, report_digest, order.batch_indices, layer_key(),
+                                        outputs, input_grads)
     t2 = time.perf_counter()
-    moved = jax.block_until_ready(jax.device_put((outputs, input_grads), rt.device))
-    seed = jax.device_put(seed, rt.device)
-    t3 = time.perf_counter()
     _, result = rt._recompute(Check(**base, layer_key=layer_key(), recompute=False, witness=moved,
                                     witness_seed=seed))
-    t4 = time.perf_counter()
-    for k, a, b in (("validate", t0, t1), ("digest", t1, t2), ("transfer", t2, t3),
-                    ("freivalds", t3, t4)):
+    t3 = time.perf_counter()
+    for k, a, b in (("validate", t0, t1), ("receive", t1, t2), ("freivalds", t2, t3)):
       parts[k].append(b - a)
     return result
 
@@ -413,10 +411,12 @@ def _digest_throughput(nbytes: int = 64 * 2**20) -> dict[str, float]:
   """Hash throughput on this machine (what the per-step digest costs per GB)."""
   import hashlib
   data = memoryview(np.random.default_rng(0).random(nbytes // 4, dtype=np.float32)).cast("B")
+  import blake3
   out = {}
-  for name in ("sha256", "blake2b"):
+  for name, h in (("sha256", lambda: hashlib.sha256(data)), ("blake2b", lambda: hashlib.blake2b(data)),
+                  ("blake3", lambda: blake3.blake3(data, max_threads=blake3.blake3.AUTO))):
     t0 = time.perf_counter()
-    hashlib.new(name, data).digest()
+    h().digest()
     out[name] = nbytes / (time.perf_counter() - t0) / 1e9
   return out
 

@@ -383,7 +383,8 @@ class TrustedRuntime:
       with jax.default_matmul_precision("highest"):
         _, _, outputs, input_grads = _jit_witness(self.model.module, self.state.params, images,
                                                   labels, key)
-      wit, seed = (list(outputs), list(input_grads)), jax.device_put(np.zeros(2, np.uint32), self.device)
+      wit, _, seed = self.receive_witness(t, b"\0" * 32, indices, key, jax.device_get(outputs),
+                                          jax.device_get(input_grads))
     self._recompute(Check(step=t, params=self.state.params, batch_indices=indices, layer_key=key,
                           reported=jax.tree_util.tree_leaves(grads),
                           loss=np.float32(jax.device_get(loss)), witness=wit, witness_seed=seed))
@@ -437,10 +438,26 @@ class TrustedRuntime:
       self._append(dataclasses.replace(entry, outcome="violation"))
       self.halted = violation
       raise
-    wdigest = witness_lib.witness_digest(t, report_digest, outputs, input_grads)
-    seed = witness_lib.freivalds_seed(self._keys.freivalds_key, t, wdigest)  # After the digest.
-    wit = jax.device_put((outputs, input_grads), self.device)
-    return wit, wdigest, jax.device_put(seed, self.device)
+    return self.receive_witness(t, report_digest, order.batch_indices, order.layer_key, outputs,
+                                input_grads)
+
+  def receive_witness(self, step: int, report_digest: bytes, indices, layer_key, outputs,
+                      input_grads):
+    """Moves a validated witness (host arrays) to the trusted device, starts the
+    part of its check that needs no secret vectors, and meanwhile hashes it;
+    then derives the vectors' seed from the digest.
+
+    Returns:
+      ``(witness, digest, seed)``: what a witness `Check` carries, the
+      witness digest and the seed (on the trusted device).
+    """
+    moved = jax.device_put((outputs, input_grads), self.device)
+    idx = jax.device_put(np.asarray(indices), self.device)
+    prep = witness_lib.witness_prep(self.model.module, self._reference.images,
+                                    self._reference.labels, idx, layer_key, *moved)  # Async.
+    wdigest = witness_lib.witness_digest(step, report_digest, outputs, input_grads)
+    seed = witness_lib.freivalds_seed(self._keys.freivalds_key, step, wdigest)  # After the digest.
+    return (*moved, prep), wdigest, jax.device_put(seed, self.device)
 
   def _hold_witness(self) -> None:
     self._witness_slot.acquire()  # Deferred: waits for the previous witness check.
@@ -459,12 +476,11 @@ class TrustedRuntime:
       comparison = verify.compare(check.reported, reported_loss,
                                   jax.tree_util.tree_leaves(ref_grads), ref_loss, self._paths)
     if check.witness is not None:
-      images, labels = self._trusted_batch(check.batch_indices)
       grads = jax.tree_util.tree_unflatten(self._treedef, check.reported)
-      outputs, input_grads = check.witness
+      outputs, input_grads, prep = check.witness
       witness = witness_lib.witness_errors(
-          self.model.module, self.witness_spec(), check.params, grads, reported_loss, images,
-          labels, check.layer_key, outputs, input_grads, check.witness_seed)
+          self.model.module, self.witness_spec(), check.params, grads, reported_loss, prep,
+          outputs, input_grads, check.witness_seed)
     return comparison, witness
 
   def _resolve(self, entry: TranscriptEntry, result: CheckResult) -> TranscriptEntry:

@@ -36,7 +36,8 @@ class Check:
   reported: list[jax.Array]
   loss: np.float32
   recompute: bool = True
-  witness: tuple[list[jax.Array], list[jax.Array]] | None = None  # On the trusted device.
+  # (outputs, input_grads, prep) on the trusted device (see TrustedRuntime.receive_witness).
+  witness: tuple | None = None
   witness_seed: np.ndarray | None = None  # Freivalds key data (secret).
   done: Callable[[], None] | None = None  # Called once the check has run (frees its witness).
 

@@ -241,26 +241,36 @@ def _dense_checks(x, y, dy, dx, kernel, bias, dk, db, r, s):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _errors(structure: layered.Structure, params, grads, loss, images, labels, layer_key,
-            outputs, input_grads, seed):
-  """[num_checks, 2] (rel_l2, max_abs) of every check, in `WitnessSpec.check_names` order."""
-  vec_key = jax.random.wrap_key_data(seed, impl="threefry2x32")
-  # Forward: X_0 from the trusted batch, X_{l+1} = f_l(Y_l) from the witness.
-  x = images
+def _prep(structure: layered.Structure, images, labels, indices, layer_key, outputs, input_grads):
+  """What the checks need that does not depend on the secret vectors (so it can
+  run while the witness is being hashed): X_l, dY_l and the loss.
+
+  X_0 is the trusted batch (``images[indices]``), X_{l+1} = f_l(Y_l) from the
+  witness; dY of the logits from the trusted labels, dY_l = VJP of f_l at Y_l
+  applied to the witness's dX_{l+1}.
+  """
+  x, labels = images[indices], labels[indices]
   for i, op in structure.prefix:
     x = layered.op_forward(op, i, x, key=layer_key, train=True)
-  xs, saved = [x], []
-  for seg, y in zip(structure.segments, outputs):
-    x, sv = layered.segment_forward(seg, y, key=layer_key, train=True)
+  xs, dys = [x], []
+  for l, (seg, y) in enumerate(zip(structure.segments, outputs)):
+    x, saved = layered.segment_forward(seg, y, key=layer_key, train=True)
     xs.append(x)
-    saved.append(sv)
+    dys.append(layered.segment_vjp(seg, saved, input_grads[l], key=layer_key, train=True))
   logits = outputs[-1]
   loss_ref = layered.cross_entropy(logits, labels)
-  dy = (jax.nn.softmax(logits) - jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)) \
-      / jnp.asarray(logits.shape[0], logits.dtype)
-  rows_by_layer = []
-  for l in reversed(range(structure.num_linear)):
-    _, op = structure.linear[l]
+  dys.append((jax.nn.softmax(logits) - jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype))
+             / jnp.asarray(logits.shape[0], logits.dtype))
+  return tuple(xs), tuple(dys), loss_ref
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _errors(structure: layered.Structure, params, grads, loss, prep, outputs, input_grads, seed):
+  """[num_checks, 2] (rel_l2, max_abs) of every check, in `WitnessSpec.check_names` order."""
+  xs, dys, loss_ref = prep
+  vec_key = jax.random.wrap_key_data(seed, impl="threefry2x32")
+  rows = []
+  for l, (_, op) in enumerate(structure.linear):
     name = structure.names[l]
     kernel, bias = params[name]["kernel"], params[name]["bias"]
     dk, db = grads[name]["kernel"], grads[name]["bias"]
@@ -268,22 +278,24 @@ def _errors(structure: layered.Structure, params, grads, loss, images, labels, l
     r = jax.random.rademacher(kr, (kernel.shape[-1],), dtype=kernel.dtype)
     s = jax.random.rademacher(ks, (kernel.shape[-2],), dtype=kernel.dtype)
     dx = input_grads[l - 1] if l > 0 else None
-    if isinstance(op, layered.Conv):
-      rows = _conv_checks(op, xs[l], outputs[l], dy, dx, kernel, bias, dk, db, r, s)
-    else:
-      rows = _dense_checks(xs[l], outputs[l], dy, dx, kernel, bias, dk, db, r, s)
-    rows_by_layer.append(rows)
-    if l > 0:
-      dy = layered.segment_vjp(structure.segments[l - 1], saved[l - 1], dx, key=layer_key, train=True)
-  rows = [row for rows in reversed(rows_by_layer) for row in rows]
+    check = _conv_checks if isinstance(op, layered.Conv) else _dense_checks
+    args = (xs[l], outputs[l], dys[l], dx, kernel, bias, dk, db, r, s)
+    rows += check(op, *args) if isinstance(op, layered.Conv) else check(*args)
   rows.append(_rel(jnp.asarray(loss, jnp.float32)[None], loss_ref[None]))
   return jnp.stack(rows)
 
 
-def witness_errors(module: layered.LayeredModule, spec: WitnessSpec, params, grads, loss, images,
-                   labels, layer_key, outputs, input_grads, seed) -> Comparison:
-  """Runs every check of one witness (arguments on the trusted device)."""
-  structure = layered.Structure.of(module.layers)
-  errs = _errors(structure, params, grads, loss, images, labels, layer_key, tuple(outputs),
+def witness_prep(module: layered.LayeredModule, images, labels, indices, layer_key, outputs,
+                 input_grads):
+  """Dispatches `_prep` (asynchronously; arguments on the trusted device)."""
+  return _prep(layered.Structure.of(module.layers), images, labels, indices, layer_key,
+               tuple(outputs), tuple(input_grads))
+
+
+def witness_errors(module: layered.LayeredModule, spec: WitnessSpec, params, grads, loss, prep,
+                   outputs, input_grads, seed) -> Comparison:
+  """Runs every check of one witness (arguments on the trusted device; `prep`
+  from `witness_prep`)."""
+  errs = _errors(layered.Structure.of(module.layers), params, grads, loss, prep, tuple(outputs),
                  tuple(input_grads), seed)
   return Comparison(paths=spec.check_names(), errors=np.asarray(jax.device_get(errs), dtype=np.float64))
