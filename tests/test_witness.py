@@ -387,3 +387,82 @@ def test_no_false_alarm_whatever_the_vectors(mlp, small_data):
                                    input_grads, seed)
     worst = max(worst, float(c.errors.max()))
   assert worst < ginn.DEFAULT_WITNESS_FLOOR.rel_l2 / 4, worst
+
+
+# -- attacks on the check itself (found in review) ----------------------------------------
+
+
+def _last_layer_forgery(kind):
+  """A report whose last-layer kernel gradient is arbitrary, shaped to slip past a
+  weak check: "inflate" adds a huge pair that cancels under ±1 vectors half the
+  time (and would inflate a denominator taken from the claim); "pair" is a
+  rank-one change u (e_0 - e_1)^T, invisible to ±1 vectors with r_0 = r_1."""
+  rng = np.random.default_rng(0)
+
+  def forge(r):
+    g = jax.tree_util.tree_map(host, r.grads)
+    k = g["Dense_1"]["kernel"]
+    if kind == "inflate":
+      k[:] = rng.standard_normal(k.shape).astype(np.float32)
+      k[0, 0] += np.float32(1e15)
+      k[0, 1] += np.float32(1e15)
+    else:
+      u = rng.standard_normal(k.shape[0]).astype(np.float32)
+      k[:, 0] += u
+      k[:, 1] -= u
+    return dataclasses.replace(r, grads=g)
+
+  return forge
+
+
+@pytest.mark.parametrize("kind", ["inflate", "pair"])
+def test_structured_forgeries_are_caught_every_time(mlp, small_data, kind):
+  for trial in range(12):  # Each would pass a ±1 check about half the time.
+    rt = ginn.TrustedRuntime(mlp, *small_data, config(seed=trial), audit_secret=bytes([trial]) * 32)
+    worker = Tamper(mlp, small_data, step=0, report=_last_layer_forgery(kind))
+    with pytest.raises(ginn.WitnessViolation, match="Dense_1"):
+      ginn.train(rt, worker, 1, progress=False)
+    assert rt.step == 0
+
+
+def test_any_failure_of_the_answer_is_a_violation_and_frees_the_slot(mlp, small_data):
+  rt = ginn.TrustedRuntime(mlp, *small_data, config(), audit_secret=SECRET)
+  w = ginn.HonestWorker(mlp, *small_data)
+
+  def deleted(request):
+    wit = w.witness(request)
+    for a in wit.outputs:
+      a.delete()
+    return wit
+
+  before = snapshot(rt)
+  with pytest.raises(ginn.WitnessViolation, match="witness check failed"):
+    rt.submit(w(rt.next_order()), witness=deleted)
+  assert snapshot(rt) == before and rt.halted is not None
+  assert rt.transcript[-1].outcome == "violation"
+  assert rt._witnesses_held == 0 and rt._witness_slot.acquire(timeout=1)
+
+
+def test_a_worker_that_never_answers_is_a_violation_at_the_deadline(mlp, small_data):
+  import threading
+  import time
+  rt = ginn.TrustedRuntime(mlp, *small_data, config(witness_timeout_s=0.3), audit_secret=SECRET)
+  w = ginn.HonestWorker(mlp, *small_data)
+  release = threading.Event()
+  start = time.perf_counter()
+  with pytest.raises(ginn.WitnessViolation, match="no witness within 0.3 s"):
+    rt.submit(w(rt.next_order()), witness=lambda request: release.wait(60))
+  assert time.perf_counter() - start < 10
+  assert rt.step == 0 and rt.halted is not None
+  release.set()
+
+
+def test_deferred_stops_before_applying_a_step_after_a_failed_witness_check(cnn, cnn_data):
+  """Deferred: the next challenge waits for the previous witness check; if that
+  check failed, the next step is not applied."""
+  rt = ginn.TrustedRuntime(cnn, *cnn_data, config(), audit_secret=SECRET, deferred=True)
+  worker = Tamper(cnn, cnn_data, step=1, report=_bump_one_grad_entry)
+  with pytest.raises(ginn.WitnessViolation) as info:
+    ginn.train(rt, worker, 6, progress=False)
+  assert info.value.step == 1
+  assert rt.step == 2  # Step 1 was applied while its check ran; step 2 was not.

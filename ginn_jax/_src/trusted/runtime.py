@@ -409,37 +409,79 @@ class TrustedRuntime:
 
   def _challenge(self, entry: TranscriptEntry, report_digest: bytes, answer):
     """Asks for the witness of the committed step, validates and hashes it, and
-    derives the secret vectors from it. Every failure is a violation: the
-    runtime halts and the step's update is not applied."""
+    derives the secret vectors from it. Every failure of the worker's answer
+    (none, an exception, too late, malformed) is a violation: the runtime halts
+    and the step's update is not applied."""
     t = entry.step
-    self._hold_witness()
+    self._hold_witness()  # Deferred: waits until the previous witness check has run...
     try:
-      if answer is None:
-        raise errors.WitnessViolation(
-            step=t, leaf="witness", reason="the worker offers no witness (it has no `witness` "
-            "method) but this step was drawn for a witness check")
-      order = WorkOrder(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
-                        layer_key=keys.layer_key(self.streams, t))
-      start = time.perf_counter()
-      try:
-        w = answer(WitnessRequest(step=t, order=order))
-      except Exception as e:  # The worker failed to answer: a missing witness.
-        raise errors.WitnessViolation(step=t, leaf="witness",
-                                      reason=f"the worker raised {type(e).__name__}: {e}") from e
-      elapsed = time.perf_counter() - start
-      self.witness_seconds.append(elapsed)
-      limit = self.config.witness_timeout_s
-      if limit is not None and elapsed > limit:
-        raise errors.WitnessViolation(step=t, leaf="witness",
-                                      reason=f"it arrived after {elapsed:.1f} s (limit {limit} s)")
-      outputs, input_grads = witness_lib.validate_witness(w, step=t, spec=self.witness_spec())
-    except errors.WitnessViolation as violation:
+      self._collect_checks()  # ...and a failure it found stops this step before its update.
+      self._raise_if_halted()
+    except BaseException:
       self._release_witness()
+      raise
+    handed = False
+    try:
+      try:
+        if answer is None:
+          raise errors.WitnessViolation(
+              step=t, leaf="witness", reason="the worker offers no witness (it has no `witness` "
+              "method) but this step was drawn for a witness check")
+        order = WorkOrder(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
+                          layer_key=keys.layer_key(self.streams, t))
+        w = self._ask(answer, WitnessRequest(step=t, order=order))
+        outputs, input_grads = witness_lib.validate_witness(w, step=t, spec=self.witness_spec())
+        received = self.receive_witness(t, report_digest, order.batch_indices, order.layer_key,
+                                        outputs, input_grads)
+      except errors.WitnessViolation:
+        raise
+      except Exception as e:  # Anything else about the answer: the report is committed.
+        raise errors.WitnessViolation(step=t, leaf="witness",
+                                      reason=f"{type(e).__name__}: {e}") from e
+      handed = True  # The check releases the slot once it has run.
+      return received
+    except errors.WitnessViolation as violation:
       self._append(dataclasses.replace(entry, outcome="violation"))
       self.halted = violation
       raise
-    return self.receive_witness(t, report_digest, order.batch_indices, order.layer_key, outputs,
-                                input_grads)
+    finally:
+      if not handed:
+        self._release_witness()
+
+  def _ask(self, answer, request: WitnessRequest):
+    """The worker's answer, arrived (arrays computed) within `witness_timeout_s`.
+
+    The worker is called on a daemon thread so that one that never answers
+    cannot hang the runtime past the deadline.
+    """
+    limit = self.config.witness_timeout_s
+    box: dict[str, Any] = {}
+
+    def call():
+      try:
+        w = answer(request)
+        try:  # The deadline covers arrays still being computed.
+          jax.block_until_ready([*w.outputs, *w.input_grads])
+        except Exception:  # Malformed: validation says what.
+          pass
+        box["witness"] = w
+      except BaseException as e:  # Reported below as a missing witness.
+        box["error"] = e
+
+    start = time.perf_counter()
+    thread = threading.Thread(target=call, name="ginn-witness", daemon=True)
+    thread.start()
+    thread.join(limit)
+    elapsed = time.perf_counter() - start
+    self.witness_seconds.append(elapsed)
+    if thread.is_alive():
+      raise errors.WitnessViolation(step=request.step, leaf="witness",
+                                    reason=f"no witness within {limit} s (late or never)")
+    if "error" in box:
+      e = box["error"]
+      raise errors.WitnessViolation(step=request.step, leaf="witness",
+                                    reason=f"the worker raised {type(e).__name__}: {e}") from e
+    return box["witness"]
 
   def receive_witness(self, step: int, report_digest: bytes, indices, layer_key, outputs,
                       input_grads):
