@@ -66,6 +66,23 @@ def test_layered_gradients_equal_the_fused_ones_bitwise(name, shape):
       jax.jit(lambda p, x: model.module.apply({"params": p}, x, train=True, key=key))(params, x)))
 
 
+def test_a_custom_layered_model_passes_honest_witness_checks_and_catches_a_forgery(small_data):
+  """Every op of the layered form: VALID and SAME convs, avg-pool, odd-size max-pool,
+  dropout (its mask rebuilt by the trusted side from the layer key)."""
+  ops = (layered.Conv(4, (3, 3), padding="VALID"), layered.ReLU(), layered.AvgPool(2),
+         layered.Conv(6, (5, 5)), layered.MaxPool(2), layered.ReLU(), layered.Flatten(),
+         layered.Dense(16), layered.ReLU(), layered.Dropout(0.3), layered.Dense(10))
+  model = ginn.Model(name="custom", module=ginn.LayeredModule(ops), input_shape=(28, 28, 1))
+  rt = ginn.TrustedRuntime(model, *small_data, config(), audit_secret=SECRET)
+  res = ginn.train(rt, ginn.HonestWorker(model, *small_data), 6, progress=False)
+  assert res.verified and res.num_verified == 6
+  assert max(e.witness_rel_l2 for e in res.transcript) < 1e-5
+  attacker = ginn.WitnessForgeryWorker(model, *small_data, schedule=ginn.schedules.FromStep(6),
+                                       answer="honest")
+  with pytest.raises(ginn.WitnessViolation):
+    ginn.train(rt, attacker, 2, progress=False)
+
+
 def test_dropout_mask_comes_from_the_layer_key():
   model = ginn.get_model("vgg11", input_shape=(32, 32, 3))
   params = jax.jit(model.init)(make_key(0))

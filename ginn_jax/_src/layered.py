@@ -166,17 +166,18 @@ def op_forward(op: Op, i: int, x: jax.Array, *, key: jax.Array | None, train: bo
   if isinstance(op, Flatten):
     return x.reshape((x.shape[0], -1))
   if isinstance(op, Dropout):
-    if not train or op.rate == 0.0:
-      return x
-    keep = _dropout_mask(op, i, key, x.shape)
-    return jnp.where(keep, x / jnp.asarray(1.0 - op.rate, x.dtype), jnp.zeros_like(x))
+    return _dropout(op, i, key, x, train)
   raise TypeError(f"not an element-wise op: {op!r}")
 
 
-def _dropout_mask(op: Dropout, i: int, key: jax.Array | None, shape) -> jax.Array:
+def _dropout(op: Dropout, i: int, key: jax.Array | None, x: jax.Array, train: bool) -> jax.Array:
+  """Inverted dropout of `x` with op i's mask; linear in x, so it is its own VJP."""
+  if not train or op.rate == 0.0:
+    return x
   if key is None:
     raise ValueError("dropout in training mode needs the step's layer key")
-  return jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - op.rate, shape)
+  keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - op.rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - op.rate, x.dtype), jnp.zeros_like(x))
 
 
 def _fast_forward(op: Op, i: int, x: jax.Array, key, train) -> tuple[jax.Array, object]:
@@ -210,10 +211,7 @@ def _fast_vjp(op: Op, i: int, saved, g: jax.Array, key, train) -> jax.Array:
   if isinstance(op, Flatten):
     return g.reshape(saved.shape)
   if isinstance(op, Dropout):
-    if not train or op.rate == 0.0:
-      return g
-    keep = _dropout_mask(op, i, key, g.shape)
-    return jnp.where(keep, g / jnp.asarray(1.0 - op.rate, g.dtype), jnp.zeros_like(g))
+    return _dropout(op, i, key, g, train)
   raise TypeError(f"not an element-wise op: {op!r}")
 
 
