@@ -50,11 +50,13 @@ def _measured_speedup(benches: list[dict], p: float) -> list[dict]:
 
 def _check_costs(results: pathlib.Path) -> list[dict]:
   """The measured check_cost of each benchmarked model (files with a "check_cost" object)."""
-  out = []
+  out, seen = [], set()
   for f in sorted(results.glob("check_cost_*.json")) + sorted(results.glob("bench_*.json")):
     b = json.loads(f.read_text())
     c = b.get("check_cost")
-    if c and c.get("ratio"):
+    key = (b["config"]["model"], b["config"]["batch_size"])
+    if c and c.get("ratio") and key not in seen:  # The dedicated check_cost file first.
+      seen.add(key)
       out.append({"file": f.name, "model": b["config"]["model"], "batch_size": b["config"]["batch_size"],
                   "worker_device": b.get("worker_device"), **c})
   return out
