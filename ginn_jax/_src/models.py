@@ -15,7 +15,7 @@ group normalisation instead.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable
 
 import flax.linen as nn
 import jax

@@ -256,7 +256,7 @@ class TrustedRuntime:
     self.halted: errors.IntegrityViolation | None = None
     self._phases = PhaseClock()
     self._witness_spec: witness_lib.WitnessSpec | None = None
-    self.witness_seconds: list[float] = []  # How long each witness took to arrive.
+    self.witness_seconds: collections.deque[float] = collections.deque(maxlen=1024)  # Latest arrivals.
     # At most one step's witness is held by the trusted side at a time (received,
     # queued or being checked): a new challenge waits until the last check is done.
     self._witness_slot = threading.BoundedSemaphore(1)

@@ -34,7 +34,6 @@ import blake3
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ginn_jax._src import errors, layered
 from ginn_jax._src.boundary import Witness
