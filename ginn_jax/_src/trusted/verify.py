@@ -43,10 +43,12 @@ class Tolerance:
 # What two honest runs on the same CPU may differ by at most when nothing was
 # calibrated (docs/design.md 5: 1 vs 2 threads differ by 7e-9, f32 vs f64 by 2.4e-7).
 DEFAULT_FLOOR = Tolerance(rel_l2=1e-5, max_abs=1e-5)
-# The witness check's floor: honest Freivalds errors on CPU are at most ~2e-6
-# relative (docs/design.md 10), tampering with one gradient entry by 1% of its
-# leaf's maximum shows 3.5e-4 and more.
-DEFAULT_WITNESS_FLOOR = Tolerance(rel_l2=2e-5, max_abs=2e-5)
+# The witness check's floor. Honest Freivalds errors on CPU are mostly below
+# 5e-6 relative, but late in training, when gradients cancel, rare steps reach
+# more: 2.5e-5 (max-abs, Dense_0 input gradient) at step 1,294 of 2,000 honest
+# mnist_cnn steps. Tampering with one gradient entry by 1% of its leaf's
+# maximum shows 3.5e-4 and more, scaling a layer's gradient by 1.001 about 1e-3.
+DEFAULT_WITNESS_FLOOR = Tolerance(rel_l2=1e-4, max_abs=1e-4)
 # The paper's prototype tolerance: 1% relative or 0.05 absolute per element.
 PAPER_PROTOTYPE = Tolerance(rel_l2=1e-2, max_abs=5e-2)
 # Accepts anything finite: used by calibration to measure errors without halting.
