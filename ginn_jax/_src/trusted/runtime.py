@@ -25,12 +25,12 @@ import jax
 import numpy as np
 import optax
 
-from ginn_jax._src import errors, layered
+from ginn_jax._src import errors
 from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
 from ginn_jax._src.data import dataset_digest
 from ginn_jax._src.devices import trusted_device
 from ginn_jax._src.models import Model
-from ginn_jax._src.step import DeviceGradFn
+from ginn_jax._src.step import DeviceGradFn, DeviceWitnessFn
 from ginn_jax._src.trusted import commit, keys, verify
 from ginn_jax._src.trusted import witness as witness_lib
 from ginn_jax._src.trusted.verifier import Check, CheckResult, Verifier
@@ -146,16 +146,6 @@ def _init_params(model: Model, key: jax.Array) -> Params:
 @functools.partial(jax.jit, static_argnums=0)
 def _init_opt(tx: optax.GradientTransformation, params: Params) -> optax.OptState:
   return tx.init(params)
-
-
-@jax.jit
-def _gather(images, labels, indices):
-  return images[indices], labels[indices]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _jit_witness(module, params, images, labels, key):
-  return layered.loss_grads_and_witness(module, params, images, labels, key)
 
 
 def _update_arrays(tx: optax.GradientTransformation, params, opt_state, grads):
@@ -379,10 +369,9 @@ class TrustedRuntime:
     loss, grads = self._reference(self.state.params, indices, key)
     wit = seed = None
     if self.config.p_witness > 0:
-      images, labels = self._trusted_batch(indices)
-      with jax.default_matmul_precision("highest"):
-        _, _, outputs, input_grads = _jit_witness(self.model.module, self.state.params, images,
-                                                  labels, key)
+      witness_fn = DeviceWitnessFn(self.model.module, self._reference.images, self._reference.labels,
+                                   self.device)
+      _, _, outputs, input_grads = witness_fn(self.state.params, indices, key)
       wit, _, seed = self.receive_witness(t, b"\0" * 32, indices, key, jax.device_get(outputs),
                                           jax.device_get(input_grads))
     self._recompute(Check(step=t, params=self.state.params, batch_indices=indices, layer_key=key,
@@ -402,10 +391,6 @@ class TrustedRuntime:
       self._witness_spec = witness_lib.WitnessSpec.of(
           self.model.module, self.state.params, (self.config.batch_size, *self.model.input_shape))
     return self._witness_spec
-
-  def _trusted_batch(self, indices):
-    idx = jax.device_put(np.asarray(indices), self.device)
-    return _gather(self._reference.images, self._reference.labels, idx)
 
   def _challenge(self, entry: TranscriptEntry, report_digest: bytes, answer):
     """Asks for the witness of the committed step, validates and hashes it, and
