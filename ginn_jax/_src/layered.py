@@ -29,7 +29,6 @@ from typing import Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 # -- the ops ---------------------------------------------------------------------------------
@@ -402,7 +401,3 @@ def loss_grads_and_witness(module: LayeredModule, params, images, labels, key):
   (loss, outputs), (grads, input_grads) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
       params, taps)
   return loss, grads, list(outputs), list(input_grads)
-
-
-def witness_nbytes(outputs, input_grads) -> int:
-  return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in [*outputs, *input_grads]))
