@@ -158,6 +158,11 @@ class _Context:
     cfg = dict(header["config"])
     self.config = ProtocolConfig(**{**cfg, "optimizer": OptimizerConfig(**cfg["optimizer"])})
     self.tolerance = verify.Tolerance.from_dict(header["tolerance"])
+    # Runs made before the digest was named in the header used SHA-256.
+    self.report_digest = header.get("report_digest", commit.LEGACY_DIGEST)
+    if self.report_digest not in commit.DIGEST_NAMES:
+      raise ValueError(f"the header names an unknown report digest {self.report_digest!r} "
+                       f"(this version knows {', '.join(commit.DIGEST_NAMES)})")
     self.tx = make_update_transform(self.config.clip, self.config.clip_value, self.config.optimizer)
     self.streams = keys.seed_streams(self.config.seed)
     self.schedule = keys.BatchSchedule(self.streams.data_key, len(images), self.config.batch_size)
@@ -251,7 +256,7 @@ def _check_files(records, run_dir, path, ctx: _Context, mac, report: AuditReport
       else:
         leaves, loss = ckpt.load_report(file, step=step, expected_sha256=rec.body["sha256"],
                                         authenticate=mac)
-        if commit.report_digest(step, leaves, loss).hex() != digests.get(step):
+        if commit.report_digest(step, leaves, loss, name=ctx.report_digest).hex() != digests.get(step):
           raise TranscriptError("report does not match its step's digest", file=file, step=step)
         reports[step] = (leaves, loss)
       report.items.append(AuditItem(rec.type, rec.body["file"], True, "sha256 ok", step))

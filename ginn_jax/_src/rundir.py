@@ -18,6 +18,7 @@ exactly once and the final parameters are bitwise those of an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import sys
@@ -42,7 +43,9 @@ from ginn_jax._src.worker.honest import Worker
 TRANSCRIPT = "transcript.jsonl"
 # Header fields that must not change when a run is resumed.
 _FIXED = ("model", "input_shape", "num_classes", "config", "tolerance", "witness_tolerance", "dataset_digest", "num_examples",
-          "prng_impl", "public_key", "checkpoint_every", "keep_reports", "num_steps")
+          "prng_impl", "public_key", "checkpoint_every", "keep_reports", "num_steps", "report_digest")
+# What a header written before a field existed meant by its absence.
+_LEGACY = {"report_digest": commit.LEGACY_DIGEST}
 
 
 def checkpoint_name(step: int) -> str:
@@ -143,11 +146,12 @@ def run_verified(run_dir: str | os.PathLike, model: Model, images: np.ndarray, l
   if checkpoint_every < 1 or num_steps < 0:
     raise ValueError(f"checkpoint_every must be >= 1 and num_steps >= 0, got {checkpoint_every}, {num_steps}")
   run_dir = os.fspath(run_dir)
+  path = os.path.join(run_dir, TRANSCRIPT)
   rt = TrustedRuntime(model, images, labels, config, tolerance=tolerance,
-                      witness_tolerance=witness_tolerance, audit_secret=audit_secret, deferred=deferred)
+                      witness_tolerance=witness_tolerance, audit_secret=audit_secret, deferred=deferred,
+                      report_digest=_resumed_digest(path))
   header = run_header(rt, num_steps=num_steps, checkpoint_every=checkpoint_every,
                       keep_reports=keep_reports, dataset=dataset, num_classes=num_classes)
-  path = os.path.join(run_dir, TRANSCRIPT)
   resumed_from = None
   if os.path.exists(path):
     writer, resumed_from, closed = _resume(rt, run_dir, header, fsync)
@@ -197,6 +201,21 @@ def run_verified(run_dir: str | os.PathLike, model: Model, images: np.ndarray, l
     writer.close()
 
 
+def _resumed_digest(path: str) -> str:
+  """The report digest a run continues with: its header's (unverified here;
+  `_resume` checks the header), SHA-256 for a header that names none, BLAKE3
+  for a new run."""
+  try:
+    with open(path, "rb") as f:
+      body = json.loads(f.readline())["body"]
+  except FileNotFoundError:
+    return commit.DEFAULT_DIGEST
+  except (ValueError, KeyError, TypeError, OSError):
+    return commit.DEFAULT_DIGEST  # `_resume` rejects the damaged transcript.
+  name = body.get("report_digest", commit.LEGACY_DIGEST) if isinstance(body, dict) else None
+  return name if name in commit.DIGEST_NAMES else commit.DEFAULT_DIGEST
+
+
 def _keep_report(run_dir: str, writer: TranscriptWriter, rt: TrustedRuntime, report, step: int,
                  params: Params) -> None:
   """Stores an accepted report (MAC'ed) and records its SHA-256."""
@@ -226,7 +245,7 @@ def _resume(rt: TrustedRuntime, run_dir: str, header: dict[str, Any],
       r.body.get("outcome") == "violation" for r in records if r.type in ("step", "check")):
     raise errors.RuntimeHalted(f"{path}: this run halted on an integrity violation; it cannot be "
                                "resumed (start a new run with a trustworthy worker)")
-  changed = [k for k in _FIXED if old.get(k) != header.get(k)]
+  changed = [k for k in _FIXED if old.get(k, _LEGACY.get(k)) != header.get(k)]
   if changed:
     raise TranscriptError(f"this run directory was made with other settings ({', '.join(changed)} "
                           "differ); use a new run directory or the original settings and secret",

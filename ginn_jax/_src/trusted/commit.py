@@ -1,16 +1,30 @@
-"""Validation, digest and MAC of a gradient report (docs/design.md section 4, 1-2).
+"""Receiving, validation, digest and MAC of a gradient report (docs/design.md section 4, 1-2).
 
-`validate_report` reads the untrusted report and either raises a specific
-`ReportRejected` or returns host copies of its leaves; it never touches the
-trusted state. `report_digest` hashes those copies canonically; `report_mac`
-authenticates the digest.
+The runtime's path, in the order it runs:
+
+* `receive_report` checks the report's form (type, step, loss, tree, shapes,
+  dtypes) and copies its leaves into trusted memory (the trusted device) in one
+  batched, asynchronous transfer. Nothing after this reads the worker's
+  buffers, so a worker that changes them later (or meanwhile) cannot change
+  what is hashed, applied or verified.
+* `digest_received` makes one pass over the received bytes: each leaf, as soon
+  as its transfer lands, is checked for NaN/Inf and hashed chunk by chunk
+  while the chunk is still in cache (and while later leaves still arrive).
+* `report_mac` authenticates the digest.
+
+`validate_report` (host copies, no device) and `report_digest` (the digest of
+host leaves) serve storage and the auditor. The digest's hash function is
+named in the run's header (`DIGEST_NAMES`): "blake3" for new runs, "sha256"
+for runs made before it (headers without a name).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import numbers
 
+import blake3
 import jax
 import numpy as np
 
@@ -19,15 +33,24 @@ from ginn_jax._src.boundary import GradientReport
 from ginn_jax._src.types import Params
 
 DIGEST_DOMAIN = b"ginn_jax/report/v1"
+# Hash functions a report digest may use; the run's header names one. BLAKE3 on
+# every core hashes a VGG-11 report several times faster than SHA-256
+# (docs/performance.md, "The ceiling").
+DIGEST_NAMES = ("blake3", "sha256")
+DEFAULT_DIGEST = "blake3"
+LEGACY_DIGEST = "sha256"  # Headers written before the digest was named.
+# Bytes checked and hashed at a time: small enough to stay in cache between the
+# finiteness check and the hash, large enough for BLAKE3's threads.
+CHUNK_BYTES = 4 << 20
 
 
 def _path_str(path) -> str:
   return jax.tree_util.keystr(path) or "<root>"
 
 
-def validate_report(
+def _check_form(
     report: object, *, step: int, params: Params
-) -> tuple[list[np.ndarray], np.float32]:
+) -> tuple[list[jax.Array | np.ndarray], list[str], np.float32]:
   """Checks a report's form against the parameters it is a gradient of.
 
   Args:
@@ -36,12 +59,13 @@ def validate_report(
     params: the parameters of that step (gives structure, shapes, dtypes).
 
   Returns:
-    The gradient leaves as host numpy arrays in the parameters' tree order,
-    and the loss as a float32 scalar.
+    The gradient leaves as the worker sent them, in the parameters' tree
+    order, their paths, and the loss as a float32 scalar.
 
   Raises:
     MalformedReport, StepMismatch, StructureMismatch, ShapeMismatch,
-    DtypeMismatch, NonFiniteReport: each with the step and the leaf path.
+    DtypeMismatch, NonFiniteReport (the loss): each with the step and the
+    leaf path.
   """
   if not isinstance(report, GradientReport):
     raise errors.MalformedReport(
@@ -74,7 +98,7 @@ def validate_report(
         step=step, where=(missing or extra or ["grads"])[0],
     )
 
-  host: list[np.ndarray] = []
+  arrays, paths = [], []
   for (path, p), (_, g) in zip(param_leaves, grad_leaves):
     where = _path_str(path)
     if not isinstance(g, (jax.Array, np.ndarray)):
@@ -93,14 +117,102 @@ def validate_report(
           f"step {step}: gradient leaf {where} has dtype {g.dtype}, the parameter has {p.dtype}",
           step=step, where=where,
       )
-    h = np.asarray(jax.device_get(g))
-    if not np.isfinite(h).all():
-      bad = int(np.size(h) - np.count_nonzero(np.isfinite(h)))
-      raise errors.NonFiniteReport(
-          f"step {step}: gradient leaf {where} holds {bad} NaN/Inf value(s)", step=step, where=where
-      )
-    host.append(np.ascontiguousarray(h))
+    arrays.append(g)
+    paths.append(where)
+  return arrays, paths, loss
+
+
+def validate_report(
+    report: object, *, step: int, params: Params
+) -> tuple[list[np.ndarray], np.float32]:
+  """Checks a report's form and values; returns host copies of its leaves.
+
+  What `receive_report` and `digest_received` check, without a device: for
+  storing a report and for tests.
+
+  Returns:
+    The gradient leaves as host numpy arrays (copies) in the parameters' tree
+    order, and the loss as a float32 scalar.
+
+  Raises:
+    MalformedReport, StepMismatch, StructureMismatch, ShapeMismatch,
+    DtypeMismatch, NonFiniteReport: each with the step and the leaf path.
+  """
+  arrays, paths, loss = _check_form(report, step=step, params=params)
+  host = [np.array(jax.device_get(g), order="C", copy=True) for g in arrays]
+  for where, h in zip(paths, host):
+    _check_finite(h.reshape(-1), step, where)
   return host, loss
+
+
+@dataclasses.dataclass(frozen=True)
+class ReceivedReport:
+  """A report whose form was checked, copied into trusted memory.
+
+  Attributes:
+    step: the step it is for.
+    leaves: the gradient leaves on the trusted device (the runtime's own
+      copies), in the parameters' tree order.
+    paths: each leaf's path (for messages).
+    loss: the reported loss (float32).
+  """
+
+  step: int
+  leaves: list[jax.Array]
+  paths: list[str]
+  loss: np.float32
+
+
+def receive_report(report: object, *, step: int, params: Params, device: jax.Device) -> ReceivedReport:
+  """Checks the report's form, then copies its leaves to `device`.
+
+  The copy is one batched transfer that is not waited for (`digest_received`
+  reads each leaf as it lands). It is always a copy, even of arrays already on
+  `device`: the runtime keeps no reference to a worker's buffer.
+
+  Raises:
+    MalformedReport, StepMismatch, StructureMismatch, ShapeMismatch,
+    DtypeMismatch: each with the step and the leaf path; nothing was copied.
+  """
+  arrays, paths, loss = _check_form(report, step=step, params=params)
+  leaves = jax.device_put(arrays, device, may_alias=False)
+  return ReceivedReport(step=step, leaves=leaves, paths=paths, loss=loss)
+
+
+def digest_received(received: ReceivedReport, *, name: str = DEFAULT_DIGEST) -> bytes:
+  """The report digest of a received report, checking every value is finite in
+  the same pass.
+
+  Raises:
+    NonFiniteReport: a leaf holds NaN/Inf (named, with how many).
+  """
+  h = _hasher(name, received.step, received.loss)
+  for where, leaf in zip(received.paths, received.leaves):
+    flat = _encode(h, np.asarray(leaf))  # Zero-copy on a CPU device; waits for this leaf only.
+    check = _inexact(flat.dtype)
+    step = max(1, CHUNK_BYTES // max(flat.itemsize, 1))
+    for i in range(0, flat.size, step):
+      chunk = flat[i:i + step]
+      if check:  # While the chunk is in cache: its sum is finite only if every value is.
+        _check_finite(chunk, received.step, where, whole=flat)
+      h.update(memoryview(chunk).cast("B"))
+  return h.digest()
+
+
+def _inexact(dtype: np.dtype) -> bool:
+  """Floating or complex, numpy's or ml_dtypes' (bfloat16, float8...)."""
+  return bool(jax.dtypes.issubdtype(dtype, np.inexact))
+
+
+def _check_finite(chunk: np.ndarray, step: int, where: str, whole: np.ndarray | None = None) -> None:
+  if not _inexact(chunk.dtype) or np.isfinite(np.add.reduce(chunk)):
+    return
+  whole = chunk if whole is None else whole  # The sum overflowed, or a value is NaN/Inf: count.
+  bad = int(whole.size - np.count_nonzero(np.isfinite(whole)))
+  if bad:
+    raise errors.NonFiniteReport(
+        f"step {step}: gradient leaf {where} holds {bad} NaN/Inf value(s)", step=step, where=where
+    )
 
 
 def _validate_loss(loss: object, step: int) -> np.float32:
@@ -122,23 +234,41 @@ def _validate_loss(loss: object, step: int) -> np.float32:
   return value
 
 
-def report_digest(step: int, leaves: list[np.ndarray], loss: np.float32) -> bytes:
-  """SHA-256 of the report's canonical bytes: domain, step, loss, then each
-  leaf's dtype, shape and little-endian bytes in the parameters' tree order."""
-  h = hashlib.sha256(DIGEST_DOMAIN)
-  h.update(step.to_bytes(8, "big"))
-  h.update(np.asarray(loss, "<f4").tobytes())
+def report_digest(step: int, leaves: list[np.ndarray], loss: np.float32, *,
+                  name: str = LEGACY_DIGEST) -> bytes:
+  """The report digest (hash function `name`) of the report's canonical bytes:
+  domain, step, loss, then each leaf's dtype, shape and little-endian bytes in
+  the parameters' tree order. Equal to `digest_received` of the same report."""
+  h = _hasher(name, step, loss)
   hash_leaves(h, leaves)
   return h.digest()
+
+
+def _hasher(name: str, step: int, loss: np.float32):
+  if name == "blake3":
+    h = blake3.blake3(DIGEST_DOMAIN, max_threads=blake3.blake3.AUTO)
+  elif name == "sha256":
+    h = hashlib.sha256(DIGEST_DOMAIN)
+  else:
+    raise ValueError(f"unknown report digest {name!r}; expected one of {DIGEST_NAMES}")
+  h.update(step.to_bytes(8, "big"))
+  h.update(np.asarray(loss, "<f4").tobytes())
+  return h
+
+
+def _encode(h, leaf) -> np.ndarray:
+  """Feeds the leaf's dtype and shape into `h`; returns its values as a flat
+  little-endian array (no copy when the leaf is one already) to hash next."""
+  leaf = np.ascontiguousarray(leaf)  # (A 0-d leaf encodes as shape (1,).)
+  h.update(f"{leaf.dtype.str}{leaf.shape}".encode())
+  return leaf.astype(leaf.dtype.newbyteorder("<"), copy=False).reshape(-1)
 
 
 def hash_leaves(h, leaves) -> None:
   """Feeds each host array's dtype, shape and little-endian bytes into hash `h`
   (the canonical leaf encoding of report and parameter digests)."""
   for leaf in leaves:
-    leaf = np.ascontiguousarray(leaf)
-    h.update(f"{leaf.dtype.str}{leaf.shape}".encode())
-    h.update(memoryview(leaf.astype(leaf.dtype.newbyteorder("<"), copy=False).reshape(-1)).cast("B"))
+    h.update(memoryview(_encode(h, leaf)).cast("B"))
 
 
 def report_mac(mac_key: bytes, digest: bytes) -> bytes:

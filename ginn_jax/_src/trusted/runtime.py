@@ -201,6 +201,8 @@ class TrustedRuntime:
       goes on (a violation stops the next step; `finalize` waits for all).
     max_pending: bound on queued deferred checks (back-pressure when full).
     recorder: receives every transcript entry as it is made.
+    report_digest: the report digest's hash function ("blake3"; "sha256" to
+      continue a run made before BLAKE3), named in the public header.
   """
 
   def __init__(
@@ -217,6 +219,7 @@ class TrustedRuntime:
       deferred: bool = False,
       max_pending: int = 4,
       recorder: Recorder | None = None,
+      report_digest: str = commit.DEFAULT_DIGEST,
   ):
     self.model = model
     self.config = config
@@ -227,6 +230,9 @@ class TrustedRuntime:
           f"ginn_jax.LayeredModule: linear layers with element-wise ops between them), and "
           f"model {model.name!r} has none; use re-computation checks (p) only, or define the "
           "model as a LayeredModule")
+    if report_digest not in commit.DIGEST_NAMES:
+      raise ValueError(f"report_digest must be one of {commit.DIGEST_NAMES}, got {report_digest!r}")
+    self.report_digest_name = report_digest
     self.tolerance = tolerance or verify.DEFAULT_FLOOR
     self.witness_tolerance = witness_tolerance or verify.DEFAULT_WITNESS_FLOOR
     self.tx = make_update_transform(config.clip, config.clip_value, optimizer or config.optimizer)
@@ -246,6 +252,7 @@ class TrustedRuntime:
     self.halted: errors.IntegrityViolation | None = None
     self._phases = PhaseClock()
     self._witness_spec: witness_lib.WitnessSpec | None = None
+    self._step_key: tuple[int, jax.Array] | None = None
     self.witness_seconds: collections.deque[float] = collections.deque(maxlen=1024)  # Latest arrivals.
     # At most one step's witness is held by the trusted side at a time (received,
     # queued or being checked): a new challenge waits until the last check is done.
@@ -269,7 +276,7 @@ class TrustedRuntime:
         step=t,
         params=self.state.params,
         batch_indices=self.schedule.indices(t),
-        layer_key=keys.layer_key(self.streams, t),
+        layer_key=self._layer_key(t),
     )
 
   def submit(self, report: GradientReport, *,
@@ -300,10 +307,17 @@ class TrustedRuntime:
     self._phases.start()
     t = self.state.step
     lap = self._phases.lap
-    leaves, loss = commit.validate_report(report, step=t, params=self.state.params)
-    lap("validate")  # Includes receiving the report's bytes from the worker.
-    digest = commit.report_digest(t, leaves, loss)
-    lap("digest")
+    received = commit.receive_report(report, step=t, params=self.state.params, device=self.device)
+    lap("receive")  # Form checks; the copy into trusted memory goes on asynchronously.
+    # The update is dispatched now, so that it runs while the report is hashed,
+    # and committed below only once the report is accepted; until then
+    # `self.state` is the previous state (a rejected report leaves it as it was).
+    new_state = apply_update(self.tx, self.state,
+                             jax.tree_util.tree_unflatten(self._treedef, received.leaves))
+    lap("update")  # Dispatch only.
+    digest = commit.digest_received(received, name=self.report_digest_name)  # NaN/Inf: rejected.
+    lap("digest")  # One pass over the received bytes: finiteness and hash.
+    loss = received.loss
     tag = commit.report_mac(self._keys.mac_key, digest)
     sampled = keys.verification_coin(self._keys, t, digest, self.config.p)  # After the commit.
     challenged = keys.witness_coin(self._keys, t, digest, self.config.p_witness)
@@ -317,13 +331,9 @@ class TrustedRuntime:
       wit, wdigest, seed = self._challenge(entry, digest, witness)
       entry = dataclasses.replace(entry, witness_digest=wdigest.hex())
       lap("witness")  # Asking for, receiving, validating and hashing the witness.
-    grads_leaves = jax.device_put(leaves, self.device)
-    lap("transfer")
-    new_state = apply_update(self.tx, self.state, jax.tree_util.tree_unflatten(self._treedef, grads_leaves))
-    lap("update")  # Dispatch only: the update runs asynchronously on the trusted device.
     if sampled or challenged:
       check = Check(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
-                    layer_key=keys.layer_key(self.streams, t), reported=grads_leaves, loss=loss,
+                    layer_key=self._layer_key(t), reported=received.leaves, loss=loss,
                     recompute=sampled, witness=wit, witness_seed=seed if challenged else None,
                     done=self._release_witness if challenged else None)
       result = self.verifier.submit(check)
@@ -365,7 +375,7 @@ class TrustedRuntime:
     gradient and witness of the current step against themselves, so the first
     sampled step does not pay for the compilation. Changes no state."""
     t = self.state.step
-    indices, key = self.schedule.indices(t), keys.layer_key(self.streams, t)
+    indices, key = self.schedule.indices(t), self._layer_key(t)
     loss, grads = self._reference(self.state.params, indices, key)
     wit = seed = None
     if self.config.p_witness > 0:
@@ -413,9 +423,10 @@ class TrustedRuntime:
               step=t, leaf="witness", reason="the worker offers no witness (it has no `witness` "
               "method) but this step was drawn for a witness check")
         order = WorkOrder(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
-                          layer_key=keys.layer_key(self.streams, t))
+                          layer_key=self._layer_key(t))
         w = self._ask(answer, WitnessRequest(step=t, order=order))
-        outputs, input_grads = witness_lib.validate_witness(w, step=t, spec=self.witness_spec())
+        outputs, input_grads = witness_lib.validate_witness(w, step=t, spec=self.witness_spec(),
+                                                            device=self.device)
         received = self.receive_witness(t, report_digest, order.batch_indices, order.layer_key,
                                         outputs, input_grads)
       except errors.WitnessViolation:
@@ -470,9 +481,9 @@ class TrustedRuntime:
 
   def receive_witness(self, step: int, report_digest: bytes, indices, layer_key, outputs,
                       input_grads):
-    """Moves a validated witness (host arrays) to the trusted device, starts the
-    part of its check that needs no secret vectors, and meanwhile hashes it;
-    then derives the vectors' seed from the digest.
+    """Moves a validated witness to the trusted device (if it is not there
+    yet), starts the part of its check that needs no secret vectors, and
+    meanwhile hashes it; then derives the vectors' seed from the digest.
 
     Returns:
       ``(witness, digest, seed)``: what a witness `Check` carries, the
@@ -482,9 +493,16 @@ class TrustedRuntime:
     idx = jax.device_put(np.asarray(indices), self.device)
     prep = witness_lib.witness_prep(self.model.module, self._reference.images,
                                     self._reference.labels, idx, layer_key, *moved)  # Async.
-    wdigest = witness_lib.witness_digest(step, report_digest, outputs, input_grads)
+    wdigest = witness_lib.witness_digest(step, report_digest, *moved)  # The trusted copies.
     seed = witness_lib.freivalds_seed(self._keys.freivalds_key, step, wdigest)  # After the digest.
     return (*moved, prep), wdigest, jax.device_put(seed, self.device)
+
+  def _layer_key(self, step: int) -> jax.Array:
+    """`keys.layer_key` of `step`, kept for the step it was last asked for
+    (the work order, the witness request and the check all need it)."""
+    if self._step_key is None or self._step_key[0] != step:
+      self._step_key = (step, keys.layer_key(self.streams, step))
+    return self._step_key[1]
 
   def _hold_witness(self) -> None:
     self._witness_slot.acquire()  # Deferred: waits for the previous witness check.
@@ -608,6 +626,7 @@ class TrustedRuntime:
         "config": self.config.to_dict(),
         "tolerance": self.tolerance.to_dict(),
         "witness_tolerance": self.witness_tolerance.to_dict(),
+        "report_digest": self.report_digest_name,
         "witness_digest": witness_lib.DIGEST_NAME,
         "dataset_digest": self.dataset_digest,
         "num_examples": self.schedule.num_examples,

@@ -86,8 +86,15 @@ def _violation(step: int, where: str, reason: str) -> errors.WitnessViolation:
   return errors.WitnessViolation(step=step, leaf=where, reason=reason)
 
 
-def validate_witness(witness: object, *, step: int, spec: WitnessSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
-  """Checks a witness's form; returns host copies of its outputs and input gradients.
+def validate_witness(witness: object, *, step: int, spec: WitnessSpec,
+                     device: jax.Device | None = None) -> tuple[list, list]:
+  """Checks a witness's form and values; returns trusted copies of its outputs
+  and input gradients.
+
+  The arrays are first copied into trusted memory (to `device`, in one batched
+  transfer; or to host numpy arrays when `device` is None) and only the copies
+  are checked, so a worker that changes its buffers meanwhile or afterwards
+  cannot change what was checked, hashed and used.
 
   Raises:
     WitnessViolation: the witness is missing, for another step, has a missing
@@ -99,14 +106,13 @@ def validate_witness(witness: object, *, step: int, spec: WitnessSpec) -> tuple[
   s = witness.step
   if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or s != step:
     raise _violation(step, "witness.step", f"the witness is for step {s!r}, not {step}")
-  host = []
+  arrays, places = [], []
   for field, want in (("outputs", spec.outputs), ("input_grads", spec.input_grads)):
     got = getattr(witness, field)
     if not isinstance(got, (list, tuple)) or len(got) != len(want):
       n = len(got) if isinstance(got, (list, tuple)) else type(got).__name__
       raise _violation(step, f"witness.{field}",
                        f"expected {len(want)} arrays (one per linear layer{' after the first' if field == 'input_grads' else ''}), got {n}")
-    arrays = []
     for i, (a, (shape, dtype)) in enumerate(zip(got, want)):
       where = f"witness.{field}[{i}] ({spec.names[i + (field == 'input_grads')]})"
       if not isinstance(a, (jax.Array, np.ndarray)):
@@ -115,13 +121,20 @@ def validate_witness(witness: object, *, step: int, spec: WitnessSpec) -> tuple[
         raise _violation(step, where, f"has shape {tuple(a.shape)}, expected {shape}")
       if a.dtype != dtype:
         raise _violation(step, where, f"has dtype {a.dtype}, expected {dtype}")
-      h = np.ascontiguousarray(jax.device_get(a))
-      if not np.isfinite(h).all():
-        bad = int(h.size - np.count_nonzero(np.isfinite(h)))
+      arrays.append(a)
+      places.append(where)
+  if device is None:
+    copies = [np.array(jax.device_get(a), order="C", copy=True) for a in arrays]
+  else:
+    copies = jax.device_put(arrays, device, may_alias=False)
+  for where, c in zip(places, copies):
+    view = np.asarray(c)  # Zero-copy on a CPU device.
+    if not np.isfinite(np.add.reduce(view, axis=None)):  # Finite sum: every value is finite.
+      bad = int(view.size - np.count_nonzero(np.isfinite(view)))
+      if bad:
         raise _violation(step, where, f"holds {bad} NaN/Inf value(s)")
-      arrays.append(h)
-    host.append(arrays)
-  return host[0], host[1]
+  n = len(spec.outputs)
+  return list(copies[:n]), list(copies[n:])
 
 
 # The witness digest's hash function, recorded in the run's header. BLAKE3 on all
