@@ -35,6 +35,7 @@ import platform
 import resource
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import jax
@@ -56,8 +57,11 @@ from ginn_jax._src.trusted.verifier import Check
 from ginn_jax._src.types import Batch
 from ginn_jax._src.worker.honest import HonestWorker
 
-BOOKKEEPING = ("validate", "digest", "mac_coin", "transfer")
-ONLY = ("check-cost",)
+BOOKKEEPING = ("receive", "digest", "mac_coin")
+ONLY = ("check-cost", "ceiling")
+# The attack the ceiling's witness figure is sized against: 0.999 detection of a
+# backdoor that needs k = 16 malicious steps (the fewest measured, docs/experiments.md).
+CEILING_TARGET, CEILING_K = 0.999, 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +91,11 @@ class BenchConfig:
       large XLA computation runs several times slower for a moment (measured:
       validating a VGG-11 witness takes ~50 ms right after a worker step,
       ~12 ms 0.2 s later), which is the worker's cost, not the check's.
-    only: None (everything) or "check-cost" (only ``check_cost``, no rows).
+    ceiling_steps: recorded honest steps the ceiling measurement replays.
+    ceiling_repeats: interleaved replays of them per configuration (the
+      median is reported).
+    only: None (everything), "check-cost" (only ``check_cost``) or "ceiling"
+      (only ``ceiling``).
   """
 
   model: str = "mnist_cnn"
@@ -102,6 +110,8 @@ class BenchConfig:
   check_repeats: int | None = None
   check_budget_s: float = 90.0
   check_settle_s: float = 0.2
+  ceiling_steps: int = 8
+  ceiling_repeats: int = 7
   only: str | None = None
 
   def __post_init__(self):
@@ -109,6 +119,9 @@ class BenchConfig:
       raise ValueError(f"only must be None or one of {ONLY}, got {self.only!r}")
     if self.check_repeats is not None and self.check_repeats < 1:
       raise ValueError(f"check_repeats must be >= 1, got {self.check_repeats!r}")
+    if self.ceiling_steps < 1 or self.ceiling_repeats < 1:
+      raise ValueError(f"ceiling_steps and ceiling_repeats must be >= 1, got "
+                       f"{self.ceiling_steps!r}, {self.ceiling_repeats!r}")
 
 
 def _data(cfg: BenchConfig):
@@ -301,6 +314,162 @@ def measure_check_cost(model, images, labels, cfg: BenchConfig, wdev: jax.Device
   }
 
 
+def memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 7) -> dict[str, float]:
+  """Memory bandwidth of this host in GB/s, as the best of `repeats` copies of
+  `nbytes` (counting the bytes read and written): ``all_cores`` with one thread
+  per core, each copying its slice (numpy's copy releases the GIL), as a TEE
+  host would use them; ``one_thread`` for comparison."""
+  src = np.ones(nbytes // 4, np.float32)
+  dst = np.empty_like(src)
+  n = os.cpu_count() or 1
+  bounds = np.linspace(0, src.size, n + 1).astype(int)
+  parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+  def best(copy) -> float:
+    ts = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      copy()
+      ts.append(time.perf_counter() - t0)
+    return 2 * nbytes / min(ts) / 1e9
+
+  with ThreadPoolExecutor(n) as pool:
+    all_cores = best(lambda: list(pool.map(lambda s: np.copyto(dst[s], src[s]), parts)))
+  return {"all_cores": all_cores, "one_thread": best(lambda: np.copyto(dst, src)), "threads": n}
+
+
+def _nbytes(tree) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _host_copy(tree):
+  return jax.tree_util.tree_map(lambda x: np.array(jax.device_get(x), copy=True), tree)
+
+
+def measure_ceiling(model, images, labels, cfg: BenchConfig, wdev: jax.Device, *,
+                    progress: bool = False, report_digest: str = commit.DEFAULT_DIGEST) -> dict[str, Any]:
+  """The trusted side's own cost per step, with a worker that costs nothing.
+
+  An `HonestWorker` on `wdev` computes `cfg.ceiling_steps` steps (and, for a
+  layered model, their witnesses); host copies of its reports are then
+  replayed into a runtime restored to step 0 (the same reports give the same
+  trajectory, so every replayed report and witness is honest). A timed step is
+  ``next_order`` + ``submit`` + waiting for the update: receiving, checking,
+  hashing, MAC and coins, and the clipped update, synchronised.
+
+  Returns (milliseconds per step, medians over `cfg.ceiling_repeats`
+  interleaved replays):
+    ``trusted_ms`` (p = 0), ``floor_ms`` (the bytes a step must touch: read the
+    report, read and write parameters and optimizer state, over the memory
+    bandwidth measured here), ``pure_tee_ms`` (a fused step on the trusted
+    device), ``ceiling_speedup`` (pure_tee_ms / trusted_ms), ``vs_floor``
+    (trusted_ms / floor_ms); for a layered model also ``trusted_ms_witness``
+    (every step's witness checked), ``p_witness`` (the rate that detects a
+    k = 16 attack with probability 0.999), ``trusted_ms_at_p_witness``
+    ((1 - p_witness) trusted_ms + p_witness trusted_ms_witness) and
+    ``ceiling_speedup_at_p_witness``; ``phase_ms`` (where the p = 0 step's time
+    goes), byte counts and the bandwidth.
+  """
+  from ginn_jax._src import analysis
+
+  n = cfg.ceiling_steps
+  opt = OptimizerConfig()
+  witness = model.layered
+  p_needed = analysis.required_p_witness(CEILING_TARGET, CEILING_K) if witness else 0.0
+  base = ProtocolConfig(seed=0, batch_size=cfg.batch_size, p=0.0, p_witness=0.0, clip="elementwise",
+                        clip_value=cfg.clip_value, optimizer=opt)
+  runtimes = {"p0": TrustedRuntime(model, images, labels, base, audit_secret=b"ceiling-" + bytes(24),
+                                   report_digest=report_digest)}
+  if witness:
+    runtimes["witness"] = TrustedRuntime(
+        model, images, labels, dataclasses.replace(base, p_witness=1.0),
+        audit_secret=b"ceiling-" + bytes(24), report_digest=report_digest)
+  # Record: the honest worker's reports and witnesses of steps 0..n-1, as host copies.
+  rec = runtimes["p0"]
+  initial = rec.state
+  worker = HonestWorker(model, images, labels, device=wdev, witness="keep" if witness else "recompute")
+  reports, witnesses = [], {}
+  for _ in tqdm(range(n), desc="ceiling: record", disable=not progress, leave=False):
+    order = rec.next_order()
+    report = worker(order)
+    if witness:
+      w = worker.witness(WitnessRequest(step=order.step, order=order))
+      witnesses[order.step] = dataclasses.replace(w, outputs=_host_copy(list(w.outputs)),
+                                                  input_grads=_host_copy(list(w.input_grads)))
+    report = dataclasses.replace(report, grads=_host_copy(report.grads),
+                                 loss=np.float32(jax.device_get(report.loss)))
+    reports.append(report)
+    rec.submit(report)
+  answer = lambda request: witnesses[request.step]  # noqa: E731
+
+  def replay(rt: TrustedRuntime) -> float:
+    rt.restore(initial, [], 0)
+    t0 = time.perf_counter()
+    for report in reports:
+      rt.next_order()
+      rt.submit(report, witness=answer)
+      jax.block_until_ready(rt.state.params)
+    return (time.perf_counter() - t0) / n
+
+  for rt in runtimes.values():  # Warm-up: compiles every path.
+    if rt.config.p_witness > 0:
+      rt.compile_verification()
+    replay(rt)
+    rt.reset_phase_seconds()
+  tx = make_update_transform("elementwise", cfg.clip_value, opt)
+  tee = _Fused(model, tx, images, labels, trusted_device(), cfg.batch_size)
+  tee.run(1)
+  times: dict[str, list[float]] = {k: [] for k in [*runtimes, "pure_tee"]}
+  bar = tqdm(total=cfg.ceiling_repeats, desc="ceiling", disable=not progress, leave=False)
+  for i in range(cfg.ceiling_repeats):
+    order = list(times) if i % 2 == 0 else list(times)[::-1]  # A drifting machine hits all alike.
+    for name in order:
+      if name == "pure_tee":
+        t0 = time.perf_counter()
+        tee.run(1)
+        times[name].append(time.perf_counter() - t0)
+      else:
+        times[name].append(replay(runtimes[name]))
+    bar.update(1)
+  bar.close()
+  bandwidth = memory_bandwidth()
+  for rt in runtimes.values():
+    rt.close()
+  state = initial
+  report_b, param_b, opt_b = _nbytes(reports[0].grads), _nbytes(state.params), _nbytes(state.opt_state)
+  touched = report_b + 2 * param_b + 2 * opt_b
+  trusted_ms, pure_tee_ms = _ms(times["p0"]), _ms(times["pure_tee"])
+  floor_ms = 1e3 * touched / (bandwidth["all_cores"] * 1e9)
+  timed = n * cfg.ceiling_repeats
+  out: dict[str, Any] = {
+      "trusted_ms": trusted_ms,
+      "floor_ms": floor_ms,
+      "pure_tee_ms": pure_tee_ms,
+      "ceiling_speedup": pure_tee_ms / trusted_ms,
+      "vs_floor": trusted_ms / floor_ms,
+      "phase_ms": {k: 1e3 * v / timed for k, v in sorted(runtimes["p0"].phase_seconds.items())},
+      "report_digest": report_digest,
+      "report_bytes": report_b,
+      "param_bytes": param_b,
+      "opt_state_bytes": opt_b,
+      "bytes_touched": touched,
+      "bandwidth_gb_per_s": bandwidth,
+      "steps": n,
+      "repeats": cfg.ceiling_repeats,
+  }
+  if witness:
+    tw = _ms(times["witness"])
+    at_p = (1 - p_needed) * trusted_ms + p_needed * tw
+    out.update({
+        "trusted_ms_witness": tw,
+        "p_witness": p_needed,
+        "p_witness_target": {"detection": CEILING_TARGET, "k": CEILING_K},
+        "trusted_ms_at_p_witness": at_p,
+        "ceiling_speedup_at_p_witness": pure_tee_ms / at_p,
+    })
+  return out
+
+
 def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: bool = True) -> dict[str, Any]:
   """Measures every configuration; returns the table as a dict (what --json writes)."""
   load_start = os.getloadavg()[0]
@@ -310,9 +479,11 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: bool = True) -> dic
   tx = make_update_transform("elementwise", cfg.clip_value, opt)
   wdev, tdev = worker_device(), trusted_device()
   check_cost = (measure_check_cost(model, images, labels, cfg, wdev, progress=progress)
-                if model.layered else None)
-  rows = [] if cfg.only == "check-cost" else _rows(cfg, model, images, labels, tx, opt, wdev, tdev,
-                                                    check_cost, progress)
+                if model.layered and cfg.only in (None, "check-cost") else None)
+  ceiling = (measure_ceiling(model, images, labels, cfg, wdev, progress=progress)
+             if cfg.only in (None, "ceiling") else None)
+  rows = [] if cfg.only is not None else _rows(cfg, model, images, labels, tx, opt, wdev, tdev,
+                                               check_cost, progress)
   params = jax.eval_shape(model.init, keys.seed_streams(0).init_key)
   nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
   return {
@@ -328,6 +499,7 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: bool = True) -> dic
       # average above the number of cores at either end is a warning sign.
       "load_average_1m": {"start": load_start, "end": os.getloadavg()[0], "cpus": os.cpu_count()},
       "check_cost": check_cost,
+      "ceiling": ceiling,
       "rows": rows,
   }
 
@@ -450,6 +622,23 @@ def format_check_cost(result: dict[str, Any]) -> str:
           f"{c['witness_ms']:.1f} ms ({c['witness_mib']:.1f} MiB witness): {c['ratio']:.1f}x cheaper; "
           f"worker witness step {c['witness_step_ms']:.1f} ms = {c['witness_step_ratio']:.3f}x "
           f"fused {c['fused_step_ms']:.1f} ms")
+
+
+def format_ceiling(result: dict[str, Any]) -> str:
+  """The ceiling: the trusted side's cost per step against its memory floor and
+  a pure-TEE step (empty when it was not measured)."""
+  c = result.get("ceiling")
+  if c is None:
+    return ""
+  line = (f"ceiling ({c['report_digest']} digest): trusted side {c['trusted_ms']:.2f} ms/step at p = 0 "
+          f"= {c['vs_floor']:.2f}x its memory floor {c['floor_ms']:.2f} ms "
+          f"({c['bytes_touched'] / 2**20:.1f} MiB at {c['bandwidth_gb_per_s']['all_cores']:.1f} GB/s); "
+          f"pure TEE {c['pure_tee_ms']:.1f} ms: ceiling speed-up {c['ceiling_speedup']:.0f}x")
+  if "trusted_ms_witness" in c:
+    line += (f"\n  with witness checks at p_witness = {c['p_witness']:.3f} (0.999 against k = 16): "
+             f"{c['trusted_ms_at_p_witness']:.2f} ms/step, ceiling speed-up "
+             f"{c['ceiling_speedup_at_p_witness']:.0f}x (every step checked: {c['trusted_ms_witness']:.2f} ms)")
+  return line
 
 
 def write_json(result: dict[str, Any], path: str) -> None:

@@ -145,18 +145,22 @@ def _data(args) -> int:
 
 
 def _bench(args) -> int:
-  from ginn_jax._src.bench import (BenchConfig, format_check_cost, format_table, run_bench,
-                                   write_json)
+  from ginn_jax._src.bench import (BenchConfig, format_ceiling, format_check_cost, format_table,
+                                   run_bench, write_json)
 
   cfg = BenchConfig(model=args.model, batch_size=args.batch_size, steps=args.steps,
                     repeats=args.repeats, warmup=args.warmup,
                     ps=tuple(float(p) for p in args.ps.split(",")),
                     modes=tuple(args.modes.split(",")),
                     p_witnesses=tuple(float(p) for p in args.p_witnesses.split(",") if p.strip()),
-                    check_repeats=args.check_repeats, only=args.only)
+                    check_repeats=args.check_repeats, only=args.only,
+                    ceiling_steps=args.ceiling_steps, ceiling_repeats=args.ceiling_repeats)
   result = run_bench(cfg, progress=not args.no_progress)
   print(format_table(result))
-  print(format_check_cost(result))
+  if args.only in (None, "check-cost"):
+    print(format_check_cost(result))
+  if args.only in (None, "ceiling"):
+    print(format_ceiling(result))
   if args.json:
     write_json(result, args.json)
     print(f"results written to {args.json}")
@@ -237,9 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
   be.add_argument("--check-repeats", type=int, default=None,
                   help="interleaved repetitions of the check-cost measurement (default: as many "
                        "as fit in about 90 s, 3 to 21)")
-  be.add_argument("--only", default=None, choices=["check-cost"],
+  be.add_argument("--only", default=None, choices=["check-cost", "ceiling"],
                   help="measure only this part (check-cost: the trusted cost of re-computing vs "
-                       "witness-checking one step, and the worker's cost of the witness)")
+                       "witness-checking one step, and the worker's cost of the witness; ceiling: "
+                       "the trusted side's own cost per step with a worker that costs nothing, "
+                       "against its memory floor and a pure-TEE step)")
+  be.add_argument("--ceiling-steps", type=int, default=8,
+                  help="recorded honest steps the ceiling replays")
+  be.add_argument("--ceiling-repeats", type=int, default=7,
+                  help="interleaved replays per ceiling configuration")
   be.add_argument("--json", default=None, metavar="PATH")
   be.add_argument("--no-progress", action="store_true")
   be.set_defaults(func=_bench)

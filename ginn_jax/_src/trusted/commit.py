@@ -175,8 +175,19 @@ def receive_report(report: object, *, step: int, params: Params, device: jax.Dev
     DtypeMismatch: each with the step and the leaf path; nothing was copied.
   """
   arrays, paths, loss = _check_form(report, step=step, params=params)
-  leaves = jax.device_put(arrays, device, may_alias=False)
-  return ReceivedReport(step=step, leaves=leaves, paths=paths, loss=loss)
+  return ReceivedReport(step=step, leaves=copy_to(arrays, device), paths=paths, loss=loss)
+
+
+def copy_to(arrays: list, device: jax.Device) -> list[jax.Array]:
+  """Copies of `arrays` (numpy or jax, on any device) on `device`, in one
+  batched transfer that is not waited for; never an alias of the inputs.
+
+  (One ``may_alias=False`` per array: given once for a whole list of numpy
+  arrays, jax 0.10 aliases them on a CPU device; for a jax array already on
+  `device`, a plain `device_put` returns the same buffer.)
+  """
+  n = len(arrays)
+  return jax.device_put(list(arrays), [device] * n, may_alias=[False] * n)
 
 
 def digest_received(received: ReceivedReport, *, name: str = DEFAULT_DIGEST) -> bytes:

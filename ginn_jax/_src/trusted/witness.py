@@ -126,7 +126,7 @@ def validate_witness(witness: object, *, step: int, spec: WitnessSpec,
   if device is None:
     copies = [np.array(jax.device_get(a), order="C", copy=True) for a in arrays]
   else:
-    copies = jax.device_put(arrays, device, may_alias=False)
+    copies = commit.copy_to(arrays, device)
   for where, c in zip(places, copies):
     view = np.asarray(c)  # Zero-copy on a CPU device.
     if not np.isfinite(np.add.reduce(view, axis=None)):  # Finite sum: every value is finite.
