@@ -182,12 +182,14 @@ def copy_to(arrays: list, device: jax.Device) -> list[jax.Array]:
   """Copies of `arrays` (numpy or jax, on any device) on `device`, in one
   batched transfer that is not waited for; never an alias of the inputs.
 
-  (One ``may_alias=False`` per array: given once for a whole list of numpy
-  arrays, jax 0.10 aliases them on a CPU device; for a jax array already on
-  `device`, a plain `device_put` returns the same buffer.)
+  A numpy array is copied on the host first: on a CPU device jax may use an
+  aligned numpy buffer in place (zero-copy) even with ``may_alias=False``
+  (jax 0.10), and the worker could then change it after the check. A jax
+  array already on `device` is copied too (``may_alias=False``).
   """
-  n = len(arrays)
-  return jax.device_put(list(arrays), [device] * n, may_alias=[False] * n)
+  own = [np.array(a, order="C", copy=True) if isinstance(a, np.ndarray) else a for a in arrays]
+  n = len(own)
+  return jax.device_put(own, [device] * n, may_alias=[False] * n)
 
 
 def digest_received(received: ReceivedReport, *, name: str = DEFAULT_DIGEST) -> bytes:
