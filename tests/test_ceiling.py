@@ -124,23 +124,24 @@ def test_received_digest_equals_the_host_digest(name):
     commit.report_digest(5, [], np.float32(0), name="md5")
 
 
-def test_one_pass_check_finds_a_nan_in_any_chunk_and_counts_it(monkeypatch):
-  monkeypatch.setattr(commit, "CHUNK_BYTES", 64)  # 16 float32 a chunk: many chunks.
-  dev = ginn.trusted_device()
-  params = {"w": np.zeros(1000, np.float32)}
-  for where in (0, 17, 999):
-    g = np.zeros(1000, np.float32)
-    g[where] = np.nan
-    g[-where - 1] = np.inf
-    received = commit.receive_report(GradientReport(0, {"w": g}, np.float32(1)), step=0, params=params,
-                                     device=dev)
-    with pytest.raises(ginn.NonFiniteReport, match=r"\['w'\] holds 2 NaN/Inf"):
-      commit.digest_received(received)
-  # Finite values whose sum overflows float32 are accepted (counted exactly, none bad).
-  g = np.full(1000, 3e38, np.float32)
-  received = commit.receive_report(GradientReport(0, {"w": g}, np.float32(1)), step=0, params=params,
-                                   device=dev)
-  assert len(commit.digest_received(received)) == 32
+@pytest.mark.parametrize("where", [0, 17, 999])
+def test_update_flags_find_a_nan_anywhere_and_count_it(mlp, small_data, where):
+  x, y = small_data
+  rt = ginn.TrustedRuntime(mlp, x, y, config(p=0.0), audit_secret=SECRET)
+  before = (rt.step, tree_bytes(rt.state.params), tree_bytes(rt.state.opt_state), len(rt.transcript))
+  r = ginn.HonestWorker(mlp, x, y)(rt.next_order())
+  grads = host(r.grads)
+  leaf = grads["Dense_0"]["kernel"].reshape(-1)
+  leaf[where], leaf[-where - 1] = np.nan, -np.inf
+  with pytest.raises(ginn.NonFiniteReport, match=r"\['Dense_0'\]\['kernel'\] holds 2 NaN/Inf"):
+    rt.submit(GradientReport(step=0, grads=grads, loss=r.loss))
+  assert (rt.step, tree_bytes(rt.state.params), tree_bytes(rt.state.opt_state), len(rt.transcript)) == before
+  # Finite values whose float32 sum overflows are finite: accepted.
+  big = jax.tree_util.tree_map(lambda g: np.full_like(g, 3e38), host(r.grads))
+  rt.submit(GradientReport(step=0, grads=big, loss=r.loss))
+  assert rt.step == 1
+  leaves, _ = commit.validate_report(GradientReport(step=0, grads=big, loss=r.loss), step=0, params=big)
+  assert all((leaf == np.float32(3e38)).all() for leaf in leaves)  # The host check agrees.
 
 
 def test_digest_is_named_in_the_header_and_sha256_runs_audit_and_resume(tmp_path, mlp, small_data,

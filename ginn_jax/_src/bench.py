@@ -342,18 +342,14 @@ def _nbytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
-def _host_copy(tree):
-  return jax.tree_util.tree_map(lambda x: np.array(jax.device_get(x), copy=True), tree)
-
-
 def measure_ceiling(model, images, labels, cfg: BenchConfig, wdev: jax.Device, *,
                     progress: bool = False, report_digest: str = commit.DEFAULT_DIGEST) -> dict[str, Any]:
   """The trusted side's own cost per step, with a worker that costs nothing.
 
   An `HonestWorker` on `wdev` computes `cfg.ceiling_steps` steps (and, for a
-  layered model, their witnesses); host copies of its reports are then
-  replayed into a runtime restored to step 0 (the same reports give the same
-  trajectory, so every replayed report and witness is honest). A timed step is
+  layered model, their witnesses); its reports, kept computed on `wdev`, are
+  then replayed into a runtime restored to step 0 (the same reports give the
+  same trajectory, so every replayed report and witness is honest). A timed step is
   ``next_order`` + ``submit`` + waiting for the update: receiving, checking,
   hashing, MAC and coins, and the clipped update, synchronised.
 
@@ -384,7 +380,9 @@ def measure_ceiling(model, images, labels, cfg: BenchConfig, wdev: jax.Device, *
     runtimes["witness"] = TrustedRuntime(
         model, images, labels, dataclasses.replace(base, p_witness=1.0),
         audit_secret=b"ceiling-" + bytes(24), report_digest=report_digest)
-  # Record: the honest worker's reports and witnesses of steps 0..n-1, as host copies.
+  # Record: the honest worker's reports and witnesses of steps 0..n-1. They stay
+  # on the worker's device, computed: replaying them costs the worker nothing,
+  # and the trusted side receives them as it would a fresh report.
   rec = runtimes["p0"]
   initial = rec.state
   worker = HonestWorker(model, images, labels, device=wdev, witness="keep" if witness else "recompute")
@@ -393,11 +391,8 @@ def measure_ceiling(model, images, labels, cfg: BenchConfig, wdev: jax.Device, *
     order = rec.next_order()
     report = worker(order)
     if witness:
-      w = worker.witness(WitnessRequest(step=order.step, order=order))
-      witnesses[order.step] = dataclasses.replace(w, outputs=_host_copy(list(w.outputs)),
-                                                  input_grads=_host_copy(list(w.input_grads)))
-    report = dataclasses.replace(report, grads=_host_copy(report.grads),
-                                 loss=np.float32(jax.device_get(report.loss)))
+      witnesses[order.step] = worker.witness(WitnessRequest(step=order.step, order=order))
+    jax.block_until_ready((report.grads, witnesses.get(order.step)))
     reports.append(report)
     rec.submit(report)
   answer = lambda request: witnesses[request.step]  # noqa: E731

@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -161,6 +162,23 @@ def apply_update(tx: optax.GradientTransformation, state: TrainState, grads: Par
   """One clip-then-optimizer update on the trusted device (pure, jitted)."""
   params, opt_state = _jit_update(tx, state.params, state.opt_state, grads)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _checked_update(tx: optax.GradientTransformation, params, opt_state, grads):
+  """`_update_arrays` and, from the same reads of the gradient, whether each
+  leaf is all finite (so the runtime needs no separate pass over the report)."""
+  finite = jnp.stack([jnp.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads)])
+  return (*_update_arrays(tx, params, opt_state, grads), finite)
+
+
+def checked_update(tx: optax.GradientTransformation, state: TrainState,
+                   grads: Params) -> tuple[TrainState, jax.Array]:
+  """`apply_update`, plus a bool per gradient leaf: all its values are finite.
+  Dispatched asynchronously; the caller must read the flags before it may use
+  the new state."""
+  params, opt_state, finite = _checked_update(tx, state.params, state.opt_state, grads)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), finite
 
 
 class PhaseClock:
@@ -312,11 +330,14 @@ class TrustedRuntime:
     # The update is dispatched now, so that it runs while the report is hashed,
     # and committed below only once the report is accepted; until then
     # `self.state` is the previous state (a rejected report leaves it as it was).
-    new_state = apply_update(self.tx, self.state,
-                             jax.tree_util.tree_unflatten(self._treedef, received.leaves))
+    # It also finds non-finite values, from its own reads of the gradient.
+    new_state, finite = checked_update(self.tx, self.state,
+                                       jax.tree_util.tree_unflatten(self._treedef, received.leaves))
     lap("update")  # Dispatch only.
-    digest = commit.digest_received(received, name=self.report_digest_name)  # NaN/Inf: rejected.
-    lap("digest")  # One pass over the received bytes: finiteness and hash.
+    digest = commit.digest_received(received, name=self.report_digest_name)
+    lap("digest")
+    commit.check_finite(received, np.asarray(finite))  # Waits for the update; NaN/Inf: rejected.
+    lap("finite")
     loss = received.loss
     tag = commit.report_mac(self._keys.mac_key, digest)
     sampled = keys.verification_coin(self._keys, t, digest, self.config.p)  # After the commit.
