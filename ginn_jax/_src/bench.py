@@ -11,10 +11,14 @@ them alike), after warm-up, and reported as the median over repetitions:
   clip+update, verify) at each p, synchronous and deferred; and at p = 0 with
   witness checks at each p_witness (the worker then keeps each step's witness).
 
+``ceiling`` (`measure_ceiling`): the trusted side's own cost per step with a
+worker that costs nothing, against the memory floor of the bytes a step must
+touch and a pure-TEE step (docs/performance.md, "The ceiling").
+
 ``check_cost`` (measured the same way, per step) compares the trusted side's
 two checks of one step: ``recompute_ms``, re-computing the step's gradient and
 comparing it with the report, against ``witness_ms``, the witness check
-(validating, SHA-256 hashing and moving the witness, then the Freivalds
+(validating, BLAKE3 hashing and moving the witness, then the Freivalds
 checks), and the worker's cost of producing the witness
 (``witness_step_ratio``: its gradient+witness pass over the fused gradient
 pass).
