@@ -94,6 +94,17 @@ def test_check_cost_in_process_cnn(mnist5k):
   assert c["witness_mib"] == spec.nbytes / 2**20
 
 
+def test_bench_only_ceiling(tmp_path):
+  stdout, res = _bench(tmp_path, "--only", "ceiling", "--batch-size", "16", "--ceiling-steps", "2",
+                       "--ceiling-repeats", "1")
+  assert res["rows"] == [] and res["check_cost"] is None and "ceiling (blake3 digest)" in stdout
+  c = res["ceiling"]
+  for k in ("trusted_ms", "floor_ms", "pure_tee_ms", "ceiling_speedup", "vs_floor",
+            "trusted_ms_at_p_witness"):
+    assert c[k] > 0, k
+  assert res["config"]["only"] == "ceiling" and c["steps"] == 2 and c["repeats"] == 1
+
+
 def test_bench_config_rejects_unknown_only():
   from ginn_jax._src.bench import BenchConfig
   with pytest.raises(ValueError, match="only"):
@@ -106,7 +117,7 @@ def test_no_recompilation_after_the_first_step(mlp, small_data, deferred):
   rt = ginn.TrustedRuntime(mlp, *small_data, cfg, audit_secret=b"x" * 32, deferred=deferred)
   w = ginn.HonestWorker(mlp, *small_data)
   ginn.train(rt, w, 1, progress=False)
-  jitted = [runtime_mod._jit_update, w.grad_fn._fn, rt._reference._fn]
+  jitted = [runtime_mod._checked_update, w.grad_fn._fn, rt._reference._fn]
   sizes = [f._cache_size() for f in jitted]
   ginn.train(rt, w, 40, progress=False)  # Crosses two epochs; p = 0.5 re-computes on the trusted side.
   rt.close()
