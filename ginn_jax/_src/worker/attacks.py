@@ -373,6 +373,12 @@ class StealthWorker(MaliciousWorker):
   one. Verification compares against g, so every report passes; what the
   attacker gains is bounded by the tolerance (calibrate it tightly).
 
+  It reads the tolerance's two numbers as per-leaf bounds whatever its mode.
+  Against an element-wise tolerance (the paper's rule) that is a small share
+  of what passes (and passes only while ``margin * max_abs * max|g|`` stays
+  below the absolute bound); `ToleranceAwareWorker` with
+  ``direction="backdoor"`` uses the whole of it.
+
   Args:
     model, images, labels, schedule, device: as for `MaliciousWorker`.
     tolerance: the public verification tolerance (any object with `rel_l2`
