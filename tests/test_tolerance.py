@@ -243,6 +243,16 @@ def test_attacker_sized_to_a_looser_rule_is_caught_by_the_paper_rule(mlp, small_
   assert info.value.step == 1 and info.value.breaks
 
 
+def test_attacker_inside_the_paper_rule_is_caught_by_the_witness_check(mlp, small_data, target):
+  """The witness check keeps its own calibrated per-leaf tolerance (1e-4 floor):
+  a report that the paper's rule lets through is far outside it."""
+  rt = ginn.TrustedRuntime(mlp, *small_data, config(p=0.0, p_witness=1.0), audit_secret=SECRET,
+                           tolerance=PAPER)
+  with pytest.raises(ginn.WitnessViolation) as info:
+    ginn.train(rt, aware(mlp, small_data, target, PAPER, start=1), 3, progress=False)
+  assert info.value.step == 1
+
+
 def test_tolerance_aware_attacker_refuses_bad_arguments(mlp, small_data, target):
   with pytest.raises(ValueError, match="finite"):
     aware(mlp, small_data, target, ginn.Tolerance(float("inf"), 1.0))
@@ -301,3 +311,31 @@ def test_run_header_keeps_the_elementwise_mode_and_the_audit_uses_it(tmp_path, m
   verify.check(c, PAPER, step=0)
   with pytest.raises(ginn.IntegrityViolation):
     verify.check(c, LOOSE, step=0)
+
+
+# -- experiment 6, smoke test -----------------------------------------------------
+
+
+def test_tolerance_attack_experiment_smoke(tmp_path):
+  """The real script, tiny config (2 honest steps, k = 1, 2, MLP)."""
+  import importlib.util
+  import pathlib
+  import sys
+  root = pathlib.Path(__file__).resolve().parents[1]
+  spec = importlib.util.spec_from_file_location("experiments_tolerance_attack",
+                                                root / "experiments" / "tolerance_attack.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["experiments_tolerance_attack"] = module  # dataclasses look their module up.
+  spec.loader.exec_module(module)
+  assert module.main(["--tiny", "--no-progress", "--out", str(tmp_path), "--model", "mlp",
+                      "--calibrated", json.dumps(FLOOR.to_dict())]) == 0
+  assert (tmp_path / "tolerance_attack.png").stat().st_size > 1000
+  res = json.loads((tmp_path / "tolerance_attack.json").read_text())
+  assert [s["tolerance"] for s in res["summary"]] == ["paper rule", "per-leaf 1e-2/5e-2", "calibrated"]
+  assert res["summary"][0]["rule"] == PAPER.to_dict() and res["summary"][2]["rule"] == FLOOR.to_dict()
+  for r in res["runs"]:
+    for naive in r["naive"].values():
+      assert naive["caught"] and naive["violation"]["step"] == 2  # After the 2-step prefix.
+    assert [c["k"] for c in r["curve"]] == [1, 2]
+    assert all(c["violations"] == 0 and c["steps_verified"] == c["k"] for c in r["curve"])
+  assert res["runs"][0]["naive"]["model_replacement"]["violation"]["num_broken"] >= 1
