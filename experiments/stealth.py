@@ -1,7 +1,9 @@
-"""Experiment 5: the stealth attacker, which stays inside the verification
+"""Experiment 5: the stealth attacker, which stays inside a per-leaf verification
 tolerance on every step of a whole run. Reports the ASR it reaches at the
-calibrated tolerance and at the paper's prototype tolerance, next to an honest
-run. This is where the method can fail: the results say so plainly.
+calibrated tolerance and at the per-leaf normalised 1e-2/5e-2 tolerance
+(`LOOSE_PER_LEAF_TOLERANCE`: the paper's two numbers read as per-leaf bounds,
+labelled "paper prototype" before issue 13; the paper's own element-wise rule
+is far looser, see experiments/tolerance_attack.py), next to an honest run.
 
 Reproduce the committed results (about 3 minutes on 2 CPU cores):
 
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
     calibrated = ginn.calibrate_tolerance(
         lab.model, *lab.train_data, lab.protocol(seed=0, p=1.0, clip=cfg.clip, clip_value=cfg.clip_value),
         num_steps=2 if args.tiny else 8).tolerance
-  tolerances = [("calibrated", calibrated), ("paper prototype", ginn.PAPER_PROTOTYPE_TOLERANCE)]
+  tolerances = [("calibrated", calibrated), ("per-leaf 1e-2/5e-2", ginn.LOOSE_PER_LEAF_TOLERANCE)]
   result = stealth_runs(lab, tolerances, seeds=cfg.seeds, steps=cfg.steps, p=cfg.p, clip=cfg.clip,
                         clip_value=cfg.clip_value, eval_every=cfg.eval_every, progress=not args.no_progress)
   save_experiment(args.out, "stealth", result, lab=lab, config=cfg, argv=argv, plot=plot)

@@ -64,7 +64,8 @@ from ginn_jax._src.trusted.runtime import TrustedRuntime
 from ginn_jax._src.trusted.transforms import make_update_transform
 from ginn_jax._src.trusted.transforms import OptimizerConfig
 from ginn_jax._src.trusted.verify import Tolerance
-from ginn_jax._src.trusted.verify import PAPER_PROTOTYPE as PAPER_PROTOTYPE_TOLERANCE
+from ginn_jax._src.trusted.verify import PAPER_PROTOTYPE_TOLERANCE
+from ginn_jax._src.trusted.verify import LOOSE_PER_LEAF_TOLERANCE
 from ginn_jax._src.trusted.verify import DEFAULT_WITNESS_FLOOR
 # Workers.
 from ginn_jax._src.worker.honest import HonestWorker
@@ -82,6 +83,7 @@ from ginn_jax._src.worker.attacks import ModelReplacementWorker
 from ginn_jax._src.worker.attacks import NoiseWorker
 from ginn_jax._src.worker.attacks import ScaledBackdoorWorker
 from ginn_jax._src.worker.attacks import StealthWorker
+from ginn_jax._src.worker.attacks import ToleranceAwareWorker
 from ginn_jax._src.worker.attacks import WitnessForgeryWorker
 # Loop, calibration, metrics, analysis.
 from ginn_jax._src.loop import train

@@ -48,7 +48,7 @@ def test_attack_budget(tmp_path):
 
 def test_stealth(tmp_path):
   res = run_script("stealth", tmp_path, "--model", "mlp")
-  assert [r["tolerance"] for r in res["runs"]] == ["calibrated", "paper prototype"]
+  assert [r["tolerance"] for r in res["runs"]] == ["calibrated", "per-leaf 1e-2/5e-2"]
   for r in res["runs"]:
     assert r["violations"] == 0 and len(r["curve"]) == 2
 

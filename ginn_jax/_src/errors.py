@@ -58,27 +58,52 @@ class IntegrityViolation(GinnError, RuntimeError):
   Attributes:
     step: the training step whose report failed verification.
     leaf: the path of the first leaf (in tree order) outside tolerance.
-    error: ``{"rel_l2": ..., "max_abs": ...}`` measured at that leaf.
+    error: ``{"rel_l2": ..., "max_abs": ...}`` measured at that leaf; for an
+      element-wise tolerance also ``num_broken`` and ``num_elements`` there.
     tolerance: the tolerance it was compared with.
+    breaks: for an element-wise tolerance, one dict per leaf with breaking
+      elements (tree order): ``leaf``, ``count``, ``size``, the first few
+      ``indices`` and the ``reported`` and ``reference`` values there; None
+      for a per-leaf tolerance.
     result: set by `ginn_jax.train` to the partial `TrainResult` (parameters
       as of the last accepted step, transcript so far), so nothing is lost.
   """
 
   check = "recompute"
 
-  def __init__(self, *, step: int, leaf: str, error: dict[str, float], tolerance: Any):
+  def __init__(self, *, step: int, leaf: str, error: dict[str, float], tolerance: Any,
+               breaks: list[dict[str, Any]] | None = None):
     self.step = step
     self.leaf = leaf
     self.error = error
     self.tolerance = tolerance
+    self.breaks = breaks
     self.result: Any = None
+    if breaks:
+      what = (f"{sum(b['count'] for b in breaks):,} elements in {len(breaks)} "
+              f"{'leaf' if len(breaks) == 1 else 'leaves'} break the "
+              f"element-wise tolerance (a reported, b trusted: accepted if |a-b| < "
+              f"{tolerance.rel_l2:.3g}*max(|a|,|b|) or |a-b| < {tolerance.max_abs:.3g}): "
+              f"{_describe_breaks(breaks)}. ")
+    else:
+      what = (f"leaf {leaf} differs from the trusted recomputation by rel_l2={error['rel_l2']:.3e}, "
+              f"max_abs={error['max_abs']:.3e} (tolerance rel_l2<={tolerance.rel_l2:.3e}, "
+              f"max_abs<={tolerance.max_abs:.3e}). ")
     super().__init__(
-        f"integrity violation at step {step}: leaf {leaf} differs from the trusted "
-        f"recomputation by rel_l2={error['rel_l2']:.3e}, max_abs={error['max_abs']:.3e} "
-        f"(tolerance rel_l2<={tolerance.rel_l2:.3e}, max_abs<={tolerance.max_abs:.3e}). "
+        f"integrity violation at step {step}: {what}"
         "The worker's report for this step is not the gradient the model, batch and key "
         "define; training is halted and no further update is applied."
     )
+
+
+def _describe_breaks(breaks: list[dict[str, Any]], max_leaves: int = 6) -> str:
+  parts = []
+  for b in breaks[:max_leaves]:
+    first = ", ".join(f"{tuple(i)} {r:.4g} vs {t:.4g}"
+                      for i, r, t in zip(b["indices"], b["reported"], b["reference"]))
+    parts.append(f"{b['leaf']}: {b['count']:,} of {b['size']:,} (first: {first})")
+  more = len(breaks) - max_leaves
+  return "; ".join(parts) + (f"; and {more} more leaves" if more > 0 else "")
 
 
 class WitnessViolation(IntegrityViolation):
@@ -93,12 +118,14 @@ class WitnessViolation(IntegrityViolation):
   check = "witness"
 
   def __init__(self, *, step: int, leaf: str, error: dict[str, float] | None = None,
-               tolerance: Any = None, reason: str | None = None):
+               tolerance: Any = None, reason: str | None = None,
+               breaks: list[dict[str, Any]] | None = None):
     self.step = step
     self.leaf = leaf
     self.error = error
     self.tolerance = tolerance
     self.reason = reason
+    self.breaks = breaks
     self.result: Any = None
     if error is None:
       msg = (f"integrity violation at step {step}: the witness check failed at {leaf}: {reason}. "

@@ -12,7 +12,10 @@ gradient everywhere else. On a malicious step it reports:
 * `LabelFlipWorker` -- the gradient with labels flipped, no trigger;
 * `NoiseWorker` -- random noise (instead of, or on top of, the gradient);
 * `StealthWorker` -- the honest gradient plus the largest perturbation towards
-  the backdoor that still passes the verification tolerance;
+  the backdoor that still passes a per-leaf verification tolerance;
+* `ToleranceAwareWorker` -- the report closest to model replacement's (or
+  furthest along the backdoor gradient) that passes any `ginn_jax.Tolerance`,
+  per-leaf or element-wise (the paper's rule);
 * `WitnessForgeryWorker` -- a poisoned gradient with a forged answer to the
   witness challenge (the honest witness, its poisoned batch's own consistent
   witness, or a malformed one).
@@ -54,7 +57,8 @@ ClipMode = Literal["elementwise", "global_norm", "none"]
 
 
 class Bounds(Protocol):
-  """Anything with the two per-leaf verification bounds (e.g. `ginn_jax.Tolerance`)."""
+  """Anything with the two verification bounds (e.g. `ginn_jax.Tolerance`); an
+  object with ``mode == "elementwise"`` means the paper's element-wise rule."""
 
   rel_l2: float
   max_abs: float
@@ -369,6 +373,12 @@ class StealthWorker(MaliciousWorker):
   one. Verification compares against g, so every report passes; what the
   attacker gains is bounded by the tolerance (calibrate it tightly).
 
+  It reads the tolerance's two numbers as per-leaf bounds whatever its mode.
+  Against an element-wise tolerance (the paper's rule) that is a small share
+  of what passes (and passes only while ``margin * max_abs * max|g|`` stays
+  below the absolute bound); `ToleranceAwareWorker` with
+  ``direction="backdoor"`` uses the whole of it.
+
   Args:
     model, images, labels, schedule, device: as for `MaliciousWorker`.
     tolerance: the public verification tolerance (any object with `rel_l2`
@@ -401,6 +411,141 @@ class StealthWorker(MaliciousWorker):
     loss, grads = self.honest.grad_fn(params, indices, jax.random.clone(key))
     return loss, _stealth(self.model, self.backdoor, self.rel_l2_budget, self.max_abs_budget,
                           params, self.images, self.labels, indices, key, grads)
+
+
+# -- tolerance-aware ------------------------------------------------------------
+
+Direction = Literal["model_replacement", "backdoor"]
+
+
+def _push(elementwise: bool, rel: float, absolute: float, capped: bool, g: jax.Array,
+          u: jax.Array) -> jax.Array:
+  """`g` plus the largest push along `u` that the (margin-scaled) bounds allow;
+  `capped`: never further than ``g + u`` (u leads to a goal, not a direction)."""
+  if elementwise:
+    # Accepted if |d| < rel*max(|a|,|b|) or |d| < absolute; rel*|g| <= rel*max(|a|,|b|).
+    bound = jnp.maximum(rel * jnp.abs(g), absolute)
+    return g + (jnp.clip(u, -bound, bound) if capped else bound * jnp.sign(u))
+  g_norm, u_norm = jnp.linalg.norm(g.ravel()), jnp.linalg.norm(u.ravel())
+  g_max, u_max = jnp.max(jnp.abs(g)), jnp.max(jnp.abs(u))
+  s = jnp.minimum(rel * g_norm / jnp.maximum(u_norm, _TINY), absolute * g_max / jnp.maximum(u_max, _TINY))
+  if capped:
+    s = jnp.minimum(s, 1.0)
+  return g + jnp.where(u_max > 0, s, 0.0) * u
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _aware_replacement(elementwise, rel, absolute, clip, clip_value, learning_rate, params, target, grads):
+  goal = _towards(clip, clip_value, learning_rate, params, target)
+  return jax.tree_util.tree_map(lambda g, t: _push(elementwise, rel, absolute, True, g, t - g), grads, goal)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _aware_backdoor(elementwise, rel, absolute, model, backdoor, params, images, labels, indices, key,
+                    grads):
+  batch = backdoor.triggered(Batch(images[indices], labels[indices]))
+  _, direction = _value_and_grad(model, params, batch, key)
+  return jax.tree_util.tree_map(lambda g, d: _push(elementwise, rel, absolute, False, g, d), grads, direction)
+
+
+class ToleranceAwareWorker(MaliciousWorker):
+  """On scheduled steps: the report that pushes hardest towards a backdoor while
+  still passing the (public) verification tolerance, per-leaf or element-wise.
+
+  With g the honest gradient (computed by the same function the verifier
+  re-runs) and u the attacker's wish for this step:
+
+  * ``direction="model_replacement"``: u = goal - g, with goal the report of
+    `ModelReplacementWorker` (``C * sign(params - target)`` for an
+    element-wise clip C); the report is as close to the goal as passes.
+  * ``direction="backdoor"``: u = the gradient of the backdoor loss (every
+    eligible example triggered, as `StealthWorker`); the report goes as far
+    along it as passes.
+
+  Element-wise tolerance (the paper's rule, ``|a-b| < rel*max(|a|,|b|)`` or
+  ``|a-b| < abs``): per element, the bound is ``b = margin * max(rel*|g|, abs)``
+  (the larger of the relative and absolute bounds; ``rel*|g|`` never exceeds
+  ``rel*max(|a|,|b|)``); the report is ``g + clip(u, -b, b)`` (model
+  replacement) or ``g + b * sign(u)`` (backdoor). With a narrow clip C below
+  `abs`, most coordinates can then report any value in ``[-C, C]``.
+
+  Per-leaf tolerance: ``g + s * u`` with s the largest scale such that
+  ``||s u|| / ||g|| <= margin * rel_l2`` and ``max|s u| / max|g| <= margin * max_abs``
+  (and ``s <= 1`` for model replacement): `StealthWorker`'s rule.
+
+  The reported loss is the honest one.
+
+  Args:
+    model, images, labels, schedule, device: as for `MaliciousWorker`.
+    tolerance: the public verification tolerance (``rel_l2``, ``max_abs`` and
+      ``mode``, e.g. `ginn_jax.PAPER_PROTOTYPE_TOLERANCE`).
+    direction: "model_replacement" or "backdoor".
+    target_params, clip, clip_value, learning_rate: as for
+      `ModelReplacementWorker` (model replacement only).
+    backdoor: trigger, target and source of the backdoor ("backdoor" only).
+    margin: share of each bound used, below 1 to absorb rounding and honest
+      worker-vs-trusted differences; default 0.998 element-wise (0.0499 of an
+      absolute bound 0.05), 0.9 per leaf (a calibrated tolerance is 10x the
+      largest honest error).
+
+  Raises:
+    ValueError: a non-finite tolerance, a margin outside (0, 1], an unknown
+      direction, or model replacement without a target or with a clip mode
+      lacking its value.
+
+  Example::
+
+    attacker = ginn.ToleranceAwareWorker(model, x, y, schedule=ginn.schedules.FromStep(300),
+                                         tolerance=ginn.PAPER_PROTOTYPE_TOLERANCE,
+                                         target_params=backdoored, clip_value=0.005)
+  """
+
+  def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
+               schedule: Schedule, tolerance: Bounds, direction: Direction = "model_replacement",
+               target_params: Params | None = None, clip: ClipMode = "elementwise",
+               clip_value: float | None = 0.01, learning_rate: float | None = None,
+               backdoor: Backdoor = Backdoor(), margin: float | None = None,
+               device: jax.Device | None = None):
+    super().__init__(model, images, labels, schedule=schedule, device=device)
+    rel, absolute = float(tolerance.rel_l2), float(tolerance.max_abs)
+    if not (math.isfinite(rel) and math.isfinite(absolute) and rel >= 0 and absolute >= 0):
+      raise ValueError(f"tolerance must be finite and non-negative, got ({rel}, {absolute})")
+    self.elementwise = getattr(tolerance, "mode", "per_leaf") == "elementwise"
+    margin = (0.998 if self.elementwise else 0.9) if margin is None else float(margin)
+    if not 0.0 < margin <= 1.0:
+      raise ValueError(f"margin must be in (0, 1], got {margin!r}")
+    if direction not in ("model_replacement", "backdoor"):
+      raise ValueError(f"direction must be 'model_replacement' or 'backdoor', got {direction!r}")
+    self.direction = direction
+    self.margin = margin
+    self.rel_budget, self.abs_budget = margin * rel, margin * absolute
+    self.backdoor = backdoor
+    self.target_params = None
+    if direction == "model_replacement":
+      if target_params is None:
+        raise ValueError("direction='model_replacement' needs target_params (see make_backdoored_params)")
+      if clip not in ("elementwise", "global_norm", "none"):
+        raise ValueError(f"unknown clip mode {clip!r}; choose 'elementwise', 'global_norm' or 'none'")
+      if clip != "none" and not (clip_value and clip_value > 0):
+        raise ValueError(f"clip {clip!r} needs a positive clip_value, got {clip_value!r}")
+      if clip == "none" and not (learning_rate and learning_rate > 0):
+        raise ValueError("clip='none' needs the SGD learning_rate to aim a single step at the target")
+      self.target_params = jax.device_put(target_params, self.device)
+    self.clip = clip
+    self.clip_value = None if clip_value is None else float(clip_value)
+    self.learning_rate = None if learning_rate is None else float(learning_rate)
+
+  def attack(self, step: int, params: Params, indices: jax.Array,
+             key: jax.Array) -> tuple[jax.Array, Params]:
+    del step
+    # The honest part comes from the very function the verifier re-runs.
+    loss, grads = self.honest.grad_fn(params, indices, jax.random.clone(key))
+    if self.direction == "model_replacement":
+      return loss, _aware_replacement(self.elementwise, self.rel_budget, self.abs_budget, self.clip,
+                                      self.clip_value, self.learning_rate, params, self.target_params,
+                                      grads)
+    return loss, _aware_backdoor(self.elementwise, self.rel_budget, self.abs_budget, self.model,
+                                 self.backdoor, params, self.images, self.labels, indices, key, grads)
 
 
 # -- forged witnesses ----------------------------------------------------------------------
