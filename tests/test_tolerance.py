@@ -339,3 +339,9 @@ def test_tolerance_attack_experiment_smoke(tmp_path):
     assert [c["k"] for c in r["curve"]] == [1, 2]
     assert all(c["violations"] == 0 and c["steps_verified"] == c["k"] for c in r["curve"])
   assert res["runs"][0]["naive"]["model_replacement"]["violation"]["num_broken"] >= 1
+
+
+def test_runtime_refuses_an_elementwise_witness_tolerance(mlp, small_data):
+  with pytest.raises(ValueError, match="witness_tolerance must be a per-leaf tolerance"):
+    ginn.TrustedRuntime(mlp, *small_data, ginn.ProtocolConfig(batch_size=32),
+                        witness_tolerance=ginn.PAPER_PROTOTYPE_TOLERANCE, audit_secret=b"x" * 32)

@@ -275,7 +275,8 @@ def _replay(ctx: _Context, start: TrainState, end: TrainState, reports, tol) -> 
     loss, grads = ctx.grad_fn(state.params, ctx.schedule.indices(t), keys.layer_key(ctx.streams, t))
     if t in reports:
       leaves, rep_loss = jax.device_put(reports[t], ctx.device)
-      c = verify.compare(leaves, rep_loss, jax.tree_util.tree_leaves(grads), loss, ctx.paths)
+      c = verify.compare(leaves, rep_loss, jax.tree_util.tree_leaves(grads), loss, ctx.paths,
+                         tolerance=ctx.tolerance)
       try:
         verify.check(c, ctx.tolerance, step=t)
       except errors.IntegrityViolation as v:

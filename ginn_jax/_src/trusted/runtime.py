@@ -253,6 +253,10 @@ class TrustedRuntime:
     self.report_digest_name = report_digest
     self.tolerance = tolerance or verify.DEFAULT_FLOOR
     self.witness_tolerance = witness_tolerance or verify.DEFAULT_WITNESS_FLOOR
+    if self.witness_tolerance.elementwise:
+      raise ValueError(
+          "witness_tolerance must be a per-leaf tolerance: a witness check compares "
+          "random projections, which have no elements to hold to an element-wise rule")
     self.tx = make_update_transform(config.clip, config.clip_value, optimizer or config.optimizer)
     self.dataset_digest = dataset_digest(images, labels)
     self._keys = keys.audit_keys(audit_secret if audit_secret is not None else keys.new_audit_secret())
@@ -540,7 +544,8 @@ class TrustedRuntime:
     if check.recompute:
       ref_loss, ref_grads = self._reference(check.params, check.batch_indices, check.layer_key)
       comparison = verify.compare(check.reported, reported_loss,
-                                  jax.tree_util.tree_leaves(ref_grads), ref_loss, self._paths)
+                                  jax.tree_util.tree_leaves(ref_grads), ref_loss, self._paths,
+                                  tolerance=self.tolerance)
     if check.witness is not None:
       grads = jax.tree_util.tree_unflatten(self._treedef, check.reported)
       outputs, input_grads, prep = check.witness
