@@ -1,0 +1,143 @@
+"""Experiment 6: the stealth threshold. Sweeps the verification tolerance t
+(``rel_l2 = max_abs = t``) for an attacker that stays inside it on every step,
+reports ASR and clean accuracy per t, and finds t*, the first t whose ASR
+reaches 50% (with the bracketing pair and a log-linear interpolation).
+
+Training runs use p = 0 (the attacker passes every check by construction);
+probes fork a few fully verified steps (re-computation and witness check) at
+each evaluation point and record the worst error each check saw, as a share
+of t. Results are written after every run, so a partial sweep is kept;
+``--resume`` skips the runs already in the JSON.
+
+Reproduce the committed results (about an hour on 2 CPU cores):
+
+    python experiments/stealth_threshold.py --out docs/results --resume \\
+        --store ginn_jax/_src/thresholds.json
+
+Quick check (two tolerances, a few steps):
+
+    python experiments/stealth_threshold.py --tiny --out /tmp/st
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+
+from ginn_jax._src.lab.common import (Lab, add_lab_args, figure, lab_config, save_experiment,
+                                      write_results)
+from ginn_jax._src.lab.stealth_threshold import (ASR_LEVEL, DEFAULT_TOLERANCES, summarize, sweep)
+from ginn_jax._src.thresholds import store_threshold
+
+NAME = "stealth_threshold"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  attackers: tuple = ("stealth",)
+  tolerances: tuple = DEFAULT_TOLERANCES
+  seed: int = 0
+  extra_seeds: tuple = (1,)
+  steps: int = 1000
+  eval_every: int = 250
+  probe_steps: int = 3
+  clip: str = "elementwise"
+  clip_value: float = 0.01
+  honest: bool = True
+
+
+TINY = Config(tolerances=(1e-3, 1e-1), extra_seeds=(), steps=4, eval_every=2, probe_steps=1,
+              honest=False)
+
+
+def plot(result, path):
+  with figure(path) as ax:
+    for attacker in result["config"]["attackers"]:
+      for seed in sorted({r["seed"] for r in result["runs"] if r["attacker"] == attacker}):
+        rows = sorted((r for r in result["runs"] if r["attacker"] == attacker and r["seed"] == seed),
+                      key=lambda r: r["t"])
+        ts = [r["t"] for r in rows]
+        ax.plot(ts, [r["asr"] for r in rows], marker="o", label=f"{attacker} ASR (seed {seed})")
+        ax.plot(ts, [r["clean_accuracy"] for r in rows], marker="x", ls="--",
+                label=f"{attacker} clean accuracy (seed {seed})")
+      th = result["thresholds"].get(attacker, {})
+      if th.get("t_star") is not None:
+        ax.axvline(th["t_star"], color="grey", ls=":", label=f"t* = {th['t_star']:g} ({attacker})")
+    ax.axhline(result["config"].get("level", ASR_LEVEL), color="lightgrey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("tolerance t (rel_l2 = max_abs = t, per leaf)")
+    ax.set_ylabel(f"at step {result['config']['steps']}"), ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Stealth attacker inside the tolerance, every step")
+    ax.legend(fontsize=7)
+
+
+def _result(runs, cfg) -> dict:
+  primary = [r for r in runs if r["steps"] == cfg.steps]
+  return {"runs": [r for r in primary if r["attacker"] != "honest"],
+          "honest": [r for r in primary if r["attacker"] == "honest"],
+          "thresholds": {a: summarize(primary, attacker=a, seed=cfg.seed) for a in cfg.attackers}}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_lab_args(parser)
+  parser.add_argument("--steps", type=int, default=None, help="steps per run (default 1000)")
+  parser.add_argument("--tolerances", default=None,
+                      help="comma-separated t, run in this order (default 1e-3,...,1e-1)")
+  parser.add_argument("--attackers", default=None, help="comma-separated registered attackers")
+  parser.add_argument("--extra-seeds", default=None,
+                      help="comma-separated seeds run at the two t around the threshold ('' for none)")
+  parser.add_argument("--eval-every", type=int, default=None)
+  parser.add_argument("--probe-steps", type=int, default=None,
+                      help="fully verified steps forked at each evaluation point")
+  parser.add_argument("--no-honest", action="store_true", help="skip the honest baseline run")
+  parser.add_argument("--resume", action="store_true", help="keep the runs already in the JSON")
+  parser.add_argument("--replot", action="store_true", help="only redo the summary and plot")
+  parser.add_argument("--store", default=None, metavar="PATH",
+                      help="record t* in this stored-threshold file (e.g. ginn_jax/_src/thresholds.json)")
+  args = parser.parse_args(argv)
+  cfg = TINY if args.tiny else Config()
+  over = {}
+  if args.steps:
+    over["steps"] = args.steps
+  if args.tolerances:
+    over["tolerances"] = tuple(float(t) for t in args.tolerances.split(","))
+  if args.attackers:
+    over["attackers"] = tuple(args.attackers.split(","))
+  if args.extra_seeds is not None:
+    over["extra_seeds"] = tuple(int(s) for s in args.extra_seeds.split(",") if s.strip())
+  if args.eval_every:
+    over["eval_every"] = args.eval_every
+  if args.probe_steps is not None:
+    over["probe_steps"] = args.probe_steps
+  if args.no_honest:
+    over["honest"] = False
+  cfg = dataclasses.replace(cfg, **over)
+  out = pathlib.Path(args.out)
+  path = out / f"{NAME}.json"
+  done = json.loads(path.read_text())["all_runs"] if (args.resume or args.replot) and path.exists() else []
+  lab = Lab(lab_config(args, eval_examples=200 if args.tiny else None))
+
+  def partial(runs):
+    write_results(path, {**_result(runs, cfg), "all_runs": runs, "partial": True,
+                         "config": dataclasses.asdict(cfg), "lab": dataclasses.asdict(lab.cfg)})
+
+  runs = done if args.replot else sweep(
+      lab, attackers=cfg.attackers, tolerances=cfg.tolerances, seed=cfg.seed,
+      extra_seeds=cfg.extra_seeds, steps=cfg.steps, clip=cfg.clip, clip_value=cfg.clip_value,
+      eval_every=cfg.eval_every, probe_steps=cfg.probe_steps, honest=cfg.honest, done=done,
+      on_run=partial, log=lambda s: print(s, flush=True))
+  result = {**_result(runs, cfg), "all_runs": runs, "partial": False}
+  save_experiment(out, NAME, result, lab=lab, config=cfg, argv=argv, plot=plot)
+  if args.store:
+    for attacker in cfg.attackers:
+      store_threshold(args.store, result, attacker=attacker, train_data=lab.train_data)
+  for attacker, th in result["thresholds"].items():
+    print(f"{attacker}: t* = {th['t_star']} (bracket {th['bracket']}, interpolated {th['t_interp']})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
