@@ -14,6 +14,10 @@ Reproduce the committed results (about an hour on 2 CPU cores):
     python experiments/stealth_threshold.py --out docs/results --resume \\
         --store ginn_jax/_src/thresholds.json
 
+Where a step's time goes (stealth at p = 0 and 0.1, honest; 40 steps each):
+
+    python experiments/stealth_threshold.py --time-steps 40
+
 Quick check (two tolerances, a few steps):
 
     python experiments/stealth_threshold.py --tiny --out /tmp/st
@@ -24,11 +28,13 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import shlex
 import sys
 
 from ginn_jax._src.lab.common import (Lab, add_lab_args, figure, lab_config, save_experiment,
                                       write_results)
-from ginn_jax._src.lab.stealth_threshold import (ASR_LEVEL, DEFAULT_TOLERANCES, summarize, sweep)
+from ginn_jax._src.lab.stealth_threshold import (ASR_LEVEL, DEFAULT_TOLERANCES, step_seconds, summarize,
+                                                 sweep)
 from ginn_jax._src.thresholds import store_threshold
 
 NAME = "stealth_threshold"
@@ -95,6 +101,8 @@ def main(argv=None) -> int:
   parser.add_argument("--no-honest", action="store_true", help="skip the honest baseline run")
   parser.add_argument("--resume", action="store_true", help="keep the runs already in the JSON")
   parser.add_argument("--replot", action="store_true", help="only redo the summary and plot")
+  parser.add_argument("--time-steps", type=int, default=None, metavar="N",
+                      help="only time N steps (stealth at p=0 and 0.1, honest); prints JSON")
   parser.add_argument("--store", default=None, metavar="PATH",
                       help="record t* in this stored-threshold file (e.g. ginn_jax/_src/thresholds.json)")
   args = parser.parse_args(argv)
@@ -117,8 +125,13 @@ def main(argv=None) -> int:
   cfg = dataclasses.replace(cfg, **over)
   out = pathlib.Path(args.out)
   path = out / f"{NAME}.json"
-  done = json.loads(path.read_text())["all_runs"] if (args.resume or args.replot) and path.exists() else []
+  stored = json.loads(path.read_text()) if (args.resume or args.replot) and path.exists() else {}
+  done = stored.get("all_runs", [])
   lab = Lab(lab_config(args, eval_examples=200 if args.tiny else None))
+  if args.time_steps:
+    print(json.dumps(step_seconds(lab, t=2e-2, seed=cfg.seed, clip=cfg.clip, clip_value=cfg.clip_value,
+                                  steps=args.time_steps), indent=2))
+    return 0
 
   def partial(runs):
     write_results(path, {**_result(runs, cfg), "all_runs": runs, "partial": True,
@@ -129,14 +142,40 @@ def main(argv=None) -> int:
       extra_seeds=cfg.extra_seeds, steps=cfg.steps, clip=cfg.clip, clip_value=cfg.clip_value,
       eval_every=cfg.eval_every, probe_steps=cfg.probe_steps, honest=cfg.honest, done=done,
       on_run=partial, log=lambda s: print(s, flush=True))
-  result = {**_result(runs, cfg), "all_runs": runs, "partial": False}
+  result = {**_result(runs, cfg), "all_runs": runs,
+            "partial": stored.get("partial", True) if args.replot else False}
+  if args.replot and "command" in stored:  # Keep the command that made the runs.
+    argv = shlex.split(stored["command"])[2:]
   save_experiment(out, NAME, result, lab=lab, config=cfg, argv=argv, plot=plot)
   if args.store:
     for attacker in cfg.attackers:
       store_threshold(args.store, result, attacker=attacker, train_data=lab.train_data)
+  print(table(result))
   for attacker, th in result["thresholds"].items():
     print(f"{attacker}: t* = {th['t_star']} (bracket {th['bracket']}, interpolated {th['t_interp']})")
   return 0
+
+
+def _t(t) -> str:
+  return "-" if t is None else f"{t:g}"
+
+
+def table(result) -> str:
+  """The results as a Markdown table (one row per run, by attacker and t)."""
+  runs = result["runs"] + result["honest"]
+  steps = "/".join(str(c["step"]) for c in runs[0]["curve"]) if runs else ""
+  rows = [f"| attacker | t | seed | ASR at steps {steps} | clean accuracy at the end | "
+          "worst error / t, re-computation (rel L2, max-abs) | worst error / t, witness check |",
+          "|---|---|---|---|---|---|---|"]
+  fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+  for r in sorted(runs,
+                  key=lambda r: (r["attacker"] == "honest", r["attacker"], r["t"] or 0, r["seed"])):
+    pw = r.get("probe_worst", {})
+    rows.append(f"| {r['attacker']} | {_t(r['t'])} | {r['seed']} | "
+                + ", ".join(f"{c['asr']:.3f}" for c in r["curve"])
+                + f" | {r['clean_accuracy']:.3f} | {fmt(pw.get('max_rel_l2'))}, {fmt(pw.get('max_abs'))} | "
+                f"{fmt(pw.get('witness_rel_l2'))}, {fmt(pw.get('witness_max_abs'))} |")
+  return "\n".join(rows)
 
 
 if __name__ == "__main__":

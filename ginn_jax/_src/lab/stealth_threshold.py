@@ -211,3 +211,35 @@ def sweep(lab: Lab, *, attackers: Sequence[str], tolerances: Sequence[float], se
   if honest:
     run("honest", None, seed)
   return runs
+
+
+def step_seconds(lab: Lab, *, t: float, seed: int, clip: str, clip_value: float | None,
+                 steps: int, warmup: int = 5) -> dict[str, Any]:
+  """Seconds per step of the stealth attacker (p = 0 and p = 0.1) and of an
+  honest worker (p = 0), after `warmup` steps and with verification compiled,
+  with the runtime's phase times.
+
+  Where a stealth step's time goes: its worker computes two gradients (the
+  honest one and the backdoor direction), and the trusted side waits for the
+  report in its "validate" phase; each re-computed step adds one gradient on
+  the trusted side.
+  """
+  import time
+
+  out = {}
+  cases = [("stealth, p=0", "stealth", 0.0), ("stealth, p=0.1", "stealth", 0.1),
+           ("honest, p=0", "honest", 0.0)]
+  for name, attacker, p in cases:
+    rt = lab.runtime(seed=seed, p=p, clip=clip, clip_value=clip_value,
+                     tolerance=verify.Tolerance(rel_l2=t, max_abs=t))
+    worker = (HonestWorker(lab.model, *lab.train_data) if attacker == "honest"
+              else ATTACKERS[attacker](lab, verify.Tolerance(rel_l2=t, max_abs=t)))
+    train(rt, worker, warmup, progress=False)
+    rt.compile_verification()  # The first re-computation would otherwise pay for compiling it.
+    rt.reset_phase_seconds()
+    start = time.perf_counter()
+    res = train(rt, worker, steps, progress=False)
+    out[name] = {"seconds_per_step": (time.perf_counter() - start) / steps,
+                 "verified_steps": res.num_verified, "steps": steps,
+                 "phase_seconds_per_step": {k: v / steps for k, v in rt.phase_seconds.items()}}
+  return out
