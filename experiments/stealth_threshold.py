@@ -93,6 +93,7 @@ def main(argv=None) -> int:
   parser.add_argument("--tolerances", default=None,
                       help="comma-separated t, run in this order (default 1e-3,...,1e-1)")
   parser.add_argument("--attackers", default=None, help="comma-separated registered attackers")
+  parser.add_argument("--seed", type=int, default=None, help="the primary seed (default 0)")
   parser.add_argument("--extra-seeds", default=None,
                       help="comma-separated seeds run at the two t around the threshold ('' for none)")
   parser.add_argument("--eval-every", type=int, default=None)
@@ -114,6 +115,8 @@ def main(argv=None) -> int:
     over["tolerances"] = tuple(float(t) for t in args.tolerances.split(","))
   if args.attackers:
     over["attackers"] = tuple(args.attackers.split(","))
+  if args.seed is not None:
+    over["seed"] = args.seed
   if args.extra_seeds is not None:
     over["extra_seeds"] = tuple(int(s) for s in args.extra_seeds.split(",") if s.strip())
   if args.eval_every:
@@ -127,6 +130,9 @@ def main(argv=None) -> int:
   path = out / f"{NAME}.json"
   stored = json.loads(path.read_text()) if (args.resume or args.replot) and path.exists() else {}
   done = stored.get("all_runs", [])
+  command = shlex.join(["python", f"experiments/{NAME}.py", *(argv if argv is not None else sys.argv[1:])])
+  # Every invocation that added runs (a sweep may be split, e.g. to run the points that matter first).
+  commands = stored.get("commands", []) + ([] if args.replot else [command])
   lab = Lab(lab_config(args, eval_examples=200 if args.tiny else None))
   if args.time_steps:
     print(json.dumps(step_seconds(lab, t=2e-2, seed=cfg.seed, clip=cfg.clip, clip_value=cfg.clip_value,
@@ -135,14 +141,15 @@ def main(argv=None) -> int:
 
   def partial(runs):
     write_results(path, {**_result(runs, cfg), "all_runs": runs, "partial": True,
-                         "config": dataclasses.asdict(cfg), "lab": dataclasses.asdict(lab.cfg)})
+                         "config": dataclasses.asdict(cfg), "lab": dataclasses.asdict(lab.cfg),
+                         "experiment": NAME, "command": command, "commands": commands})
 
   runs = done if args.replot else sweep(
       lab, attackers=cfg.attackers, tolerances=cfg.tolerances, seed=cfg.seed,
       extra_seeds=cfg.extra_seeds, steps=cfg.steps, clip=cfg.clip, clip_value=cfg.clip_value,
       eval_every=cfg.eval_every, probe_steps=cfg.probe_steps, honest=cfg.honest, done=done,
       on_run=partial, log=lambda s: print(s, flush=True))
-  result = {**_result(runs, cfg), "all_runs": runs,
+  result = {**_result(runs, cfg), "all_runs": runs, "commands": commands,
             "partial": stored.get("partial", True) if args.replot else False}
   if args.replot and "command" in stored:  # Keep the command that made the runs.
     argv = shlex.split(stored["command"])[2:]
