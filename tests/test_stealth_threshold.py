@@ -1,4 +1,5 @@
 """Experiment 6 (the stealth threshold t*) and the margin calibration reports below it."""
+import dataclasses
 import json
 import pathlib
 import sys
@@ -11,7 +12,7 @@ import pytest
 import ginn_jax as ginn
 from ginn_jax._src import calibrate as calibrate_lib
 from ginn_jax._src import cli, thresholds
-from ginn_jax._src.lab.stealth_threshold import ATTACKERS, find_threshold
+from ginn_jax._src.lab.stealth_threshold import ATTACKERS, find_threshold, summarize
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,8 @@ def test_quick_sweep_writes_results_and_a_stored_threshold(tmp_path):
     assert 0.85 < r["probe_worst"]["max_abs"] <= 0.9 + 1e-4
     assert r["probe_worst"]["witness_rel_l2"] > 0  # The witness check was run, and measured.
   th = res["thresholds"]["stealth"]
-  assert set(th) >= {"t_star", "bracket", "t_interp", "monotone", "level", "bracket_runs"}
+  assert set(th) >= {"t_star", "bracket", "t_interp", "monotone", "level", "bracket_runs", "from",
+                     "primary_seed", "mean_over_seeds"}
   # The stored threshold names its setting, and calibration finds it by model and data digest.
   lab = exp.Lab(exp.lab_config(exp.argparse.Namespace(
       dataset="digits", data_dir=None, model="mlp", batch_size=64, lr=0.05)))
@@ -97,6 +99,20 @@ def test_find_threshold(points, t_star, bracket, t_interp, monotone):
     assert th["t_interp"] == pytest.approx(t_interp, rel=1e-5)
 
 
+def test_summarize_reports_the_lower_of_the_primary_seed_and_the_seed_mean():
+  runs = [{"attacker": "stealth", "t": t, "seed": s, "asr": a, "clean_accuracy": 0.98}
+          for t, s, a in [(1e-2, 0, 0.0), (2e-2, 0, 0.4), (3e-2, 0, 1.0), (2e-2, 1, 0.8)]]
+  runs.append({"attacker": "honest", "t": None, "seed": 0, "asr": 0.0, "clean_accuracy": 0.98})
+  th = summarize(runs, attacker="stealth", seed=0)
+  # Seed 0 crosses between 2e-2 (0.4) and 3e-2 (1.0): 2e-2 * 1.5 ** (1/6) = 0.02140.
+  assert th["primary_seed"]["t_star"] == 3e-2
+  assert th["primary_seed"]["t_interp"] == pytest.approx(0.0213983, rel=1e-5)
+  # The mean at 2e-2 is 0.6: between 1e-2 (0.0) and 2e-2, 1e-2 * 2 ** (5/6) = 0.01782.
+  assert th["from"] == "mean over seeds" and th["t_star"] == 2e-2 and th["bracket"] == [1e-2, 2e-2]
+  assert th["t_interp"] == pytest.approx(0.0178180, rel=1e-5)
+  assert sorted((r["t"], r["seed"]) for r in th["bracket_runs"]) == [(1e-2, 0), (2e-2, 0), (2e-2, 1)]
+
+
 # -- the margin and its warning ---------------------------------------------------------------------
 
 
@@ -119,6 +135,11 @@ def test_tolerance_margin(t_star, bracket, tol, margin, at_least, safe):
   assert m.safe is safe and m.at_least == (None if at_least is None else pytest.approx(at_least))
   assert m.margin == (None if margin is None else pytest.approx(margin))
   assert "mlp on digits" in m.note and "elementwise clip 0.01" in m.note
+
+
+def test_margin_uses_the_interpolated_crossing_where_there_is_one():
+  th = dataclasses.replace(_stored(t_star=3e-2, bracket=(2e-2, 3e-2)), t_interp=2.5e-2)
+  assert ginn.tolerance_margin(ginn.Tolerance(1e-5, 1e-5), th).margin == pytest.approx(2500.0)
 
 
 def test_margin_says_when_the_clip_differs():

@@ -134,7 +134,9 @@ class Margin:
 
   Attributes:
     margin: t* / max(tolerance.rel_l2, tolerance.max_abs) (the larger bound is
-      the attacker's best case); None when t* was not reached in the sweep.
+      the attacker's best case), with t* the interpolated crossing where there
+      is one (it lies below the first t that reached the level, so the margin
+      errs low); None when t* was not reached in the sweep.
     at_least: when t* was not reached, the margin is at least this (largest
       swept t / tolerance); else None.
     threshold: the stored measurement used.
@@ -184,7 +186,8 @@ def tolerance_margin(tolerance: verify.Tolerance, threshold: thresholds_lib.Stor
     top = threshold.bracket[0]
     return Margin(margin=None, at_least=None if top is None or bound == 0 else top / bound,
                   threshold=threshold, note=note + "; t* was above every swept tolerance")
-  return Margin(margin=threshold.t_star / bound if bound > 0 else float("inf"), at_least=None,
+  t = threshold.reference
+  return Margin(margin=t / bound if bound > 0 else float("inf"), at_least=None,
                 threshold=threshold, note=note)
 
 
@@ -220,7 +223,7 @@ def stealth_margins(tolerance: verify.Tolerance, witness_tolerance: verify.Toler
                         f"(digest {digest[:12]}...): no margin can be given; run "
                         "experiments/stealth_threshold.py for it")
   # The most dangerous measurement (smallest t*) for this model and data.
-  th = min(found, key=lambda f: f.t_star if f.t_star is not None else float("inf"))
+  th = min(found, key=lambda f: f.reference if f.reference is not None else float("inf"))
   margin = tolerance_margin(tolerance, th, config=config)
   wmargin = None if witness_tolerance is None else tolerance_margin(witness_tolerance, th, config=config)
   _warn_margin("tolerance", margin)
@@ -234,7 +237,7 @@ def _warn_margin(name: str, m: Margin) -> None:
     value = m.margin if m.margin is not None else m.at_least
     warnings.warn(
         f"the calibrated {name} is only {format_times(value)}x below the measured stealth threshold "
-        f"t* = {m.threshold.t_star} ({m.note}); under {SAFE_MARGIN:g}x an attacker inside it can "
+        f"t* = {m.threshold.reference:.3g} ({m.note}); under {SAFE_MARGIN:g}x an attacker inside it can "
         "come close to planting a backdoor. Calibrate at full float32 precision (no TF32, no "
         "bfloat16), lower the safety factor only with care, or measure t* for this setting "
         "(experiments/stealth_threshold.py).", ToleranceMarginWarning, stacklevel=4)

@@ -117,7 +117,7 @@ def _margin_lines(cal) -> list[str]:
       if m is None:
         continue
       th = m.threshold
-      value = (f"{format_times(m.margin)}x below t* = {th.t_star:g}" if m.margin is not None
+      value = (f"{format_times(m.margin)}x below t* = {th.reference:.3g}" if m.margin is not None
                else f"at least {format_times(m.at_least)}x below t* (t* above every swept "
                     "tolerance)")
       head = "stealth margin" if m.safe else f"WARNING: stealth margin under {SAFE_MARGIN:g}x"

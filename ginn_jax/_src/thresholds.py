@@ -46,6 +46,12 @@ class StoredThreshold:
   command: str
   results: str
 
+  @property
+  def reference(self) -> float | None:
+    """The t* margins are measured against: `t_interp` where there is one (it
+    is below `t_star`, so margins err low), else `t_star`."""
+    return self.t_interp if self.t_interp is not None else self.t_star
+
   def describe(self) -> str:
     s = self.setting
     return (f"{self.experiment}: {s['attacker']} attacker, {s['model']} on {s['dataset']}, "
@@ -65,7 +71,7 @@ def store_threshold(path: str | os.PathLike, result: dict[str, Any], *, attacker
              "attacker": attacker, "steps": cfg["steps"], "seed": cfg["seed"],
              "extra_seeds": list(cfg["extra_seeds"])}
   entry = {"t_star": th["t_star"], "bracket": th["bracket"], "t_interp": th["t_interp"],
-           "level": th["level"], "setting": setting, "experiment": result["experiment"],
+           "level": th["level"], "from": th.get("from"), "setting": setting, "experiment": result["experiment"],
            "command": result["command"], "results": f"docs/results/{result['experiment']}.json"}
   entries = _read(path)
   same = lambda e: all(e["setting"].get(k) == setting[k] for k in  # noqa: E731

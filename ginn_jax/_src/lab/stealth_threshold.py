@@ -157,16 +157,36 @@ def find_threshold(points: Iterable[tuple[float, float]], level: float = ASR_LEV
 
 def summarize(runs: Sequence[dict[str, Any]], *, attacker: str, seed: int,
               level: float = ASR_LEVEL) -> dict[str, Any]:
-  """t* of `attacker` on `seed` (the sweep's primary seed), plus every seed's
-  runs at the bracketing tolerances (``bracket_runs``)."""
-  own = [r for r in runs if r["attacker"] == attacker]
+  """t* of `attacker`, from its runs on the primary `seed` and from the mean
+  ASR over every seed run at each t; the reported one is the lower of the two
+  (the more cautious), and both are kept.
+
+  Returns:
+    `find_threshold`'s keys for the reported t*, plus "from" ("seed <n>" or
+    "mean over seeds"), "primary_seed" and "mean_over_seeds" (each one's own
+    `find_threshold` result), and "bracket_runs": every run at the reported
+    bracket's tolerances.
+  """
+  own = [r for r in runs if r["attacker"] == attacker and r["t"] is not None]
+  empty = {"t_star": None, "bracket": [None, None], "t_interp": None, "monotone": True, "level": level}
   primary = [(r["t"], r["asr"]) for r in own if r["seed"] == seed]
-  out = find_threshold(primary, level) if primary else {"t_star": None, "bracket": [None, None],
-                                                         "t_interp": None, "monotone": True,
-                                                         "level": level}
+  by_t: dict[float, list[float]] = {}
+  for r in own:
+    by_t.setdefault(r["t"], []).append(r["asr"])
+  mean = [(t, sum(a) / len(a)) for t, a in by_t.items()]
+  one = find_threshold(primary, level) if primary else dict(empty)
+  avg = find_threshold(mean, level) if mean else dict(empty)
+
+  def ref(th):
+    t = th["t_interp"] if th["t_interp"] is not None else th["t_star"]
+    return float("inf") if t is None else t
+
+  out = dict(avg if ref(avg) < ref(one) else one)
+  out["from"] = "mean over seeds" if ref(avg) < ref(one) else f"seed {seed}"
+  out["primary_seed"], out["mean_over_seeds"] = one, avg
   out["bracket_runs"] = [{"seed": r["seed"], "t": r["t"], "asr": r["asr"],
                           "clean_accuracy": r["clean_accuracy"]}
-                         for r in own if r["t"] is not None and r["t"] in out["bracket"]]
+                         for r in own if r["t"] in out["bracket"]]
   return out
 
 
@@ -203,7 +223,7 @@ def sweep(lab: Lab, *, attackers: Sequence[str], tolerances: Sequence[float], se
       run(attacker, float(t), seed)
   for attacker in attackers:
     mine = [r for r in runs if r["attacker"] == attacker and r["steps"] == steps]
-    bracket = summarize(mine, attacker=attacker, seed=seed)["bracket"]
+    bracket = summarize(mine, attacker=attacker, seed=seed)["primary_seed"]["bracket"]
     for s in extra_seeds:
       for t in bracket:
         if t is not None:
