@@ -81,9 +81,15 @@ def plot(result, path):
 
 def _result(runs, cfg) -> dict:
   primary = [r for r in runs if r["steps"] == cfg.steps]
+  thresholds = {a: summarize(primary, attacker=a, seed=cfg.seed) for a in cfg.attackers}
+  have = {(r["attacker"], r["t"], r["seed"]) for r in primary}
+  planned = [(a, float(t), cfg.seed) for a in cfg.attackers for t in cfg.tolerances]
+  planned += [(a, t, s) for a in cfg.attackers for s in cfg.extra_seeds
+              for t in thresholds[a]["primary_seed"]["bracket"] if t is not None]
+  planned += [("honest", None, cfg.seed)] if cfg.honest else []
   return {"runs": [r for r in primary if r["attacker"] != "honest"],
-          "honest": [r for r in primary if r["attacker"] == "honest"],
-          "thresholds": {a: summarize(primary, attacker=a, seed=cfg.seed) for a in cfg.attackers}}
+          "honest": [r for r in primary if r["attacker"] == "honest"], "thresholds": thresholds,
+          "missing_runs": [{"attacker": a, "t": t, "seed": s} for a, t, s in planned if (a, t, s) not in have]}
 
 
 def main(argv=None) -> int:
@@ -149,8 +155,8 @@ def main(argv=None) -> int:
       extra_seeds=cfg.extra_seeds, steps=cfg.steps, clip=cfg.clip, clip_value=cfg.clip_value,
       eval_every=cfg.eval_every, probe_steps=cfg.probe_steps, honest=cfg.honest, done=done,
       on_run=partial, log=lambda s: print(s, flush=True))
-  result = {**_result(runs, cfg), "all_runs": runs, "commands": commands,
-            "partial": stored.get("partial", True) if args.replot else False}
+  result = {**_result(runs, cfg), "all_runs": runs, "commands": commands}
+  result["partial"] = bool(result["missing_runs"])
   if args.replot and "command" in stored:  # Keep the command that made the runs.
     argv = shlex.split(stored["command"])[2:]
   save_experiment(out, NAME, result, lab=lab, config=cfg, argv=argv, plot=plot)

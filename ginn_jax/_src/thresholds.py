@@ -55,7 +55,8 @@ class StoredThreshold:
   def describe(self) -> str:
     s = self.setting
     return (f"{self.experiment}: {s['attacker']} attacker, {s['model']} on {s['dataset']}, "
-            f"{s['clip']} clip {s['clip_value']}, {s['steps']} steps, seed {s['seed']}")
+            f"{s['clip']} clip {s['clip_value']}, {s['steps']} steps, seed {s['seed']}"
+            + "".join(f" and {e}" for e in s.get("extra_seeds", [])))
 
 
 def store_threshold(path: str | os.PathLike, result: dict[str, Any], *, attacker: str,
@@ -72,7 +73,9 @@ def store_threshold(path: str | os.PathLike, result: dict[str, Any], *, attacker
              "extra_seeds": list(cfg["extra_seeds"])}
   entry = {"t_star": th["t_star"], "bracket": th["bracket"], "t_interp": th["t_interp"],
            "level": th["level"], "from": th.get("from"), "setting": setting, "experiment": result["experiment"],
-           "command": result["command"], "results": f"docs/results/{result['experiment']}.json"}
+           "command": result["command"], "commands": result.get("commands", []),
+           "partial": result.get("partial", False),
+           "results": f"docs/results/{result['experiment']}.json"}
   entries = _read(path)
   same = lambda e: all(e["setting"].get(k) == setting[k] for k in  # noqa: E731
                        ("model", "dataset_digest", "clip", "clip_value", "attacker"))
