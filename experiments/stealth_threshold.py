@@ -1,4 +1,4 @@
-"""Experiment 6: the stealth threshold. Sweeps the verification tolerance t
+"""Experiment 7: the stealth threshold. Sweeps the verification tolerance t
 (``rel_l2 = max_abs = t``) for an attacker that stays inside it on every step,
 reports ASR and clean accuracy per t, and finds t*, the first t whose ASR
 reaches 50% (with the bracketing pair and a log-linear interpolation).

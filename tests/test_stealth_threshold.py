@@ -1,4 +1,4 @@
-"""Experiment 6 (the stealth threshold t*) and the margin calibration reports below it."""
+"""Experiment 7 (the stealth threshold t*) and the margin calibration reports below it."""
 import dataclasses
 import json
 import pathlib
@@ -215,7 +215,7 @@ def test_no_measurement_gives_no_margin(tmp_path, entries):
 
 def test_the_shipped_thresholds_name_their_setting():
   data = json.loads(thresholds.DEFAULT_PATH.read_text())["thresholds"]
-  assert data, "experiment 6's measurement is shipped with the library"
+  assert data, "experiment 7's measurement is shipped with the library"
   for e in data:
     assert {"model", "dataset", "dataset_digest", "clip", "clip_value", "attacker", "steps",
             "seed"} <= set(e["setting"])

@@ -12,7 +12,7 @@ Security note: calibrate with a worker you trust (the library's own
 malicious worker during calibration could widen the tolerance it later hides in.
 
 The tolerance is a security parameter: an attacker can use all of it on every
-step (experiment 6, `experiments/stealth_threshold.py`, measures the smallest
+step (experiment 7, `experiments/stealth_threshold.py`, measures the smallest
 tolerance t* at which one plants a backdoor). The calibration therefore also
 reports the tolerance's margin below the t* stored for the same model and data
 (`ginn_jax._src.thresholds`), warns when it is under `SAFE_MARGIN`, and lists
@@ -261,9 +261,10 @@ class Calibration:
       this model and data, or None when none was measured (`margin_note`
       says which).
     witness_margin: the same for the witness tolerance. t* was measured for
-      the re-computation check; experiment 6's probes show the witness check
-      seeing the stealth perturbation at up to about its size or more, so
-      this is an estimate, not a measured witness threshold.
+      the re-computation check; experiment 7's probes show the witness check
+      seeing the stealth push at 1.2 to 16 times t, so a witness-aware
+      attacker needs a larger witness tolerance and this margin errs low; it
+      is an estimate, not a measured witness threshold.
     margin_note: what was (or was not) found, in words.
     precision: worker precision settings detected in this process.
   """

@@ -1,4 +1,4 @@
-"""Measured stealth thresholds t* (experiment 6, `experiments/stealth_threshold.py`).
+"""Measured stealth thresholds t* (experiment 7, `experiments/stealth_threshold.py`).
 
 Each stored threshold names the experiment and the setting it came from
 (model, dataset and its digest, clip, optimizer, attacker, steps, seeds), so
@@ -61,7 +61,7 @@ class StoredThreshold:
 
 def store_threshold(path: str | os.PathLike, result: dict[str, Any], *, attacker: str,
                     train_data: tuple[np.ndarray, np.ndarray]) -> None:
-  """Records `attacker`'s t* from an experiment-6 result in the file at `path`,
+  """Records `attacker`'s t* from an experiment-7 result in the file at `path`,
   replacing an earlier entry for the same setting."""
   path = pathlib.Path(path)
   th, lab, cfg = result["thresholds"][attacker], result["lab"], result["config"]

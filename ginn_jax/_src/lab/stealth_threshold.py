@@ -1,4 +1,4 @@
-"""Experiment 6: the stealth threshold, the tolerance at which an attacker that
+"""Experiment 7: the stealth threshold, the tolerance at which an attacker that
 stays inside it plants a backdoor (issue 14).
 
 A sweep over tolerances t (per leaf, ``rel_l2 = max_abs = t``): at each t an
