@@ -90,6 +90,14 @@ from ginn_jax._src.loop import train
 from ginn_jax._src.loop import TrainResult
 from ginn_jax._src.calibrate import Calibration
 from ginn_jax._src.calibrate import calibrate_tolerance
+from ginn_jax._src.calibrate import detect_precision
+from ginn_jax._src.calibrate import Margin
+from ginn_jax._src.calibrate import PrecisionReport
+from ginn_jax._src.calibrate import SAFE_MARGIN
+from ginn_jax._src.calibrate import tolerance_margin
+from ginn_jax._src.calibrate import ToleranceMarginWarning
+from ginn_jax._src.thresholds import lookup_thresholds
+from ginn_jax._src.thresholds import StoredThreshold
 from ginn_jax._src.metrics import accuracy
 from ginn_jax._src.metrics import attack_success_rate
 from ginn_jax._src.metrics import robust_accuracy

@@ -75,13 +75,18 @@ def _train(args) -> int:
 
 
 def _calibrate(args) -> int:
+  import warnings
+
   import ginn_jax as ginn
 
   ds = ginn.load_dataset(args.dataset, data_dir=args.data_dir)
   model = ginn.get_model(args.model, input_shape=ds.image_shape, num_classes=ds.num_classes)
-  cfg = ginn.ProtocolConfig(batch_size=args.batch_size, clip="none", clip_value=None)
-  cal = ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg, num_steps=args.steps,
-                                 safety_factor=args.safety_factor, progress=not args.no_progress)
+  cfg = ginn.ProtocolConfig(batch_size=args.batch_size, clip=args.clip,
+                            clip_value=None if args.clip == "none" else args.clip_value)
+  with warnings.catch_warnings():  # Said below, in one line each.
+    warnings.simplefilter("ignore", ginn.ToleranceMarginWarning)
+    cal = ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg, num_steps=args.steps,
+                                   safety_factor=args.safety_factor, progress=not args.no_progress)
   wtol = cal.witness_tolerance
   print(json.dumps({"tolerance": cal.tolerance.to_dict(), "max_rel_l2": cal.max_rel_l2,
                     "max_abs": cal.max_abs, "num_steps": cal.num_steps,
@@ -89,8 +94,39 @@ def _calibrate(args) -> int:
                     "witness_max_rel_l2": cal.witness_max_rel_l2,
                     "witness_max_abs": cal.witness_max_abs,
                     "worker_device": str(ginn.worker_device()),
-                    "trusted_device": str(ginn.trusted_device())}, indent=2))
+                    "trusted_device": str(ginn.trusted_device()),
+                    "stealth_margin": None if cal.margin is None else cal.margin.to_dict(),
+                    "witness_stealth_margin": (None if cal.witness_margin is None
+                                               else cal.witness_margin.to_dict()),
+                    "margin_note": cal.margin_note,
+                    "precision": cal.precision.to_dict()}, indent=2))
+  for line in _margin_lines(cal):
+    print(f"ginn calibrate: {line}", file=sys.stderr)
   return 0
+
+
+def _margin_lines(cal) -> list[str]:
+  """The margin below the stealth threshold and the precision findings, in words."""
+  from ginn_jax._src.calibrate import SAFE_MARGIN, format_times
+
+  if cal.margin is None:
+    lines = [f"stealth margin: unknown ({cal.margin_note})"]
+  else:
+    lines = []
+    for name, m in (("tolerance", cal.margin), ("witness tolerance", cal.witness_margin)):
+      if m is None:
+        continue
+      th = m.threshold
+      value = (f"{format_times(m.margin)}x below t* = {th.reference:.3g}" if m.margin is not None
+               else f"at least {format_times(m.at_least)}x below t* (t* above every swept "
+                    "tolerance)")
+      head = "stealth margin" if m.safe else f"WARNING: stealth margin under {SAFE_MARGIN:g}x"
+      lines.append(f"{head}: {name} {value} ({m.note})")
+  p = cal.precision
+  lines.append("precision: " + ("; ".join(p.findings) if p.reduced else
+                                f"no reduced-precision setting detected (worker on {p.worker_platform}, "
+                                f"parameters {', '.join(p.param_dtypes)})"))
+  return lines
 
 
 def _analyze(args) -> int:
@@ -225,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
   cal.add_argument("--batch-size", type=int, default=64)
   cal.add_argument("--steps", type=int, default=16)
   cal.add_argument("--safety-factor", type=float, default=10.0)
+  cal.add_argument("--clip", default="elementwise", choices=["elementwise", "global_norm", "none"],
+                   help="the run's clip (compared with the setting of the stored stealth threshold)")
+  cal.add_argument("--clip-value", type=float, default=0.01, help="the run's clip bound C")
   cal.add_argument("--no-progress", action="store_true")
   cal.set_defaults(func=_calibrate)
 
