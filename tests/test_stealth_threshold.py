@@ -142,6 +142,11 @@ def test_margin_uses_the_interpolated_crossing_where_there_is_one():
   assert ginn.tolerance_margin(ginn.Tolerance(1e-5, 1e-5), th).margin == pytest.approx(2500.0)
 
 
+def test_no_margin_for_the_paper_elementwise_rule():
+  with pytest.raises(ValueError, match="element-wise"):
+    ginn.tolerance_margin(ginn.PAPER_PROTOTYPE_TOLERANCE, _stored(t_star=2e-2, bracket=(1e-2, 2e-2)))
+
+
 def test_margin_says_when_the_clip_differs():
   m = ginn.tolerance_margin(ginn.Tolerance(1e-5, 1e-5), _stored(t_star=2e-2, bracket=(1e-2, 2e-2)),
                             config=ginn.ProtocolConfig(clip="global_norm", clip_value=1.0))

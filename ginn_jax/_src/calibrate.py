@@ -174,7 +174,15 @@ def tolerance_margin(tolerance: verify.Tolerance, threshold: thresholds_lib.Stor
   Returns:
     A `Margin` (``margin`` None and ``at_least`` set when t* lies above every
     swept tolerance).
+
+  Raises:
+    ValueError: `tolerance` is element-wise (the paper's rule): t* was measured
+      for per-leaf tolerances, whose two numbers mean something else.
   """
+  if tolerance.elementwise:
+    raise ValueError(
+        f"no margin for an element-wise tolerance ({tolerance.describe()}): the stored t* "
+        "was measured for per-leaf tolerances (docs/experiments.md, experiments 6 and 7)")
   bound = max(tolerance.rel_l2, tolerance.max_abs)
   s = threshold.setting
   note = f"from {threshold.describe()}"
