@@ -629,8 +629,9 @@ class TrustedRuntime:
 
   @property
   def phase_seconds(self) -> dict[str, float]:
-    """Seconds spent in each phase of `submit` so far (validate, digest,
-    mac_coin, transfer, update, verify)."""
+    """Seconds spent in each phase of `submit` so far (receive, update (its
+    dispatch), digest, finite (waiting for the update), mac_coin, witness,
+    verify)."""
     return dict(self._phases.seconds)
 
   def reset_phase_seconds(self) -> None:
