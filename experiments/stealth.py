@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
 import ginn_jax as ginn
-from ginn_jax._src.lab.common import Lab, add_lab_args, figure, lab_config, save_experiment
+from ginn_jax._src.lab.common import (Lab, add_lab_args, calibrated_tolerance, figure, lab_config,
+                                      save_experiment)
 from ginn_jax._src.lab.stealth import stealth_runs
 
 
@@ -61,12 +61,8 @@ def main(argv=None) -> int:
   if args.steps:
     cfg = dataclasses.replace(cfg, steps=args.steps)
   lab = Lab(lab_config(args, eval_examples=200 if args.tiny else None))
-  if args.calibrated:
-    calibrated = ginn.Tolerance.from_dict(json.loads(args.calibrated))
-  else:
-    calibrated = ginn.calibrate_tolerance(
-        lab.model, *lab.train_data, lab.protocol(seed=0, p=1.0, clip=cfg.clip, clip_value=cfg.clip_value),
-        num_steps=2 if args.tiny else 8).tolerance
+  calibrated = calibrated_tolerance(lab, args.calibrated, clip=cfg.clip,
+                                    clip_value=cfg.clip_value, tiny=args.tiny)
   tolerances = [("calibrated", calibrated), ("per-leaf 1e-2/5e-2", ginn.LOOSE_PER_LEAF_TOLERANCE)]
   result = stealth_runs(lab, tolerances, seeds=cfg.seeds, steps=cfg.steps, p=cfg.p, clip=cfg.clip,
                         clip_value=cfg.clip_value, eval_every=cfg.eval_every, progress=not args.no_progress)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ginn_jax._src.calibrate import calibrate_tolerance
 from ginn_jax._src.data import load_dataset
 from ginn_jax._src.metrics import accuracy, attack_success_rate, robust_accuracy
 from ginn_jax._src.models import get_model
@@ -129,6 +130,17 @@ def lab_config(args, **overrides) -> LabConfig:
             batch_size=args.batch_size, learning_rate=args.lr)
   kw.update(overrides)
   return LabConfig(**kw)
+
+
+def calibrated_tolerance(lab: Lab, given: str | None, *, clip: str, clip_value: float | None,
+                         tiny: bool = False) -> verify.Tolerance:
+  """The `--calibrated` JSON tolerance when given, else one calibrated here
+  (2 steps when `tiny`, 8 otherwise) at the experiment's clip."""
+  if given:
+    return verify.Tolerance.from_dict(json.loads(given))
+  return calibrate_tolerance(
+      lab.model, *lab.train_data, lab.protocol(seed=0, p=1.0, clip=clip, clip_value=clip_value),
+      num_steps=2 if tiny else 8).tolerance
 
 
 @contextlib.contextmanager

@@ -223,13 +223,19 @@ def _inexact(dtype: np.dtype) -> bool:
   return bool(jax.dtypes.issubdtype(dtype, np.inexact))
 
 
-def _check_finite(chunk: np.ndarray, step: int, where: str) -> None:
-  if not _inexact(chunk.dtype):
-    return
+def count_nonfinite(values: np.ndarray) -> int:
+  """How many NaN/Inf `values` holds (0 for an integer dtype): one summing pass
+  when there are none, since a finite sum means every value is finite."""
+  if not _inexact(values.dtype):
+    return 0
   with np.errstate(over="ignore", invalid="ignore"):
-    if np.isfinite(np.add.reduce(chunk)):
-      return  # A finite sum: every value is finite.
-  bad = int(chunk.size - np.count_nonzero(np.isfinite(chunk)))  # NaN/Inf, or the sum overflowed.
+    if np.isfinite(np.add.reduce(values, axis=None)):
+      return 0
+  return int(values.size - np.count_nonzero(np.isfinite(values)))  # NaN/Inf, or the sum overflowed.
+
+
+def _check_finite(values: np.ndarray, step: int, where: str) -> None:
+  bad = count_nonfinite(values)
   if bad:
     raise errors.NonFiniteReport(
         f"step {step}: gradient leaf {where} holds {bad} NaN/Inf value(s)", step=step, where=where

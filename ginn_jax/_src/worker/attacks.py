@@ -154,6 +154,16 @@ def _towards(clip: ClipMode, clip_value: float | None, learning_rate: float | No
   return jax.tree_util.tree_map(lambda d: d / learning_rate, diff)  # One SGD step lands on target.
 
 
+def _check_aim(clip: ClipMode, clip_value: float | None, learning_rate: float | None) -> None:
+  """The settings `_towards` needs to aim a clipped step at a target."""
+  if clip not in ("elementwise", "global_norm", "none"):
+    raise ValueError(f"unknown clip mode {clip!r}; choose 'elementwise', 'global_norm' or 'none'")
+  if clip != "none" and not (clip_value and clip_value > 0):
+    raise ValueError(f"clip {clip!r} needs a positive clip_value, got {clip_value!r}")
+  if clip == "none" and not (learning_rate and learning_rate > 0):
+    raise ValueError("clip='none' needs the SGD learning_rate to aim a single step at the target")
+
+
 class ModelReplacementWorker(MaliciousWorker):
   """Reports the gradient whose clip-then-SGD step moves towards `target_params`
   as far as the clip allows.
@@ -180,12 +190,7 @@ class ModelReplacementWorker(MaliciousWorker):
                clip_value: float | None = 0.01, learning_rate: float | None = None,
                device: jax.Device | None = None):
     super().__init__(model, images, labels, schedule=schedule, device=device)
-    if clip not in ("elementwise", "global_norm", "none"):
-      raise ValueError(f"unknown clip mode {clip!r}; choose 'elementwise', 'global_norm' or 'none'")
-    if clip != "none" and not (clip_value and clip_value > 0):
-      raise ValueError(f"clip {clip!r} needs a positive clip_value, got {clip_value!r}")
-    if clip == "none" and not (learning_rate and learning_rate > 0):
-      raise ValueError("clip='none' needs the SGD learning_rate to aim a single step at the target")
+    _check_aim(clip, clip_value, learning_rate)
     self.clip = clip
     self.clip_value = None if clip_value is None else float(clip_value)
     self.learning_rate = None if learning_rate is None else float(learning_rate)
@@ -524,12 +529,7 @@ class ToleranceAwareWorker(MaliciousWorker):
     if direction == "model_replacement":
       if target_params is None:
         raise ValueError("direction='model_replacement' needs target_params (see make_backdoored_params)")
-      if clip not in ("elementwise", "global_norm", "none"):
-        raise ValueError(f"unknown clip mode {clip!r}; choose 'elementwise', 'global_norm' or 'none'")
-      if clip != "none" and not (clip_value and clip_value > 0):
-        raise ValueError(f"clip {clip!r} needs a positive clip_value, got {clip_value!r}")
-      if clip == "none" and not (learning_rate and learning_rate > 0):
-        raise ValueError("clip='none' needs the SGD learning_rate to aim a single step at the target")
+      _check_aim(clip, clip_value, learning_rate)
       self.target_params = jax.device_put(target_params, self.device)
     self.clip = clip
     self.clip_value = None if clip_value is None else float(clip_value)
