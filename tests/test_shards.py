@@ -15,7 +15,7 @@ from ginn_jax._src import shards
 from ginn_jax._src.step import DeviceGradFn
 from ginn_jax._src.trusted import commit, keys
 
-from conftest import make_key
+from conftest import make_key, tree_bytes
 
 SECRET = b"test-shards-secret-0123456789abcd"
 
@@ -95,3 +95,125 @@ def test_sharded_report_validates_with_its_shard_axis(mlp, small_data):
   half = ginn.GradientReport(0, jax.tree_util.tree_map(lambda g: g[:2], grads), loss)
   with pytest.raises(ginn.ShapeMismatch, match="leading shard axis"):
     commit.validate_report(half, step=0, params=order.params, num_shards=4)
+
+
+# -- the runtime -----------------------------------------------------------------------
+
+
+def config(**kw):
+  base = dict(seed=3, batch_size=32, p=1.0, clip="elementwise", clip_value=0.01, num_shards=4)
+  base.update(kw)
+  return ginn.ProtocolConfig(**base)
+
+
+def runtime(mlp, small_data, secret=SECRET, **kw):
+  return ginn.TrustedRuntime(mlp, *small_data, config(**kw), audit_secret=secret)
+
+
+def snapshot(rt):
+  return (rt.step, tree_bytes(rt.state.params), tree_bytes(rt.state.opt_state),
+          len(rt.transcript), rt.num_verified, rt.halted)
+
+
+def test_config_refuses_a_batch_not_divisible_by_the_shards():
+  with pytest.raises(ValueError, match="batch_size=30 is not a multiple of num_shards=4"):
+    config(batch_size=30)
+  with pytest.raises(ValueError, match="witness checks of single shards are not supported"):
+    config(p_witness=0.5)
+  assert "num_shards" not in config(num_shards=1).to_dict()  # Headers without shards: unchanged.
+  assert config().to_dict()["num_shards"] == 4
+
+
+@pytest.mark.parametrize("mesh", [(1,), (0, 1)])
+def test_honest_sharded_run_verifies_every_shard_bitwise(mlp, small_data, mesh):
+  rt = runtime(mlp, small_data)
+  res = ginn.train(rt, ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(*mesh)), 12,
+                   progress=False)
+  assert res.verified and res.num_verified == 12
+  assert all(e.shards == [0, 1, 2, 3] and e.max_rel_l2 == 0.0 and e.max_abs == 0.0
+             for e in res.transcript)
+
+
+def test_update_clips_each_shard_then_averages(mlp, small_data):
+  """The trusted update equals clip-each, mean, SGD computed by hand (and
+  differs from clipping the mean)."""
+  rt = runtime(mlp, small_data, p=0.0)
+  w = ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1))
+  order = rt.next_order()
+  report = w(order)
+  rt.submit(report)
+  g = [np.asarray(x) for x in jax.device_get(jax.tree_util.tree_leaves(report.grads))]
+  p0 = [np.asarray(x) for x in jax.device_get(jax.tree_util.tree_leaves(order.params))]
+  p1 = [np.asarray(x) for x in jax.device_get(jax.tree_util.tree_leaves(rt.state.params))]
+  lr, wd, C = 0.05, 5e-4, 0.01
+  for g_, a, b in zip(g, p0, p1):
+    want = a - lr * (np.clip(g_, -C, C).mean(axis=0) + wd * a)
+    np.testing.assert_allclose(b, want, rtol=1e-6, atol=1e-9)
+  mean_then_clip = [a - lr * (np.clip(g_.mean(axis=0), -C, C) + wd * a) for g_, a in zip(g, p0)]
+  assert any(not np.allclose(b, m, rtol=1e-6, atol=1e-9) for b, m in zip(p1, mean_then_clip))
+
+
+def test_one_shard_coins_and_transcript_are_todays(mlp, small_data):
+  a = runtime(mlp, small_data, p=0.3, num_shards=1)
+  b = ginn.TrustedRuntime(mlp, *small_data, ginn.ProtocolConfig(seed=3, batch_size=32, p=0.3,
+                                                                clip="elementwise", clip_value=0.01),
+                          audit_secret=SECRET)
+  w = ginn.ShardedWorker(mlp, *small_data, num_shards=1, mesh=mesh_of(1))
+  ea = ginn.train(a, w, 10, progress=False).transcript
+  eb = ginn.train(b, ginn.HonestWorker(mlp, *small_data), 10, progress=False).transcript
+  assert ea == eb and all(e.shards is None for e in ea)
+  assert a.public_header() == b.public_header()
+
+
+def test_coins_are_drawn_per_shard(mlp, small_data):
+  rt = runtime(mlp, small_data, p=0.5)
+  res = ginn.train(rt, ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1)), 10,
+                   progress=False)
+  drawn = [e.shards for e in res.transcript]
+  assert res.verified and any(0 < len(d) < 4 for d in drawn), drawn
+  assert all(e.verified == bool(e.shards) for e in res.transcript)
+  assert res.num_verified == sum(bool(d) for d in drawn)
+
+
+def _bad(report, kind):
+  grads, loss = jax.device_get((report.grads, report.loss))
+  leaves, treedef = jax.tree_util.tree_flatten(grads)
+  leaves = [np.array(x) for x in leaves]
+  loss = np.array(loss)
+  if kind == "too_few_shards":
+    return ginn.GradientReport(report.step, treedef.unflatten([x[:3] for x in leaves]), loss[:3]), ginn.MalformedReport
+  if kind == "too_many_shards":
+    more = [np.concatenate([x, x[:1]]) for x in leaves]
+    return ginn.GradientReport(report.step, treedef.unflatten(more), np.concatenate([loss, loss[:1]])), ginn.MalformedReport
+  if kind == "no_shard_axis":
+    return ginn.GradientReport(report.step, treedef.unflatten([x[0] for x in leaves]), loss[0]), ginn.MalformedReport
+  if kind == "one_shard_wrong_leaf_count":  # Shard count in the loss right, one leaf short a shard.
+    leaves[1] = leaves[1][:3]
+    return ginn.GradientReport(report.step, treedef.unflatten(leaves), loss), ginn.ShapeMismatch
+  if kind == "nan_in_shard_2":
+    leaves[0][2].flat[5] = np.nan
+    return ginn.GradientReport(report.step, treedef.unflatten(leaves), loss), ginn.NonFiniteReport
+  if kind == "inf_loss_of_shard_1":
+    loss[1] = np.inf
+    return ginn.GradientReport(report.step, treedef.unflatten(leaves), loss), ginn.NonFiniteReport
+  raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["too_few_shards", "too_many_shards", "no_shard_axis",
+                                  "one_shard_wrong_leaf_count", "nan_in_shard_2", "inf_loss_of_shard_1"])
+def test_bad_sharded_reports_are_refused_with_nothing_changed(mlp, small_data, kind):
+  rt = runtime(mlp, small_data, p=0.5)
+  w = ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1))
+  ginn.train(rt, w, 2, progress=False)
+  before = snapshot(rt)
+  order = rt.next_order()
+  bad, error = _bad(w(order), kind)
+  with pytest.raises(error) as info:
+    rt.submit(bad)
+  assert snapshot(rt) == before
+  if kind == "nan_in_shard_2":
+    assert info.value.shard == 2 and "shard 2" in str(info.value)
+  if kind == "inf_loss_of_shard_1":
+    assert info.value.shard == 1
+  rt.submit(w(order))  # The corrected report is accepted.
+  assert rt.step == before[0] + 1
