@@ -5,6 +5,9 @@ The suite has two CPU devices, so the meshes here are `[cpu:1]` (several
 shards per device) and `[cpu:0, cpu:1]` (a 2-device mesh; a mesh may hold any
 devices, the trusted one included, since the test only checks the numbers).
 """
+import hashlib
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -217,3 +220,84 @@ def test_bad_sharded_reports_are_refused_with_nothing_changed(mlp, small_data, k
     assert info.value.shard == 1
   rt.submit(w(order))  # The corrected report is accepted.
   assert rt.step == before[0] + 1
+
+
+# -- attackers per shard ---------------------------------------------------------------
+
+
+def _attacker(name, mlp, small_data, **kw):
+  sched = ginn.schedules.FromStep(0)
+  x, y = small_data
+  if name == "backdoor":
+    return ginn.BackdoorWorker(mlp, x, y, schedule=sched, **kw)
+  if name == "combined":
+    return ginn.CombinedLossWorker(mlp, x, y, schedule=sched, lam=1.0, **kw)
+  if name == "scaled":
+    return ginn.ScaledBackdoorWorker(mlp, x, y, schedule=sched, scale=10.0, **kw)
+  if name == "label_flip":
+    return ginn.LabelFlipWorker(mlp, x, y, schedule=sched, **kw)
+  if name == "noise":
+    return ginn.NoiseWorker(mlp, x, y, schedule=sched, scale=0.01, **kw)
+  if name == "model_replacement":
+    target = jax.jit(lambda t: jax.tree_util.tree_map(lambda p: p * 0.5, t))(order_of(mlp, small_data).params)
+    return ginn.ModelReplacementWorker(mlp, x, y, schedule=sched, target_params=target, **kw)
+  if name == "stealth":
+    return ginn.StealthWorker(mlp, x, y, schedule=sched, tolerance=ginn.LOOSE_PER_LEAF_TOLERANCE, **kw)
+  raise AssertionError(name)
+
+
+ATTACKERS = ["backdoor", "combined", "scaled", "label_flip", "noise", "model_replacement", "stealth"]
+
+
+@pytest.mark.parametrize("name,chosen", [(a, (1,)) for a in ATTACKERS] + [("backdoor", None),
+                                                                          ("noise", (0, 3))])
+def test_attackers_corrupt_only_the_chosen_shards(mlp, small_data, name, chosen):
+  order = order_of(mlp, small_data)
+  bad = _attacker(name, mlp, small_data, num_shards=4, shards=chosen, mesh=mesh_of(1))(order)
+  good = ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1))(order)
+  corrupted = set(range(4) if chosen is None else chosen)
+  for b, g in zip(*(jax.device_get(jax.tree_util.tree_leaves(r.grads)) for r in (bad, good))):
+    assert b.shape == g.shape == (4, *b.shape[1:])
+    for s in range(4):
+      assert np.array_equal(b[s], g[s]) == (s not in corrupted), (name, s)
+
+
+@pytest.mark.parametrize("name", ["backdoor", "model_replacement"])
+def test_a_corrupted_shard_is_named_by_the_violation(mlp, small_data, name):
+  rt = runtime(mlp, small_data, p=1.0)
+  before = snapshot(rt)
+  with pytest.raises(ginn.IntegrityViolation) as info:
+    rt.submit(_attacker(name, mlp, small_data, num_shards=4, shards=[2], mesh=mesh_of(1))(rt.next_order()))
+  v = info.value
+  assert v.step == 0 and v.shard == 2 and "at step 0, shard 2: leaf" in str(v)
+  assert snapshot(rt)[:3] == before[:3]
+  assert rt.transcript[-1].outcome == "violation" and rt.transcript[-1].shards == [0, 1, 2, 3]
+
+
+def test_attacker_shards_are_checked(mlp, small_data):
+  with pytest.raises(ValueError, match="range\\(4\\)"):
+    _attacker("backdoor", mlp, small_data, num_shards=4, shards=[4])
+  with pytest.raises(ValueError, match="range\\(1\\)"):
+    _attacker("backdoor", mlp, small_data, shards=[1])
+
+
+@pytest.mark.parametrize("corrupted", [1])  # The all-shard attacker: ~15 s more, same code.
+def test_detection_rate_of_shard_attackers_matches_the_formula(mlp, small_data, corrupted):
+  """Real runs, each with its own audit secret: the share caught matches
+  ``shard_detection_probability`` (99% binomial interval)."""
+  k, p, num_shards, trials = 3, 0.15, 4, 300
+  attacker = ginn.BackdoorWorker(mlp, *small_data, schedule=ginn.schedules.Steps(range(k)),
+                                 num_shards=num_shards, shards=None if corrupted == num_shards else [3],
+                                 mesh=mesh_of(1))
+  detected = 0
+  for trial in range(trials):
+    secret = hashlib.sha256(f"shard-trial-{trial}".encode()).digest()
+    rt = runtime(mlp, small_data, secret=secret, p=p, num_shards=num_shards)
+    res = ginn.train(rt, attacker, k, progress=False, raise_on_violation=False)
+    detected += res.violation is not None
+    if res.violation is not None:
+      assert res.violation.shard in attacker.corrupted_shards
+  expected = ginn.analysis.shard_detection_probability(p, k, num_shards=num_shards,
+                                                       corrupted_shards=corrupted)
+  half = 2.576 * math.sqrt(expected * (1 - expected) / trials)
+  assert expected - half <= detected / trials <= expected + half, (detected / trials, expected, half)
