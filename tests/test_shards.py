@@ -301,3 +301,30 @@ def test_detection_rate_of_shard_attackers_matches_the_formula(mlp, small_data, 
                                                        corrupted_shards=corrupted)
   half = 2.576 * math.sqrt(expected * (1 - expected) / trials)
   assert expected - half <= detected / trials <= expected + half, (detected / trials, expected, half)
+
+
+# -- run directories and the audit --------------------------------------------------------
+
+
+def test_sharded_run_dir_audits_clean_and_exposes_an_uncaught_shard(tmp_path, mlp, small_data):
+  from ginn_jax._src.audit import audit_run
+  from ginn_jax._src.rundir import run_verified
+
+  cfg = config(p=0.3)
+  w = ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1))
+  res = run_verified(tmp_path / "ok", mlp, *small_data, cfg, w, 6, audit_secret=SECRET,
+                     checkpoint_every=3, keep_reports=True, fsync=False)
+  assert res.violation is None and res.steps == 6
+  report = audit_run(tmp_path / "ok", model=mlp, images=small_data[0], labels=small_data[1],
+                     audit_secret=SECRET)
+  assert report.ok, report.first_failure
+  assert sum(i.kind == "segment" for i in report.items) == 2
+  # A one-shard attacker on steps no coin drew: the kept report of its shard fails the audit.
+  attacker = ginn.NoiseWorker(mlp, *small_data, schedule=ginn.schedules.Steps([4]), scale=0.01,
+                              num_shards=4, shards=[1], mesh=mesh_of(1))
+  res = run_verified(tmp_path / "bad", mlp, *small_data, config(p=0.0), attacker, 6, audit_secret=SECRET,
+                     checkpoint_every=3, keep_reports=True, fsync=False)
+  assert res.violation is None
+  report = audit_run(tmp_path / "bad", model=mlp, images=small_data[0], labels=small_data[1])
+  f = report.first_failure
+  assert not report.ok and f.step == 4 and "shard 1" in f.detail, f

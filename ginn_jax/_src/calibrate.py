@@ -308,8 +308,10 @@ def calibrate_tolerance(model: Model, images: np.ndarray, labels: np.ndarray,
     floor: the smallest re-computation tolerance returned, per metric.
     witness_floor: the smallest witness tolerance returned, per metric.
     worker: the honest worker to measure; default a fresh `HonestWorker` on
-      the default worker device. The witness check is calibrated only when
-      the model is layered and the worker has a ``witness`` method.
+      the default worker device (with ``config.num_shards`` > 1 a
+      `ShardedWorker`: every shard's error is measured). The witness check is
+      calibrated only when the model is layered, the worker has a ``witness``
+      method and there are no shards.
     progress: show a progress bar.
     thresholds_path: the stored stealth thresholds to look the model and data
       up in (default: the ones shipped with the library).
@@ -322,8 +324,12 @@ def calibrate_tolerance(model: Model, images: np.ndarray, labels: np.ndarray,
   Warns:
     ToleranceMarginWarning: a margin under `SAFE_MARGIN` (10x).
   """
+  if worker is None and config.num_shards > 1:
+    from ginn_jax._src.worker.sharded import ShardedWorker
+    worker = ShardedWorker(model, images, labels, num_shards=config.num_shards)
   worker = worker or HonestWorker(model, images, labels)
-  witnessed = model.layered and callable(getattr(worker, "witness", None))
+  witnessed = (model.layered and callable(getattr(worker, "witness", None))
+               and config.num_shards == 1)
   cfg = dataclasses.replace(config, p=1.0, p_witness=1.0 if witnessed else 0.0,
                             witness_timeout_s=None)
   runtime = TrustedRuntime(model, images, labels, cfg, tolerance=verify.UNBOUNDED,

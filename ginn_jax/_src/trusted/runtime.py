@@ -215,12 +215,6 @@ def checked_update(tx: optax.GradientTransformation, state: TrainState,
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), finite
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _shard_row(leaves: list[jax.Array], shard: int) -> list[jax.Array]:
-  """Row `shard` of every leaf (a static index: nothing crosses to the device)."""
-  return [leaf[shard] for leaf in leaves]
-
-
 class PhaseClock:
   """Accumulates wall time per phase of `submit` (for `ginn bench`)."""
 
@@ -605,7 +599,7 @@ class TrustedRuntime:
         out = []
         for s in check.shards:
           ref_loss, ref_grads = self._reference(check.params, idx[s], shards_lib.shard_key(check.layer_key, s))
-          row = _shard_row(check.reported, s)
+          row = shards_lib.shard_row(check.reported, s)
           row_loss = jax.device_put(np.asarray(check.loss[s]), self.device)
           out.append(verify.compare(row, row_loss, jax.tree_util.tree_leaves(ref_grads), ref_loss,
                                     self._paths, tolerance=self.tolerance))
