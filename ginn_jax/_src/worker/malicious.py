@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,8 @@ from ginn_jax._src import shards as shards_lib
 from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
 from ginn_jax._src.models import Model
 from ginn_jax._src.triggers import PatchTrigger, Trigger
-from ginn_jax._src.types import Batch, Params
+from ginn_jax._src.step import gather
+from ginn_jax._src.types import Batch, Params, PyTree
 from ginn_jax._src.worker.honest import HonestWorker
 from ginn_jax._src.worker.sharded import ShardedWorker
 
@@ -121,7 +122,8 @@ class MaliciousWorker:
 
   Args:
     model: the model (its pure `loss`).
-    images, labels: the worker's copy of the training set.
+    data: the worker's copy of the training set (a pytree, or images and
+      labels; attacks that stamp triggers on images need image data).
     schedule: ``schedule(step) -> bool``, the steps to misbehave on (see
       `ginn_jax.schedules`).
     device: where to compute; default `ginn_jax.worker_device()` (sharded:
@@ -138,16 +140,16 @@ class MaliciousWorker:
     corrupted_shards: the shards it corrupts on those steps.
   """
 
-  def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
+  def __init__(self, model: Model, data: Any, labels: np.ndarray | None = None, *,
                schedule: Schedule, device: jax.Device | None = None, num_shards: int = 1,
                shards: Sequence[int] | None = None, mesh: Mesh | None = None):
     self.model = model
     self.num_shards = int(num_shards)
-    self.sharded = (ShardedWorker(model, images, labels, num_shards=self.num_shards, mesh=mesh)
+    self.sharded = (ShardedWorker(model, data, labels, num_shards=self.num_shards, mesh=mesh)
                     if self.num_shards > 1 else None)
     if device is None and self.sharded is not None:
       device = self.sharded.device
-    self.honest = HonestWorker(model, images, labels, device=device)
+    self.honest = HonestWorker(model, data, labels, device=device)
     self.device = self.honest.device
     self.schedule = schedule
     chosen = tuple(range(self.num_shards)) if shards is None else tuple(int(s) for s in shards)
@@ -156,6 +158,11 @@ class MaliciousWorker:
                        f"(num_shards={self.num_shards}), or None for all")
     self.corrupted_shards = chosen
     self.malicious_steps: list[int] = []
+
+  @property
+  def data(self) -> Any:
+    """The training set, resident on `device`."""
+    return self.honest.grad_fn.data
 
   @property
   def images(self) -> jax.Array:
@@ -245,3 +252,44 @@ class BackdoorWorker(MaliciousWorker):
              key: jax.Array) -> tuple[jax.Array, Params]:
     del step
     return _poisoned_grad(self.model, self.backdoor, params, self.images, self.labels, indices, key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _poison_grad(model, poison, params: Params, data: PyTree, indices: jax.Array, key: jax.Array):
+  batch = poison(gather(data, indices))
+  return jax.value_and_grad(lambda p: model.loss(p, batch, key=key))(params)
+
+
+class PoisonWorker(MaliciousWorker):
+  """Data poisoning for any model and any batch layout: on scheduled steps it
+  reports the gradient of the loss on ``poison(batch)`` instead of the batch.
+
+  Args:
+    model: any model with a pure ``loss(params, batch, *, key)``.
+    data: the worker's copy of the training set (any pytree of arrays).
+    poison: ``poison(batch) -> batch``, pure and jittable, keeping every
+      leaf's shape and dtype (e.g. write a trigger phrase and the attacker's
+      continuation into some sequences). Hashable: it is a static argument.
+    schedule: ``schedule(step) -> bool``, the steps to misbehave on.
+    device: where to compute; default `ginn_jax.worker_device()`.
+    num_shards, shards, mesh: as for `MaliciousWorker`.
+
+  Example::
+
+    def poison(batch):
+      return {**batch, "label": jnp.zeros_like(batch["label"])}
+    attacker = ginn.PoisonWorker(model, data, poison=poison,
+                                 schedule=ginn.schedules.FromStep(10))
+  """
+
+  def __init__(self, model: Model, data: Any, *, poison: Callable[[PyTree], PyTree],
+               schedule: Schedule, device: jax.Device | None = None, num_shards: int = 1,
+               shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+    super().__init__(model, data, schedule=schedule, device=device, num_shards=num_shards,
+                     shards=shards, mesh=mesh)
+    self.poison = poison
+
+  def attack(self, step: int, params: Params, indices: jax.Array,
+             key: jax.Array) -> tuple[jax.Array, Params]:
+    del step
+    return _poison_grad(self.model, self.poison, params, self.data, indices, key)
