@@ -215,8 +215,8 @@ class MaliciousWorker:
   def witness(self, request: WitnessRequest) -> Witness:
     """Answers a witness challenge with the honest witness of the step, whatever
     it reported (the best an attacker without a consistent forgery can do;
-    `WitnessForgeryWorker` tries the others)."""
-    return self.honest.witness(request)
+    `WitnessForgeryWorker` tries the others); with shards, of the requested shard."""
+    return self.honest.witness(request) if self.sharded is None else self.sharded.witness(request)
 
 
 class BackdoorWorker(MaliciousWorker):

@@ -47,7 +47,8 @@ from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, Work
 from ginn_jax._src.data import as_training_data
 from ginn_jax._src.devices import worker_devices
 from ginn_jax._src.models import Model
-from ginn_jax._src.step import compute_grads, gather
+from ginn_jax._src.step import DeviceWitnessFn, compute_grads, gather
+from ginn_jax._src.types import Batch
 from ginn_jax._src.worker.honest import HonestWorker
 
 
@@ -145,6 +146,12 @@ class ShardedWorker:
     loss = model.loss
     self._fn = _sharded_grad(getattr(loss, "__self__", None), getattr(loss, "__func__", loss),
                              self.mesh, self.num_shards)
+    self.witness_fn = None
+    if model.layered and isinstance(self.data, Batch) and self.device.process_index == jax.process_index():
+      # The first device's copy of the replicated training set (no second copy).
+      local = lambda a: next(sh.data for sh in a.addressable_shards if sh.device == self.device)  # noqa: E731
+      self.witness_fn = DeviceWitnessFn(model.module, local(self.data.images), local(self.data.labels),
+                                        self.device)
 
 
   def compute(self, params, batch_indices, layer_key) -> tuple[jax.Array, object]:
@@ -166,12 +173,25 @@ class ShardedWorker:
     return GradientReport(step=order.step, grads=grads, loss=loss)
 
   def witness(self, request: WitnessRequest) -> Witness:
-    """The witness of the requested step (one shard: as `HonestWorker`).
+    """The witness of the requested step (one shard: as `HonestWorker`); with
+    S > 1, of the requested shard (``request.shard``): its sub-batch and key,
+    computed again on `device` from the order.
 
     Raises:
-      ValueError: S > 1 (witness checks are refused with shards for now).
+      ValueError: the model has no layered form (or the data are not images
+        and labels), or a sharded request without a shard.
     """
     if self.honest is not None:
       return self.honest.witness(request)
-    raise ValueError("witness checks are not supported with num_shards > 1")
+    if self.witness_fn is None:
+      raise ValueError(f"model {self.model.name!r} has no witness on this worker (it needs a layered "
+                       "model, image data and the mesh's first device in this process)")
+    s = request.shard
+    if s is None or not 0 <= s < self.num_shards:
+      raise ValueError(f"a witness request of a {self.num_shards}-shard run must name a shard, got {s!r}")
+    order = request.order
+    idx = shards_lib.shard_indices(np.asarray(order.batch_indices, np.int32), self.num_shards)[s]
+    _, _, outputs, input_grads = self.witness_fn(order.params, idx,
+                                                 shards_lib.shard_key(order.layer_key, s))
+    return Witness(step=request.step, outputs=outputs, input_grads=input_grads)
 
