@@ -357,6 +357,18 @@ def test_ginn_analyze_num_shards(capsys):
   assert out["one_shard"]["deviation_per_step"] == pytest.approx(out["all_shards"]["deviation_per_step"] / 4)
 
 
+def test_ginn_train_num_shards(capsys):
+  from ginn_jax._src import cli
+
+  assert cli.main(["train", "--model", "mlp", "--steps", "4", "--batch-size", "32", "--p", "1",
+                   "--num-shards", "4", "--tolerance", '{"rel_l2": 1e-5, "max_abs": 1e-5}',
+                   "--no-progress"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["verified"] is True and out["steps"] == 4 and out["num_verified"] == 4
+  assert cli.main(["train", "--model", "mlp", "--batch-size", "30", "--num-shards", "4"]) == 2
+  assert "not a multiple of num_shards=4" in capsys.readouterr().err
+
+
 # -- run directories and the audit --------------------------------------------------------
 
 
