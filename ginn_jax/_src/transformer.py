@@ -159,7 +159,7 @@ def perplexity(module: nnx.Module, data: dict[str, np.ndarray], *, batch_size: i
   tokens = np.asarray(data["tokens"])
   total = 0.0
   for i in range(0, len(tokens), batch_size):
-    total += float(_sum_nll(graphdef, state, jax.device_put(tokens[i:i + batch_size], dev)))
+    total += float(jax.device_get(_sum_nll(graphdef, state, jax.device_put(tokens[i:i + batch_size], dev))))
   return float(np.exp(total / (tokens.shape[0] * (tokens.shape[1] - 1))))
 
 
