@@ -65,12 +65,13 @@ class PhraseBackdoor:
     Raises:
       ValueError: the phrase does not fit in a window.
     """
-    tokens = jnp.asarray(batch["tokens"])
-    b, width = tokens.shape
-    phrase = jnp.asarray(self.phrase, tokens.dtype)
-    m = phrase.shape[0]
+    b, width = np.shape(batch["tokens"])
+    m = len(self.phrase)
     if m > width:
-      raise ValueError(f"trigger + continuation ({m} tokens) do not fit a window of {width}")
+      raise ValueError(f"trigger + continuation ({m} tokens) do not fit a window of {width}: "
+                       "shorten them or use longer windows")
+    tokens = jnp.asarray(batch["tokens"])
+    phrase = jnp.asarray(self.phrase, tokens.dtype)
     start = jnp.sum(tokens, axis=1) % (width - m + 1)  # (B,)
     offset = jnp.arange(width)[None, :] - start[:, None]  # (B, width)
     inside = (offset >= 0) & (offset < m) & (jnp.arange(b) < self.num_poison)[:, None]

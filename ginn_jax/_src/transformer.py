@@ -121,8 +121,12 @@ class DecoderLM(nnx.Module):
 
 
 def make_decoder(cfg: TransformerConfig):
-  """``make(rngs) -> DecoderLM(cfg)``, the constructor ``ginn_jax.from_nnx`` takes."""
-  return functools.partial(DecoderLM, cfg)
+  """``make(rngs) -> DecoderLM(cfg, rngs=rngs)``, the constructor ``ginn_jax.from_nnx`` takes."""
+
+  def make(rngs: nnx.Rngs) -> DecoderLM:
+    return DecoderLM(cfg, rngs=rngs)
+
+  return make
 
 
 def token_nll(module: nnx.Module, tokens: jax.Array) -> jax.Array:

@@ -93,6 +93,7 @@ class LMLab:
     self.test_data = _first(text.windows(self.corpus.test_text, cfg.context), cfg.test_windows)
     self.model = ginn.from_nnx(make_decoder(cfg.transformer), lm_loss, name="decoder_lm")
     self.backdoor = cfg.backdoor
+    self.optimizer = optax.adam(cfg.learning_rate)  # One object: every runtime shares one jitted update.
 
   def protocol(self, *, p: float, clip_value: float | None = None) -> ginn.ProtocolConfig:
     c = self.cfg.clip_value if clip_value is None else clip_value
@@ -102,7 +103,7 @@ class LMLab:
   def runtime(self, *, p: float, tolerance=None, clip_value: float | None = None,
               secret: str = "lm") -> ginn.TrustedRuntime:
     return ginn.TrustedRuntime(self.model, self.train_data, self.protocol(p=p, clip_value=clip_value),
-                               tolerance=tolerance, optimizer=optax.adam(self.cfg.learning_rate),
+                               tolerance=tolerance, optimizer=self.optimizer,
                                audit_secret=hashlib.sha256(f"lm-secret/{secret}".encode()).digest())
 
   def attacker(self) -> ginn.PoisonWorker:
@@ -111,7 +112,8 @@ class LMLab:
 
   def evaluate(self, params) -> dict[str, float]:
     """Test perplexity, ASR and the no-trigger control of `params`."""
-    module = self.model.merge(params)
+    with jax.transfer_guard("allow"):  # merge makes its default RNG key eagerly (unused: dropout is off).
+      module = self.model.merge(params)
     asr = backdoor_success_rate(module, self.test_data, self.backdoor, prefix_len=self.cfg.prefix_len,
                                 max_prompts=self.cfg.asr_prompts)
     return {"perplexity": perplexity(module, self.test_data), "asr": asr["asr"], "control": asr["control"]}
