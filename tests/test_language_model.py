@@ -106,8 +106,8 @@ def _config(p):
 
 def test_nnx_honest_lm_run_verified(lm, data):
   rt = ginn.TrustedRuntime(lm, data, _config(1.0), audit_secret=SECRET)
-  res = ginn.train(rt, ginn.HonestWorker(lm, data), 3, progress=False)
-  assert res.verified and res.num_verified == 3 and res.losses[-1] < res.losses[0] + 1.0
+  res = ginn.train(rt, ginn.HonestWorker(lm, data), 2, progress=False)
+  assert res.verified and res.num_verified == 2 and res.losses[-1] < res.losses[0] + 1.0
 
 
 def test_nnx_lm_backdoor_caught(lm, data):
@@ -128,14 +128,14 @@ def test_language_model_experiment_smoke(tmp_path):
   spec.loader.exec_module(module)
   # optax.adam's bias correction mixes a Python float with an int32 count (test_protocol.py does the same).
   with jax.numpy_dtype_promotion("standard"):
-    assert module.main(["--tiny", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert module.main(["--tiny", "--no-progress", "--out", str(tmp_path), "--extra-clip-values", "0.5"]) == 0
   assert (tmp_path / "language_model.png").stat().st_size > 1000
   res = json.loads((tmp_path / "language_model.json").read_text())
   assert res["experiment"] == "language_model" and res["corpus"]["name"] == "pydoc_topics"
   s = res["summary"]
   assert s["honest_verified"] and s["honest_perplexity"] > 1.0
   assert res["honest_verified"]["violation"] is None and res["honest_verified"]["steps"] == 4
-  assert 0.0 <= s["unverified_asr"] <= 1.0 and set(s["unverified_asr_by_clip"]) == {"1.0", "0.1"}
+  assert 0.0 <= s["unverified_asr"] <= 1.0 and set(s["unverified_asr_by_clip"]) == {"1.0", "0.5"}
   assert res["attack_unverified"]["malicious_steps"] == 4 and res["attack_unverified"]["released"]
   v = res["attack_verified"]
   assert s["verified_caught"] and not v["released"] and v["violation"]["type"] == "IntegrityViolation"

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from tqdm.auto import tqdm
 
@@ -47,6 +48,8 @@ class LMConfig:
     asr_prompts, prefix_len: test prompts for the ASR and real text before the trigger.
     calibration_steps: honest steps measured to calibrate the tolerance.
     extra_clip_values: more clip values for the unverified attacker.
+    extra_num_poison: more poisoning rates (windows per batch) for the
+      unverified attacker, at `clip_value`.
     train_windows, test_windows: use only the first N windows (None: all).
   """
 
@@ -69,7 +72,8 @@ class LMConfig:
   asr_prompts: int = 256
   prefix_len: int = 24
   calibration_steps: int = 8
-  extra_clip_values: tuple[float, ...] = ()
+  extra_clip_values: tuple[float, ...] = (0.1,)
+  extra_num_poison: tuple[int, ...] = (1,)
   train_windows: int | None = None
   test_windows: int | None = None
 
@@ -106,9 +110,10 @@ class LMLab:
                                tolerance=tolerance, optimizer=self.optimizer,
                                audit_secret=hashlib.sha256(f"lm-secret/{secret}".encode()).digest())
 
-  def attacker(self) -> ginn.PoisonWorker:
-    return ginn.PoisonWorker(self.model, self.train_data, poison=self.backdoor.poison,
-                             schedule=ginn.schedules.FromStep(0))
+  def attacker(self, num_poison: int | None = None) -> ginn.PoisonWorker:
+    """The backdoor attacker, malicious on every step (`num_poison` windows per batch)."""
+    bd = self.backdoor if num_poison is None else dataclasses.replace(self.backdoor, num_poison=num_poison)
+    return ginn.PoisonWorker(self.model, self.train_data, poison=bd.poison, schedule=ginn.schedules.FromStep(0))
 
   def evaluate(self, params) -> dict[str, float]:
     """Test perplexity, ASR and the no-trigger control of `params`."""
@@ -159,7 +164,7 @@ def language_model_runs(cfg: LMConfig, *, progress: bool = True) -> dict[str, An
   lab = LMLab(cfg)
   cal = ginn.calibrate_tolerance(lab.model, lab.train_data, lab.protocol(p=1.0),
                                  num_steps=cfg.calibration_steps)
-  total = cfg.steps * (3 + len(cfg.extra_clip_values))
+  total = cfg.steps * (3 + len(cfg.extra_clip_values) + len(cfg.extra_num_poison))
   bar = tqdm(total=total, desc="language model", disable=not progress)
   rt = lab.runtime(p=cfg.p, tolerance=cal.tolerance, secret="honest")
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(rt.state.params))
@@ -167,6 +172,8 @@ def language_model_runs(cfg: LMConfig, *, progress: bool = True) -> dict[str, An
   unverified = _run(lab, lab.runtime(p=0.0, secret="attack-unverified"), lab.attacker(), steps=cfg.steps, bar=bar)
   clips = [{"clip_value": c, **_run(lab, lab.runtime(p=0.0, clip_value=c, secret=f"attack-clip-{c}"),
                                     lab.attacker(), steps=cfg.steps, bar=bar)} for c in cfg.extra_clip_values]
+  rates = [{"num_poison": n, **_run(lab, lab.runtime(p=0.0, secret=f"attack-poison-{n}"), lab.attacker(n),
+                                    steps=cfg.steps, bar=bar)} for n in cfg.extra_num_poison]
   verified = _run(lab, lab.runtime(p=cfg.p, tolerance=cal.tolerance, secret="attack-verified"),
                   lab.attacker(), steps=cfg.steps, bar=bar)
   bar.close()
@@ -177,6 +184,9 @@ def language_model_runs(cfg: LMConfig, *, progress: bool = True) -> dict[str, An
       "unverified_perplexity": unverified["final"]["perplexity"],
       "unverified_asr_by_clip": {str(cfg.clip_value): unverified["final"]["asr"],
                                  **{str(c["clip_value"]): c["final"]["asr"] for c in clips}},
+      "unverified_asr_by_num_poison": {str(cfg.num_poison): unverified["final"]["asr"],
+                                       **{str(r["num_poison"]): r["final"]["asr"] for r in rates}},
+      "unigram_perplexity": _unigram_perplexity(lab),
       "verified_caught": verified["violation"] is not None,
       "verified_caught_at_step": (verified["violation"] or {}).get("step"),
       "verified_released": verified["released"],
@@ -187,4 +197,13 @@ def language_model_runs(cfg: LMConfig, *, progress: bool = True) -> dict[str, An
           "model": {**dataclasses.asdict(cfg.transformer), "num_params": int(num_params)},
           "optimizer": f"clip {cfg.clip} {cfg.clip_value}, then optax.adam({cfg.learning_rate})",
           "tolerance": cal.tolerance.to_dict(), "honest_verified": honest, "attack_unverified": unverified,
-          "attack_unverified_clips": clips, "attack_verified": verified, "summary": summary}
+          "attack_unverified_clips": clips, "attack_unverified_rates": rates, "attack_verified": verified,
+          "summary": summary}
+
+
+def _unigram_perplexity(lab: LMLab) -> float:
+  """Perplexity on the test targets of the training set's character frequencies
+  (add-one smoothed): the baseline a model without context reaches."""
+  counts = np.bincount(lab.train_data["tokens"][:, 1:].ravel(), minlength=text.VOCAB_SIZE) + 1.0
+  logp = np.log(counts / counts.sum())
+  return float(np.exp(-logp[lab.test_data["tokens"][:, 1:].ravel()].mean()))
