@@ -75,16 +75,6 @@ def test_poison_keeps_shapes_and_inserts_trigger(corpus):
     ginn.PhraseBackdoor(trigger="x" * 20).poison({"tokens": np.zeros((2, 17), np.int32)})
 
 
-def test_nnx_loss_is_pure_function_of_params_batch_key(lm, data):
-  params = jax.jit(lm.init)(make_key(0))
-  batch = jax.device_put({"tokens": data["tokens"][:4]}, CPU)
-  grad = jax.jit(jax.value_and_grad(lambda p, b, k: lm.loss(p, b, key=k)))
-  (l1, g1), (l2, g2) = grad(params, batch, make_key(1)), grad(params, batch, make_key(1))
-  assert tree_bytes((l1, g1)) == tree_bytes((l2, g2))  # Same inputs: bitwise the same gradient.
-  l3, g3 = grad(params, batch, make_key(2))
-  assert tree_bytes(g3) != tree_bytes(g1)  # Another layer key: another dropout mask.
-
-
 def test_nnx_generation_and_perplexity(lm, data):
   with jax.transfer_guard("allow"):  # merge makes its default RNG key eagerly.
     module = lm.merge(jax.jit(lm.init)(make_key(0)))
@@ -104,10 +94,18 @@ def _config(p):
   return ginn.ProtocolConfig(seed=0, batch_size=8, p=p, clip="global_norm", clip_value=1.0)
 
 
-def test_nnx_honest_lm_run_verified(lm, data):
+def test_nnx_honest_lm_run_verified_and_pure(lm, data):
   rt = ginn.TrustedRuntime(lm, data, _config(1.0), audit_secret=SECRET)
-  res = ginn.train(rt, ginn.HonestWorker(lm, data), 2, progress=False)
-  assert res.verified and res.num_verified == 2 and res.losses[-1] < res.losses[0] + 1.0
+  worker = ginn.HonestWorker(lm, data)
+  res = ginn.train(rt, worker, 2, progress=False)
+  assert res.verified and res.num_verified == 2
+  assert all(e.max_rel_l2 == 0.0 and e.max_abs == 0.0 for e in res.transcript)  # Bitwise, across devices.
+  # The step is a pure function of (params, batch, key): the worker's jitted gradient, called again.
+  params, idx = res.params, np.arange(8)
+  (l1, g1), (l2, g2) = worker.grad_fn(params, idx, make_key(1)), worker.grad_fn(params, idx, make_key(1))
+  assert tree_bytes((l1, g1)) == tree_bytes((l2, g2))
+  _, g3 = worker.grad_fn(params, idx, make_key(2))
+  assert tree_bytes(g3) != tree_bytes(g1)  # Another layer key: another dropout mask.
 
 
 def test_nnx_lm_backdoor_caught(lm, data):
@@ -128,14 +126,14 @@ def test_language_model_experiment_smoke(tmp_path):
   spec.loader.exec_module(module)
   # optax.adam's bias correction mixes a Python float with an int32 count (test_protocol.py does the same).
   with jax.numpy_dtype_promotion("standard"):
-    assert module.main(["--tiny", "--no-progress", "--out", str(tmp_path), "--extra-clip-values", "0.5"]) == 0
+    assert module.main(["--tiny", "--no-progress", "--out", str(tmp_path)]) == 0
   assert (tmp_path / "language_model.png").stat().st_size > 1000
   res = json.loads((tmp_path / "language_model.json").read_text())
   assert res["experiment"] == "language_model" and res["corpus"]["name"] == "pydoc_topics"
   s = res["summary"]
   assert s["honest_verified"] and s["honest_perplexity"] > 1.0
   assert res["honest_verified"]["violation"] is None and res["honest_verified"]["steps"] == 4
-  assert 0.0 <= s["unverified_asr"] <= 1.0 and set(s["unverified_asr_by_clip"]) == {"1.0", "0.5"}
+  assert 0.0 <= s["unverified_asr"] <= 1.0 and set(s["unverified_asr_by_clip"]) == {"1.0"}
   assert res["attack_unverified"]["malicious_steps"] == 4 and res["attack_unverified"]["released"]
   v = res["attack_verified"]
   assert s["verified_caught"] and not v["released"] and v["violation"]["type"] == "IntegrityViolation"

@@ -30,6 +30,7 @@ import ginn_jax as ginn
 from ginn_jax._src import text
 from ginn_jax._src.text_backdoor import PhraseBackdoor, backdoor_success_rate
 from ginn_jax._src.transformer import TransformerConfig, lm_loss, make_decoder, perplexity
+from ginn_jax._src.trusted.verify import DEFAULT_FLOOR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,8 @@ class LMConfig:
     trigger, continuation, num_poison: the backdoor (windows poisoned per batch).
     eval_every: steps between evaluations (perplexity, ASR).
     asr_prompts, prefix_len: test prompts for the ASR and real text before the trigger.
-    calibration_steps: honest steps measured to calibrate the tolerance.
+    calibration_steps: honest steps measured to calibrate the tolerance (0:
+      the default CPU floor, what calibration returns on two CPU devices).
     extra_clip_values: more clip values for the unverified attacker.
     extra_num_poison: more poisoning rates (windows per batch) for the
       unverified attacker, at `clip_value`.
@@ -162,11 +164,12 @@ def language_model_runs(cfg: LMConfig, *, progress: bool = True) -> dict[str, An
     every `eval_every` steps), its final evaluation and its violation if any.
   """
   lab = LMLab(cfg)
-  cal = ginn.calibrate_tolerance(lab.model, lab.train_data, lab.protocol(p=1.0),
-                                 num_steps=cfg.calibration_steps)
+  tolerance = ginn.calibrate_tolerance(lab.model, lab.train_data, lab.protocol(p=1.0),
+                                       num_steps=cfg.calibration_steps).tolerance \
+      if cfg.calibration_steps else DEFAULT_FLOOR
   total = cfg.steps * (3 + len(cfg.extra_clip_values) + len(cfg.extra_num_poison))
   bar = tqdm(total=total, desc="language model", disable=not progress)
-  rt = lab.runtime(p=cfg.p, tolerance=cal.tolerance, secret="honest")
+  rt = lab.runtime(p=cfg.p, tolerance=tolerance, secret="honest")
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(rt.state.params))
   honest = _run(lab, rt, ginn.HonestWorker(lab.model, lab.train_data), steps=cfg.steps, bar=bar)
   unverified = _run(lab, lab.runtime(p=0.0, secret="attack-unverified"), lab.attacker(), steps=cfg.steps, bar=bar)
@@ -174,7 +177,7 @@ def language_model_runs(cfg: LMConfig, *, progress: bool = True) -> dict[str, An
                                     lab.attacker(), steps=cfg.steps, bar=bar)} for c in cfg.extra_clip_values]
   rates = [{"num_poison": n, **_run(lab, lab.runtime(p=0.0, secret=f"attack-poison-{n}"), lab.attacker(n),
                                     steps=cfg.steps, bar=bar)} for n in cfg.extra_num_poison]
-  verified = _run(lab, lab.runtime(p=cfg.p, tolerance=cal.tolerance, secret="attack-verified"),
+  verified = _run(lab, lab.runtime(p=cfg.p, tolerance=tolerance, secret="attack-verified"),
                   lab.attacker(), steps=cfg.steps, bar=bar)
   bar.close()
   summary = {
@@ -196,7 +199,7 @@ def language_model_runs(cfg: LMConfig, *, progress: bool = True) -> dict[str, An
           "test_windows": int(lab.test_data["tokens"].shape[0]),
           "model": {**dataclasses.asdict(cfg.transformer), "num_params": int(num_params)},
           "optimizer": f"clip {cfg.clip} {cfg.clip_value}, then optax.adam({cfg.learning_rate})",
-          "tolerance": cal.tolerance.to_dict(), "honest_verified": honest, "attack_unverified": unverified,
+          "tolerance": tolerance.to_dict(), "honest_verified": honest, "attack_unverified": unverified,
           "attack_unverified_clips": clips, "attack_unverified_rates": rates, "attack_verified": verified,
           "summary": summary}
 
