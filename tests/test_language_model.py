@@ -76,8 +76,7 @@ def test_poison_keeps_shapes_and_inserts_trigger(corpus):
 
 
 def test_nnx_generation_and_perplexity(lm, data):
-  with jax.transfer_guard("allow"):  # merge makes its default RNG key eagerly.
-    module = lm.merge(jax.jit(lm.init)(make_key(0)))
+  module = lm.merge(jax.jit(lm.init)(make_key(0)))
   ppl = ginn.perplexity(module, data)
   assert 1.0 < ppl < 3 * ginn.TEXT_VOCAB_SIZE  # Untrained: near a uniform guess.
   out = ginn.greedy_generate(module, data["tokens"][:3, :10], 6)

@@ -119,8 +119,7 @@ class LMLab:
 
   def evaluate(self, params) -> dict[str, float]:
     """Test perplexity, ASR and the no-trigger control of `params`."""
-    with jax.transfer_guard("allow"):  # merge makes its default RNG key eagerly (unused: dropout is off).
-      module = self.model.merge(params)
+    module = self.model.merge(params)
     asr = backdoor_success_rate(module, self.test_data, self.backdoor, prefix_len=self.cfg.prefix_len,
                                 max_prompts=self.cfg.asr_prompts)
     return {"perplexity": perplexity(module, self.test_data), "asr": asr["asr"], "control": asr["control"]}
