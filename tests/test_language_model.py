@@ -6,8 +6,8 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
-from flax import nnx
 
 import ginn_jax as ginn
 from conftest import make_key, tree_bytes
@@ -15,7 +15,6 @@ from conftest import make_key, tree_bytes
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ginn.TransformerConfig(max_len=16, d_model=16, num_heads=2, num_layers=1, dropout=0.25)
 SECRET = b"lm-test-secret-00000000000000000"
-CPU = jax.devices("cpu")[0]
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +137,9 @@ def test_language_model_experiment_smoke(tmp_path):
   assert s["verified_caught"] and not v["released"] and v["violation"]["type"] == "IntegrityViolation"
   assert v["violation"]["step"] == s["verified_caught_at_step"] == v["first_malicious_step"] + \
       v["malicious_steps_applied"]
+
+
+def test_one_optax_object_one_update_transform():
+  adam = optax.adam(1e-3)  # Runtimes sharing it share one jitted update (no recompile per runtime).
+  assert ginn.make_update_transform("global_norm", 1.0, adam) is ginn.make_update_transform("global_norm", 1.0, adam)
+  assert ginn.make_update_transform("global_norm", 0.1, adam) is not ginn.make_update_transform("global_norm", 1.0, adam)
