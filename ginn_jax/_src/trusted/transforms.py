@@ -75,4 +75,12 @@ def make_update_transform(
   """
   if isinstance(optimizer, OptimizerConfig):  # Equal configs share one object: no recompiles.
     return _cached_sgd_transform(clip, clip_value, optimizer)
+  return _cached_transform(clip, clip_value, optimizer)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_transform(clip: ClipMode, clip_value: float | None,
+                      optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+  """The chain of a given optax transformation (hashed by its functions), built
+  once, so runtimes sharing one optimizer object share one jitted update."""
   return optax.named_chain(("clip", clip_transform(clip, clip_value)), ("optimizer", optimizer))
