@@ -126,3 +126,19 @@ from ginn_jax._src.rundir import run_verified
 from ginn_jax._src.trusted.transcript import read_transcript
 from ginn_jax._src.trusted.transcript import TranscriptError
 from ginn_jax._src.trusted.transcript import TranscriptWriter
+# Language models: an offline corpus, a character tokenizer, an NNX transformer, a phrase backdoor.
+from ginn_jax._src.text import decode as decode_text
+from ginn_jax._src.text import encode as encode_text
+from ginn_jax._src.text import pydoc_corpus
+from ginn_jax._src.text import TextCorpus
+from ginn_jax._src.text import VOCAB as TEXT_VOCAB
+from ginn_jax._src.text import VOCAB_SIZE as TEXT_VOCAB_SIZE
+from ginn_jax._src.text import windows as text_windows
+from ginn_jax._src.text_backdoor import backdoor_success_rate
+from ginn_jax._src.text_backdoor import PhraseBackdoor
+from ginn_jax._src.transformer import DecoderLM
+from ginn_jax._src.transformer import greedy_generate
+from ginn_jax._src.transformer import lm_loss
+from ginn_jax._src.transformer import make_decoder
+from ginn_jax._src.transformer import perplexity
+from ginn_jax._src.transformer import TransformerConfig

@@ -17,7 +17,7 @@ SECRET = b"custom-models-test-secret-000000"
 
 
 class NNXMLP(nnx.Module):
-  def __init__(self, rngs: nnx.Rngs):
+  def __init__(self, *, rngs: nnx.Rngs):  # Keyword-only, as flax's own modules.
     self.l1 = nnx.Linear(64, 16, rngs=rngs)
     self.drop = nnx.Dropout(0.5, rngs=rngs)
     self.l2 = nnx.Linear(16, 10, rngs=rngs)

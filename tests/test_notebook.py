@@ -19,3 +19,5 @@ def test_walkthrough_notebook_runs(monkeypatch):
   assert re.search(r"witness check caught it at: (\d+)", outputs), outputs[-2000:]
   first, caught = re.search(r"first malicious step: (\d+) witness check caught it at: (\d+)", outputs).groups()
   assert first == caught  # Every step's witness is checked: caught at the first malicious step.
+  first, caught = map(int, re.search(r"LM backdoor: first malicious step: (\d+) caught at: (\d+)", outputs).groups())
+  assert caught >= first  # The language model's backdoor was caught, never before it began.

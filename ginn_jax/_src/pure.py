@@ -185,7 +185,7 @@ class NNXModel(PureModel):
   """A `PureModel` over a flax NNX module (see `from_nnx`).
 
   Attributes:
-    make: ``make(rngs: nnx.Rngs) -> nnx.Module``.
+    make: ``make(rngs=nnx.Rngs(...)) -> nnx.Module``.
     graphdef: the module's static structure (`nnx.split`).
   """
 
@@ -239,9 +239,11 @@ def from_nnx(make: Callable, loss: Callable, *, name: str | None = None,
   """A model from a flax NNX module and an NNX-style loss.
 
   Args:
-    make: ``make(rngs: nnx.Rngs) -> nnx.Module``, e.g. the module's class
-      (``MyModel`` with ``__init__(self, rngs)``) or a lambda. The trusted
-      side calls it under jit with ``nnx.Rngs(init_key)`` to initialise.
+    make: ``make(rngs=nnx.Rngs(...)) -> nnx.Module``, e.g. the module's class
+      (``MyModel`` with ``__init__(self, *, rngs)`` or ``__init__(self, rngs)``)
+      or ``lambda rngs: MyModel(width, rngs=rngs)``. It is called with the
+      keyword ``rngs``; the trusted side calls it under jit with
+      ``nnx.Rngs(init_key)`` to initialise.
     loss: ``loss(model, batch) -> scalar`` (or with a keyword ``key``), where
       `model` is the module rebuilt from the step's parameters, with its RNG
       streams derived from the step's key.
@@ -259,7 +261,7 @@ def from_nnx(make: Callable, loss: Callable, *, name: str | None = None,
       step, so the step would not be a pure function of (params, batch, key).
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  abstract = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: make(rngs=nnx.Rngs(0)))
   graphdef, params, rng, rest = nnx.split(abstract, nnx.Param, nnx.RngState, ...)
   others = nnx.to_flat_state(rest)
   if others:
@@ -273,7 +275,7 @@ def from_nnx(make: Callable, loss: Callable, *, name: str | None = None,
   takes_key = _takes_key(loss)
 
   def init_fn(key):
-    return nnx.to_pure_dict(nnx.state(make(nnx.Rngs(key)), nnx.Param))
+    return nnx.to_pure_dict(nnx.state(make(rngs=nnx.Rngs(key)), nnx.Param))
 
   model: NNXModel
 

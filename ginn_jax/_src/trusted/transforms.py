@@ -134,4 +134,13 @@ def make_update_transform(
   """
   if isinstance(optimizer, OptimizerConfig):  # Equal configs share one object: no recompiles.
     return _cached_sgd_transform(clip, clip_value, optimizer, int(num_shards))
-  return _chain(clip, clip_value, optimizer, int(num_shards))
+  return _cached_transform(clip, clip_value, optimizer, int(num_shards))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_transform(clip: ClipMode, clip_value: float | None,
+                      optimizer: optax.GradientTransformation,
+                      num_shards: int) -> optax.GradientTransformation:
+  """The chain of a given optax transformation (hashed by its functions), built
+  once, so runtimes sharing one optimizer object share one jitted update."""
+  return _chain(clip, clip_value, optimizer, num_shards)
