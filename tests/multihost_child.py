@@ -1,0 +1,149 @@
+"""One process of the multi-host test (tests/test_multihost.py starts it).
+
+    python tests/multihost_child.py OUT.json DATA.npz --steps N --num-shards S
+        [--coordinator-address HOST:PORT --num-processes P --process-id I]
+        [--attack-shard K]
+
+Without a coordinator it is the single-process reference: one process whose
+mesh has S devices. With one, it is process I of P. Every process writes what
+it saw to OUT.json; process 0 exits 3 when the run halted on an integrity
+violation, followers exit 0 on STOP and 3 on HALT.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("out")
+  parser.add_argument("data")
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--num-shards", type=int, default=4)
+  parser.add_argument("--batch-size", type=int, default=32)
+  parser.add_argument("--p", type=float, default=1.0)
+  parser.add_argument("--coordinator-address", default=None)
+  parser.add_argument("--num-processes", type=int, default=1)
+  parser.add_argument("--process-id", type=int, default=0)
+  parser.add_argument("--attack-shard", type=int, default=None,
+                      help="corrupt this shard of every report, on the process that computes it")
+  args = parser.parse_args()
+
+  import jax
+  import numpy as np
+
+  import ginn_jax as ginn
+
+  if args.coordinator_address:
+    ginn.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                                timeout_s=60, heartbeat_timeout_s=20)
+  # The hardening of tests/conftest.py.
+  jax.config.update("jax_numpy_dtype_promotion", "strict")
+  jax.config.update("jax_debug_key_reuse", True)
+  jax.config.update("jax_transfer_guard", "disallow")
+
+  with np.load(args.data) as f:
+    images, labels = f["images"], f["labels"]
+  model = ginn.get_model("mlp", input_shape=(28, 28, 1))
+  mesh = ginn.global_worker_mesh()
+  assert mesh.size == args.num_shards, (mesh.size, args.num_shards)
+  inner = (ginn.ShardedWorker(model, images, labels, mesh=mesh) if hasattr(ginn, "ShardedWorker")
+           else _StandIn(model, images, labels, mesh))
+  if args.attack_shard is not None:
+    inner = TamperLocalShard(inner, args.attack_shard)
+  worker = ginn.MultiHostWorker(inner, batch_size=args.batch_size)
+  out = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+         "local_devices": [str(d) for d in jax.local_devices()]}
+  code = 0
+  try:
+    if jax.process_index() == 0:
+      extra = {"num_shards": args.num_shards} if hasattr(ginn, "ShardedWorker") else {}
+      cfg = ginn.ProtocolConfig(seed=0, batch_size=args.batch_size, p=args.p, **extra)
+      rt = ginn.TrustedRuntime(model, images, labels, cfg, audit_secret=b"\1" * 32)
+      try:
+        res = ginn.train_multihost(rt, worker, args.steps, progress=False)
+      except ginn.IntegrityViolation as e:
+        res = e.result
+        out["violation"] = {"step": e.step, "leaf": e.leaf, "message": str(e)}
+        code = 3
+      out["summary"] = res.summary()
+      out["params"] = [hashlib.sha256(np.asarray(x).tobytes()).hexdigest()
+                       for x in jax.tree_util.tree_leaves(jax.device_get(res.params))]
+      out["digests"] = [e.digest for e in res.transcript]
+    else:
+      result = ginn.follow(worker)
+      out["follow"] = {"command": result.command.name, "steps": result.steps}
+      code = 3 if result.halted else 0
+  finally:
+    out["exit_code"] = code
+    with open(args.out, "w") as f:
+      json.dump(out, f)
+    if args.coordinator_address:
+      ginn.shutdown_distributed()
+  return code
+
+
+class TamperLocalShard:
+  """A compromised process: adds 1e-2 to every gradient entry of shard `k` if
+  this process computes it (the others' shards stay honest)."""
+
+  def __init__(self, inner, k: int):
+    self.inner, self.model, self.mesh, self.k = inner, inner.model, inner.mesh, k
+
+  def __call__(self, order):
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    report = self.inner(order)
+
+    def tamper(leaf):
+      shards = []
+      for s in leaf.addressable_shards:
+        data = s.data
+        if s.index[0].start == self.k or (s.index[0] == slice(None) and False):
+          data = jax.device_put(np.asarray(data) + np.float32(1e-2), s.device)
+        shards.append(data)
+      return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, shards)
+
+    return dataclasses.replace(report, grads=jax.tree_util.tree_map(tamper, report.grads))
+
+
+class _StandIn:
+  def __init__(self, model, images, labels, mesh):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from ginn_jax._src.step import compute_grads
+    from ginn_jax._src.types import Batch
+    self.model, self.mesh = model, mesh
+    rep, sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("shard"))
+    self.rep, self.sh = rep, sh
+    self.images, self.labels = jax.device_put((images, labels), rep)
+    S = mesh.size
+    g = compute_grads(model.loss)
+
+    def f(params, images, labels, idx, key):
+      def one(i, ix):
+        return g(params, Batch(images[ix], labels[ix]), jax.random.fold_in(key, i))
+      loss, grads = jax.vmap(one)(jnp.arange(S), idx)
+      return loss.mean(), jax.tree_util.tree_map(lambda x: x.mean(0), grads)
+
+    self.f = jax.jit(f, out_shardings=rep)
+
+  def __call__(self, order):
+    import jax
+    from ginn_jax import GradientReport
+    idx = jax.device_put(order.batch_indices.reshape(self.mesh.size, -1), self.sh)
+    params, key = jax.device_put((order.params, order.layer_key), self.rep)
+    with jax.default_matmul_precision("highest"):
+      loss, grads = self.f(params, self.images, self.labels, idx, key)
+    return GradientReport(step=order.step, grads=grads, loss=loss)
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TQDM_DISABLE", "1")
+  sys.exit(main())
