@@ -29,6 +29,8 @@ def main() -> int:
   parser.add_argument("--process-id", type=int, default=0)
   parser.add_argument("--attack-shard", type=int, default=None,
                       help="corrupt this shard of every report, on the process that computes it")
+  parser.add_argument("--die-at-step", type=int, default=None,
+                      help="a follower that dies (os._exit) when this step's order arrives")
   args = parser.parse_args()
 
   import jax
@@ -48,11 +50,12 @@ def main() -> int:
     images, labels = f["images"], f["labels"]
   model = ginn.get_model("mlp", input_shape=(28, 28, 1))
   mesh = ginn.global_worker_mesh()
-  assert mesh.size == args.num_shards, (mesh.size, args.num_shards)
   inner = (ginn.ShardedWorker(model, images, labels, mesh=mesh) if hasattr(ginn, "ShardedWorker")
            else _StandIn(model, images, labels, mesh))
   if args.attack_shard is not None:
     inner = TamperLocalShard(inner, args.attack_shard)
+  if args.die_at_step is not None and jax.process_index() > 0:
+    inner = DieAt(inner, args.die_at_step)
   worker = ginn.MultiHostWorker(inner, batch_size=args.batch_size)
   out = {"process_index": jax.process_index(), "process_count": jax.process_count(),
          "local_devices": [str(d) for d in jax.local_devices()]}
@@ -112,6 +115,18 @@ class TamperLocalShard:
     return dataclasses.replace(report, grads=jax.tree_util.tree_map(tamper, report.grads))
 
 
+class DieAt:
+  """A process that dies without a word when step `t`'s order arrives."""
+
+  def __init__(self, inner, t: int):
+    self.inner, self.model, self.mesh, self.t = inner, inner.model, inner.mesh, t
+
+  def __call__(self, order):
+    if order.step == self.t:
+      os._exit(9)
+    return self.inner(order)
+
+
 class _StandIn:
   def __init__(self, model, images, labels, mesh):
     import jax
@@ -120,7 +135,7 @@ class _StandIn:
     from ginn_jax._src.step import compute_grads
     from ginn_jax._src.types import Batch
     self.model, self.mesh = model, mesh
-    rep, sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("shard"))
+    rep, sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("shards"))
     self.rep, self.sh = rep, sh
     self.images, self.labels = jax.device_put((images, labels), rep)
     S = mesh.size
@@ -138,9 +153,11 @@ class _StandIn:
     import jax
     from ginn_jax import GradientReport
     idx = jax.device_put(order.batch_indices.reshape(self.mesh.size, -1), self.sh)
-    params, key = jax.device_put((order.params, order.layer_key), self.rep)
+    import numpy as np
+    kd = np.asarray(jax.device_get(jax.random.key_data(order.layer_key)))
+    params, kd = jax.device_put((order.params, kd), self.rep)
     with jax.default_matmul_precision("highest"):
-      loss, grads = self.f(params, self.images, self.labels, idx, key)
+      loss, grads = self.f(params, self.images, self.labels, idx, jax.random.wrap_key_data(kd))
     return GradientReport(step=order.step, grads=grads, loss=loss)
 
 

@@ -6,12 +6,15 @@ until process 0 says the run is over. Both sides wrap the same
 `MultiHostWorker` (worker/multihost.py), the only code that talks between
 processes, through JAX's own collectives.
 
-Which devices: the worker mesh (`global_worker_mesh`) is every device of the
-default backend, of every process, in process order. On accelerators the
-trusted device (process 0's CPU) is not among them. On a CPU-only run it is:
-shard 0 is computed on the trusted runtime's device ``cpu:0`` (which costs
-process 0 some CPU time shared with the runtime, but keeps a mesh of equal
-parts per process: two CPU devices per process give S = 2 x processes).
+Which devices: the worker mesh (`global_worker_mesh`) is, in process order,
+every device of the default backend of every process, except that on a
+CPU-only run each process keeps its first CPU device out of it (as
+`ginn_jax.worker_devices` does in one process). Process 0's ``cpu:0`` is then
+the trusted device and only that: no shard is computed where the runtime
+computes. The cost is one idle CPU device on each other process (two CPU
+devices per process give a mesh of one device per process). On accelerators
+nothing is lost: the mesh is every accelerator, the trusted device is process
+0's CPU.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from ginn_jax._src.loop import TrainResult, train
 from ginn_jax._src.trusted.runtime import TrustedRuntime
 from ginn_jax._src.worker.multihost import FollowResult, MultiHostWorker
 
-SHARD_AXIS = "shard"
+SHARD_AXIS = "shards"
 
 
 def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
@@ -62,9 +65,18 @@ def shutdown() -> None:
 
 
 def global_worker_mesh(axis_name: str = SHARD_AXIS) -> Mesh:
-  """A 1-D mesh over every device of the default backend, of every process,
-  in process order (one shard per device)."""
-  return Mesh(np.array(jax.devices()), (axis_name,))
+  """The worker's 1-D mesh over the devices of every process (module docstring):
+  every device of the default backend, in process order, less each process's
+  first CPU device on a CPU-only run (unless it is that process's only one)."""
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  if devices[0].platform == "cpu":
+    first: dict[int, jax.Device] = {}
+    count: dict[int, int] = {}
+    for d in devices:
+      first.setdefault(d.process_index, d)
+      count[d.process_index] = count.get(d.process_index, 0) + 1
+    devices = [d for d in devices if d is not first[d.process_index] or count[d.process_index] == 1]
+  return Mesh(np.array(devices), (axis_name,))
 
 
 def train_multihost(runtime: TrustedRuntime, worker: MultiHostWorker, num_steps: int,

@@ -30,7 +30,6 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
 from ginn_jax._src.boundary import GradientReport, WorkOrder
 from ginn_jax._src.worker.honest import Worker
@@ -76,8 +75,10 @@ class MultiHostWorker:
     inner: this process's worker over the global mesh (its ``mesh`` attribute
       spans the devices of every process), for example
       ``ginn_jax.ShardedWorker(model, images, labels, mesh=ginn_jax.global_worker_mesh())``.
-      Called on every process with the same order; its report's leaves are
-      global arrays. A compromised process may pass a different one.
+      Called on every process with the same order, built from the broadcast
+      bits: host (numpy) parameters and indices, and the layer key on this
+      process's first mesh device; its report's leaves are global arrays over
+      the mesh. A compromised process may pass a different one.
     batch_size: the run's batch size (followers need the shape of the order
       before it arrives).
 
@@ -108,8 +109,12 @@ class MultiHostWorker:
         "key": np.zeros(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape,
                         np.uint32),
     }
-    self._replicated = NamedSharding(self.mesh, PartitionSpec())
-    self._wrap = jax.jit(jax.random.wrap_key_data, out_shardings=self._replicated)
+    here = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+    if not here:
+      raise ValueError(f"the worker mesh has no device of process {jax.process_index()}: every "
+                       "process of the run must compute shards (use ginn_jax.global_worker_mesh())")
+    self._device = here[0]  # Where this process's copy of the order's key lives.
+    self._wrap = jax.jit(jax.random.wrap_key_data)
     self._in_step = False
     self._stopped = False
     self.steps = 0
@@ -180,10 +185,9 @@ class MultiHostWorker:
     """The order in `message`, computed by the inner worker over the global
     mesh; its report gathered (every process gets a copy)."""
     params = [bits.view(dtype) for bits, dtype in zip(message["params"], self._params_dtypes)]
-    params = jax.device_put(jax.tree_util.tree_unflatten(self._params_def, params),
-                            self._replicated)
-    key = self._wrap(jax.device_put(message["key"], self._replicated))
-    order = WorkOrder(step=int(message["header"][1]), params=params,
+    key = self._wrap(jax.device_put(message["key"], self._device))
+    order = WorkOrder(step=int(message["header"][1]),
+                      params=jax.tree_util.tree_unflatten(self._params_def, params),
                       batch_indices=np.asarray(message["indices"]), layer_key=key)
     report = self.inner(order)
     with jax.transfer_guard("allow"):  # As in `_broadcast`.
