@@ -41,6 +41,7 @@ from ginn_jax._src.errors import WitnessViolation
 # Data and models.
 from ginn_jax._src.data import Dataset
 from ginn_jax._src.data import DatasetNotFoundError
+from ginn_jax._src.data import check_data
 from ginn_jax._src.data import dataset_digest
 from ginn_jax._src.data import list_datasets
 from ginn_jax._src.data import load_dataset
@@ -50,10 +51,17 @@ from ginn_jax._src.models import Model
 from ginn_jax._src import layered
 from ginn_jax._src.layered import LayeredModule
 from ginn_jax._src.types import Batch
+# Your own model: any pure loss, flax linen or flax NNX.
+from ginn_jax._src.pure import from_linen
+from ginn_jax._src.pure import from_nnx
+from ginn_jax._src.pure import NNXModel
+from ginn_jax._src.pure import NonPureModelError
+from ginn_jax._src.pure import PureModel
 # Devices and the shared gradient function.
 from ginn_jax._src.devices import trusted_device
 from ginn_jax._src.devices import worker_device
 from ginn_jax._src.step import compute_grads
+from ginn_jax._src.step import gather
 # Trusted runtime.
 from ginn_jax._src.trusted.runtime import apply_update
 from ginn_jax._src.trusted.runtime import init_state
@@ -76,6 +84,7 @@ from ginn_jax._src.triggers import BlendTrigger
 from ginn_jax._src.triggers import PatchTrigger
 from ginn_jax._src.worker.malicious import Backdoor
 from ginn_jax._src.worker.malicious import MaliciousWorker
+from ginn_jax._src.worker.malicious import PoisonWorker
 from ginn_jax._src.worker.attacks import CombinedLossWorker
 from ginn_jax._src.worker.attacks import LabelFlipWorker
 from ginn_jax._src.worker.attacks import make_backdoored_params
@@ -108,6 +117,7 @@ from ginn_jax._src.thresholds import lookup_thresholds
 from ginn_jax._src.thresholds import StoredThreshold
 from ginn_jax._src.metrics import accuracy
 from ginn_jax._src.metrics import attack_success_rate
+from ginn_jax._src.metrics import evaluate
 from ginn_jax._src.metrics import robust_accuracy
 from ginn_jax._src import analysis
 

@@ -32,9 +32,9 @@ import jax
 import numpy as np
 
 from ginn_jax._src import errors
-from ginn_jax._src.data import dataset_digest
+from ginn_jax._src.data import as_training_data, dataset_digest, num_examples
 from ginn_jax._src.devices import trusted_device
-from ginn_jax._src.models import Model, get_model
+from ginn_jax._src.models import Model, get_model, list_models
 from ginn_jax._src.rundir import TRANSCRIPT
 from ginn_jax._src.step import DeviceGradFn
 from ginn_jax._src.trusted import checkpoint as ckpt
@@ -82,7 +82,8 @@ class AuditReport:
 
 
 def audit_run(run_dir: str | os.PathLike, *, model: Model | None = None, images: np.ndarray | None = None,
-              labels: np.ndarray | None = None, sample: str | int = "all", seed: int | None = None,
+              labels: np.ndarray | None = None, data: Any = None, sample: str | int = "all",
+              seed: int | None = None,
               public_key: str | None = None, audit_secret: bytes | None = None,
               param_tolerance: verify.Tolerance | None = None, data_dir: str | None = None) -> AuditReport:
   """Audits a run directory (see the module docstring).
@@ -90,7 +91,9 @@ def audit_run(run_dir: str | os.PathLike, *, model: Model | None = None, images:
   Args:
     run_dir: what `run_verified` left behind.
     model, images, labels: the public model and training data; loaded from the
-      header's model and dataset names when omitted.
+      header's model and dataset names when omitted (a model of your own,
+      `ginn_jax.PureModel` or `from_nnx`, must be passed).
+    data: the training set as one pytree (instead of images and labels).
     sample: "all" segments, or how many to re-train (chosen at random).
     seed: the auditor's own seed for that choice (random when omitted).
     public_key: the run's Ed25519 public key (hex) obtained out of band; the
@@ -124,7 +127,9 @@ def audit_run(run_dir: str | os.PathLike, *, model: Model | None = None, images:
     audit_keys = keys.audit_keys(audit_secret)
     mac = lambda data, *, label: keys.storage_mac(audit_keys, data, label=label)  # noqa: E731
   try:
-    ctx = _Context(header, model, images, labels, data_dir)
+    if data is None and images is not None and labels is not None:
+      data = as_training_data(images, labels)
+    ctx = _Context(header, model, data, data_dir)
   except (ValueError, KeyError, TypeError) as e:
     report.items.append(AuditItem("header", path, False, f"cannot rebuild the run from its header: {e}"))
     return report
@@ -146,15 +151,19 @@ def audit_run(run_dir: str | os.PathLike, *, model: Model | None = None, images:
 class _Context:
   """The public pieces needed to re-train: model, data, transform, keys."""
 
-  def __init__(self, header, model, images, labels, data_dir):
-    if images is None or labels is None:
+  def __init__(self, header, model, data, data_dir):
+    if data is None:
       from ginn_jax._src.data import load_dataset
-      ds = load_dataset(header["dataset"] or "mnist5k", data_dir=data_dir)
-      images, labels = ds.train_images, ds.train_labels
-    if dataset_digest(images, labels) != header["dataset_digest"]:
+      data = load_dataset(header["dataset"] or "mnist5k", data_dir=data_dir).train
+    if dataset_digest(data) != header["dataset_digest"]:
       raise ValueError("the training data does not match the header's dataset digest")
-    self.model = model or get_model(header["model"], input_shape=tuple(header["input_shape"]),
-                                    num_classes=header["num_classes"])
+    if model is None:
+      if header["model"] not in list_models():
+        raise ValueError(f"the run's model {header['model']!r} is not a built-in model; pass it "
+                         "to the audit (audit_run(run_dir, model=...))")
+      model = get_model(header["model"], input_shape=tuple(header["input_shape"]),
+                        num_classes=header["num_classes"])
+    self.model = model
     cfg = dict(header["config"])
     self.config = ProtocolConfig(**{**cfg, "optimizer": OptimizerConfig(**cfg["optimizer"])})
     self.tolerance = verify.Tolerance.from_dict(header["tolerance"])
@@ -165,10 +174,10 @@ class _Context:
                        f"(this version knows {', '.join(commit.DIGEST_NAMES)})")
     self.tx = make_update_transform(self.config.clip, self.config.clip_value, self.config.optimizer)
     self.streams = keys.seed_streams(self.config.seed)
-    self.schedule = keys.BatchSchedule(self.streams.data_key, len(images), self.config.batch_size)
+    self.schedule = keys.BatchSchedule(self.streams.data_key, num_examples(data), self.config.batch_size)
     self.device = trusted_device()
     self.initial = init_state(self.model, self.tx, self.streams.init_key)
-    self.grad_fn = DeviceGradFn(self.model.loss, images, labels, self.device)
+    self.grad_fn = DeviceGradFn(self.model.loss, data, self.device)
     self.paths = verify.leaf_paths(self.initial.params)
     self.treedef = jax.tree_util.tree_structure(self.initial.params)
 

@@ -45,9 +45,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from ginn_jax._src import errors
+from ginn_jax._src import progress as progress_lib
 from ginn_jax._src.boundary import WitnessRequest
 from ginn_jax._src.data import load_dataset
 from ginn_jax._src.devices import trusted_device, worker_device
@@ -279,8 +279,8 @@ def measure_check_cost(model, images, labels, cfg: BenchConfig, wdev: jax.Device
   times: dict[str, list[float]] = {k: [] for k in timed}
   results: dict[str, Any] = {}
   fixed = cfg.check_repeats is not None
-  bar = tqdm(total=cfg.check_repeats if fixed else None, desc="check cost", disable=not progress,
-             leave=False)
+  bar = progress_lib.bar(total=cfg.check_repeats if fixed else None, desc="check cost",
+                         enabled=progress)
   start = time.perf_counter()
   while True:
     n = len(times["recompute"])
@@ -391,7 +391,7 @@ def measure_ceiling(model, images, labels, cfg: BenchConfig, wdev: jax.Device, *
   initial = rec.state
   worker = HonestWorker(model, images, labels, device=wdev, witness="keep" if witness else "recompute")
   reports, witnesses = [], {}
-  for _ in tqdm(range(n), desc="ceiling: record", disable=not progress, leave=False):
+  for _ in progress_lib.bar(range(n), desc="ceiling: record", enabled=progress):
     order = rec.next_order()
     report = worker(order)
     if witness:
@@ -419,7 +419,7 @@ def measure_ceiling(model, images, labels, cfg: BenchConfig, wdev: jax.Device, *
   tee = _Fused(model, tx, images, labels, trusted_device(), cfg.batch_size)
   tee.run(1)
   times: dict[str, list[float]] = {k: [] for k in [*runtimes, "pure_tee"]}
-  bar = tqdm(total=cfg.ceiling_repeats, desc="ceiling", disable=not progress, leave=False)
+  bar = progress_lib.bar(total=cfg.ceiling_repeats, desc="ceiling", enabled=progress)
   for i in range(cfg.ceiling_repeats):
     order = list(times) if i % 2 == 0 else list(times)[::-1]  # A drifting machine hits all alike.
     for name in order:
@@ -536,7 +536,7 @@ def _rows(cfg, model, images, labels, tx, opt, wdev, tdev, check_cost, progress)
     g.runtime.reset_phase_seconds()
   times: dict[str, list[float]] = {name: [] for name in runners}
   rss: dict[str, int] = {}
-  bar = tqdm(total=cfg.repeats * len(runners), desc="ginn bench", disable=not progress, leave=False)
+  bar = progress_lib.bar(total=cfg.repeats * len(runners), desc="ginn bench", enabled=progress)
   for _ in range(cfg.repeats):
     for name, run in runners.items():
       t0 = time.perf_counter()

@@ -24,11 +24,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from typing import Any
 
 import jax
 import numpy as np
 
 from ginn_jax._src import thresholds as thresholds_lib
+from ginn_jax._src.data import as_training_data
 from ginn_jax._src.devices import worker_device
 from ginn_jax._src.loop import train
 from ginn_jax._src.models import Model
@@ -291,8 +293,8 @@ class Calibration:
   precision: PrecisionReport | None = None
 
 
-def calibrate_tolerance(model: Model, images: np.ndarray, labels: np.ndarray,
-                        config: ProtocolConfig = ProtocolConfig(), *, num_steps: int = 8,
+def calibrate_tolerance(model: Model, data: Any, labels: np.ndarray | ProtocolConfig | None = None,
+                        config: ProtocolConfig | None = None, *, num_steps: int = 8,
                         safety_factor: float = 10.0, floor: verify.Tolerance = verify.DEFAULT_FLOOR,
                         witness_floor: verify.Tolerance = verify.DEFAULT_WITNESS_FLOOR,
                         worker: HonestWorker | None = None, progress: bool = False,
@@ -300,7 +302,8 @@ def calibrate_tolerance(model: Model, images: np.ndarray, labels: np.ndarray,
   """Measures honest worker-vs-trusted disagreement and returns a tolerance.
 
   Args:
-    model, images, labels, config: the run to calibrate for (p is forced to 1;
+    model, data, config: the run to calibrate for, as for `TrustedRuntime`
+      (`data` any pytree training set, or images and labels; p is forced to 1,
       p_witness to 1 for a layered model, to 0 otherwise; no witness deadline).
     num_steps: honest steps to measure (parameters evolve, so errors late in
       training are sampled too).
@@ -322,11 +325,15 @@ def calibrate_tolerance(model: Model, images: np.ndarray, labels: np.ndarray,
   Warns:
     ToleranceMarginWarning: a margin under `SAFE_MARGIN` (10x).
   """
-  worker = worker or HonestWorker(model, images, labels)
+  if isinstance(labels, ProtocolConfig):  # calibrate_tolerance(model, data, config)
+    labels, config = None, labels
+  config = ProtocolConfig() if config is None else config
+  data = as_training_data(data, labels)
+  worker = worker or HonestWorker(model, data)
   witnessed = model.layered and callable(getattr(worker, "witness", None))
   cfg = dataclasses.replace(config, p=1.0, p_witness=1.0 if witnessed else 0.0,
                             witness_timeout_s=None)
-  runtime = TrustedRuntime(model, images, labels, cfg, tolerance=verify.UNBOUNDED,
+  runtime = TrustedRuntime(model, data, cfg, tolerance=verify.UNBOUNDED,
                            witness_tolerance=verify.UNBOUNDED,
                            audit_secret=b"calibration-only-secret-0000000000")
   result = train(runtime, worker, num_steps, progress="calibrate" if progress else False)

@@ -44,6 +44,18 @@ class Dataset:
   num_classes: int
 
   @property
+  def train(self):
+    """The training split as one pytree, ``Batch(train_images, train_labels)``."""
+    from ginn_jax._src.types import Batch  # pylint: disable=g-import-not-at-top
+    return Batch(self.train_images, self.train_labels)
+
+  @property
+  def test(self):
+    """The test split as one pytree, ``Batch(test_images, test_labels)``."""
+    from ginn_jax._src.types import Batch  # pylint: disable=g-import-not-at-top
+    return Batch(self.test_images, self.test_labels)
+
+  @property
   def image_shape(self) -> tuple[int, int, int]:
     """The shape of one image, ``(H, W, C)``."""
     h, w, c = self.train_images.shape[1:]
@@ -81,23 +93,117 @@ def list_datasets() -> list[str]:
   return list(_KNOWN)
 
 
-def dataset_digest(images: np.ndarray, labels: np.ndarray) -> str:
-  """SHA-256 over a canonical encoding of images and labels.
+def dataset_digest(data: Any, labels: np.ndarray | None = None) -> str:
+  """SHA-256 over a canonical encoding of a training set.
 
-  The digest covers a JSON header (dtype names and shapes, sorted keys), then
-  the images as little-endian float32 and the labels as little-endian int32,
-  both in C order. It is the same on every machine and in every process.
+  A training set is any pytree of arrays with one leading example axis (for
+  example ``{"tokens": int32 (N, L)}``, or `Batch` ``(images, labels)``).
+
+  * Image classification data (``dataset_digest(images, labels)``, or a
+    `Batch` of float32 (N, H, W, C) images and int32 (N,) labels) keeps the
+    digest it always had: a JSON header (dtype names and shapes, sorted keys),
+    then the images as little-endian float32 and the labels as little-endian
+    int32, both in C order.
+  * Any other pytree: a JSON header listing every leaf's path, dtype and
+    shape in tree order (format ``ginn_jax.dataset_digest/2``), then each
+    leaf's little-endian bytes in C order, in the same order.
+
+  The digest is the same on every machine and in every process.
 
   Args:
-    images: float32 array of shape (N, H, W, C).
-    labels: int32 array of shape (N,).
+    data: the images (with `labels`), or the whole training set as a pytree.
+    labels: int32 array of shape (N,), when `data` is the images.
 
   Returns:
     The digest as 64 lowercase hex characters.
 
   Raises:
-    ValueError: if a dtype or shape is wrong, or the two N differ.
+    ValueError: if a dtype or shape is wrong, or the leaves disagree on N.
   """
+  if labels is not None:
+    return _image_digest(data, labels)
+  if _is_image_batch(data):
+    return _image_digest(data.images, data.labels)
+  leaves = check_data(data)
+  header = json.dumps(
+      {"format": "ginn_jax.dataset_digest/2",
+       "leaves": [{"path": path, "dtype": arr.dtype.str.lstrip("<>|="), "shape": list(arr.shape)}
+                  for path, arr in leaves]},
+      sort_keys=True, separators=(",", ":"))
+  h = hashlib.sha256(header.encode("utf-8"))
+  for _, arr in leaves:
+    arr = np.ascontiguousarray(arr)
+    h.update(memoryview(arr.astype(arr.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8)))
+  return h.hexdigest()
+
+
+def _is_image_batch(data: Any) -> bool:
+  """A `Batch` of float32 4-D images and int32 1-D labels (the classic case)."""
+  from ginn_jax._src.types import Batch  # pylint: disable=g-import-not-at-top
+  if not isinstance(data, Batch):
+    return False
+  images, labels = np.asarray(data.images), np.asarray(data.labels)
+  return (images.dtype == np.float32 and images.ndim == 4 and labels.dtype == np.int32
+          and labels.ndim == 1)
+
+
+def check_data(data: Any) -> list[tuple[str, np.ndarray]]:
+  """Checks that `data` is a training set: a non-empty pytree of numeric
+  arrays that all have the same leading example axis N >= 1.
+
+  Returns:
+    Each leaf's path (``jax.tree_util.keystr``) and host array, in tree order.
+
+  Raises:
+    ValueError: naming the leaf that is not an array, is 0-d, has an
+      unsupported dtype, or disagrees with the first leaf on N.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  flat = jax.tree_util.tree_flatten_with_path(data)[0]
+  if not flat:
+    raise ValueError("the training set is an empty pytree: it needs at least one array")
+  out, n0, first = [], None, None
+  for path, leaf in flat:
+    where = jax.tree_util.keystr(path) or "<root>"
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+      raise ValueError(f"training set leaf {where} is a {type(leaf).__name__}, not an array")
+    arr = np.asarray(jax.device_get(leaf))
+    if arr.dtype.kind not in "biuf" and arr.dtype.name != "bfloat16":
+      raise ValueError(f"training set leaf {where} has dtype {arr.dtype}; expected bool, "
+                       "integer or floating point")
+    if arr.ndim < 1 or arr.shape[0] < 1:
+      raise ValueError(f"training set leaf {where} has shape {arr.shape}; every leaf needs a "
+                       "leading example axis with at least one example")
+    if n0 is None:
+      n0, first = arr.shape[0], where
+    elif arr.shape[0] != n0:
+      raise ValueError(f"training set leaves disagree on the number of examples: {first} has "
+                       f"{n0}, {where} has {arr.shape[0]}")
+    out.append((where, arr))
+  return out
+
+
+def num_examples(data: Any) -> int:
+  """N, the leading axis shared by every leaf of the training set `data`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves = jax.tree_util.tree_leaves(data)
+  if not leaves:
+    raise ValueError("the training set is an empty pytree: it needs at least one array")
+  return int(leaves[0].shape[0])
+
+
+def as_training_data(data: Any, labels: Any = None) -> Any:
+  """The training set as one pytree: ``Batch(images, labels)`` when called
+  the classic way (images and labels), else `data` itself, checked."""
+  from ginn_jax._src.types import Batch  # pylint: disable=g-import-not-at-top
+  if labels is not None:
+    data = Batch(data, labels)
+  check_data(data)
+  return data
+
+
+def _image_digest(images: np.ndarray, labels: np.ndarray) -> str:
+  """`dataset_digest` of image classification data (format 1)."""
   images = np.asarray(images)
   labels = np.asarray(labels)
   if images.dtype.kind != "f" or images.dtype.itemsize != 4:

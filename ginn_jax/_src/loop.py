@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from tqdm.auto import tqdm
+from ginn_jax._src import progress as progress_lib
 
 from ginn_jax._src import errors
 from ginn_jax._src.trusted.runtime import TranscriptEntry, TrustedRuntime
@@ -92,7 +92,7 @@ def train(runtime: TrustedRuntime, worker: Worker, num_steps: int, *,
   """
   witness = getattr(worker, "witness", None)  # Asked only on steps drawn for a witness check.
   desc = progress if isinstance(progress, str) else "ginn train"
-  bar = tqdm(total=num_steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+  bar = progress_lib.bar(total=num_steps, desc=desc, enabled=bool(progress))
   try:
     for i in range(num_steps):
       entry = runtime.submit(worker(runtime.next_order()), witness=witness)

@@ -1,7 +1,9 @@
-"""Clean accuracy, attack success rate and robust accuracy."""
+"""Metrics: `evaluate` for any model and data; clean accuracy, attack success
+rate and robust accuracy for image classifiers."""
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,8 @@ import numpy as np
 
 from ginn_jax._src.models import Model
 from ginn_jax._src.triggers import Trigger
-from ginn_jax._src.types import Params
+from ginn_jax._src.step import gather
+from ginn_jax._src.types import Params, PyTree
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -45,3 +48,36 @@ def robust_accuracy(model: Model, params: Params, images: np.ndarray, labels: np
   """Share of triggered test images (true label != target) still classified correctly."""
   keep = labels != target
   return float(np.mean(predict(model, params, trigger.apply(images[keep])) == labels[keep]))
+
+
+def evaluate(metric: Callable[[Params, PyTree], jax.Array], params: Params, data: PyTree, *,
+             batch_size: int = 256) -> float:
+  """The mean of a per-batch metric over a dataset: the metric of your model.
+
+  Args:
+    metric: ``metric(params, batch) -> scalar``, the mean of the metric over
+      the examples of `batch` (a loss, an accuracy, a token accuracy...);
+      jitted here and computed where `params` live.
+    params: the parameters (e.g. ``result.params``).
+    data: any pytree of arrays with a leading example axis.
+    batch_size: examples per batch (the last batch may be smaller).
+
+  Returns:
+    The example-weighted mean of `metric` over all of `data`.
+
+  Example::
+
+    perplexity = math.exp(ginn.evaluate(
+        lambda p, b: model.loss(p, b, key=jax.random.key(0)), result.params, test))
+  """
+  dev = next(iter(jax.tree_util.tree_leaves(params)[0].devices()))
+  n = int(jax.tree_util.tree_leaves(data)[0].shape[0])
+  if n == 0:
+    raise ValueError("evaluate needs at least one example")
+  fn = jax.jit(metric)
+  total = 0.0
+  for i in range(0, n, batch_size):
+    idx = np.arange(i, min(i + batch_size, n))
+    batch = jax.device_put(gather(jax.tree_util.tree_map(np.asarray, data), idx), dev)
+    total += float(jax.device_get(fn(params, batch))) * len(idx)
+  return total / n

@@ -28,9 +28,10 @@ import jax
 import jaxlib
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from ginn_jax._src import errors
+from ginn_jax._src import progress as progress_lib
+from ginn_jax._src.data import as_training_data
 from ginn_jax._src.models import Model
 from ginn_jax._src.trusted import checkpoint as ckpt
 from ginn_jax._src.trusted import commit, verify
@@ -110,8 +111,7 @@ def _version() -> str:
   return ginn_jax.__version__
 
 
-def run_verified(run_dir: str | os.PathLike, model: Model, images: np.ndarray, labels: np.ndarray,
-                 config: ProtocolConfig, worker: Worker, num_steps: int, *, audit_secret: bytes,
+def run_verified(run_dir: str | os.PathLike, model: Model, data: Any, *args: Any, audit_secret: bytes,
                  checkpoint_every: int = 10, tolerance: verify.Tolerance | None = None,
                  witness_tolerance: verify.Tolerance | None = None,
                  keep_reports: bool = False, deferred: bool = False, dataset: str | None = None,
@@ -120,8 +120,9 @@ def run_verified(run_dir: str | os.PathLike, model: Model, images: np.ndarray, l
 
   Args:
     run_dir: the run directory (created if missing, resumed if it holds a transcript).
-    model, images, labels, config, tolerance, witness_tolerance, deferred: as for
-      `TrustedRuntime`.
+    model, data, config, tolerance, witness_tolerance, deferred: as for
+      `TrustedRuntime` (`data` any pytree training set; the classic
+      ``run_verified(run_dir, model, images, labels, config, worker, n)`` works too).
     worker: the (untrusted) worker.
     num_steps: total steps of the run (not steps to add on a resume).
     audit_secret: the runtime's private secret. It is never written to the run
@@ -143,11 +144,16 @@ def run_verified(run_dir: str | os.PathLike, model: Model, images: np.ndarray, l
       for it and the run directory can be resumed.
     TranscriptError: the run directory is damaged or belongs to another run.
   """
+  if len(args) == 4:  # (images,) labels, config, worker, num_steps
+    data, args = as_training_data(data, args[0]), args[1:]
+  if len(args) != 3:
+    raise TypeError("run_verified(run_dir, model, data, config, worker, num_steps, *, audit_secret=...)")
+  config, worker, num_steps = args
   if checkpoint_every < 1 or num_steps < 0:
     raise ValueError(f"checkpoint_every must be >= 1 and num_steps >= 0, got {checkpoint_every}, {num_steps}")
   run_dir = os.fspath(run_dir)
   path = os.path.join(run_dir, TRANSCRIPT)
-  rt = TrustedRuntime(model, images, labels, config, tolerance=tolerance,
+  rt = TrustedRuntime(model, data, config, tolerance=tolerance,
                       witness_tolerance=witness_tolerance, audit_secret=audit_secret, deferred=deferred,
                       report_digest=_resumed_digest(path))
   header = run_header(rt, num_steps=num_steps, checkpoint_every=checkpoint_every,
@@ -164,8 +170,8 @@ def run_verified(run_dir: str | os.PathLike, model: Model, images: np.ndarray, l
     writer = TranscriptWriter.create(path, header, rt.signing_seed(), fsync=fsync)
     _checkpoint(rt, run_dir, writer)
   rt.recorder = writer
-  bar = tqdm(total=num_steps, initial=rt.step, desc=progress if isinstance(progress, str) else "ginn run",
-             disable=not progress, leave=False, dynamic_ncols=True)
+  bar = progress_lib.bar(total=num_steps, initial=rt.step,
+                         desc=progress if isinstance(progress, str) else "ginn run", enabled=bool(progress))
   try:
     try:
       while rt.step < num_steps:

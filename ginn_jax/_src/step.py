@@ -11,7 +11,7 @@ import functools
 
 import jax
 
-from ginn_jax._src.types import Batch, GradFn, LossFn, Params
+from ginn_jax._src.types import Batch, GradFn, LossFn, Params, PyTree
 
 
 def compute_grads(loss_fn: LossFn) -> GradFn:
@@ -23,16 +23,23 @@ def compute_grads(loss_fn: LossFn) -> GradFn:
   return grad_fn
 
 
+def gather(data: PyTree, indices) -> PyTree:
+  """The batch of `indices`: every leaf of the training set `data` indexed
+  along its leading example axis (traceable; runs where `data` lives)."""
+  return jax.tree_util.tree_map(lambda leaf: leaf[indices], data)
+
+
 def gather_and_grad(grad_fn: GradFn):
   """Wraps `grad_fn` to gather the batch from a device-resident dataset.
 
-  Returns ``f(params, images, labels, indices, key) -> (loss, grads)``: the
-  batch is ``images[indices], labels[indices]`` gathered on the device the
-  arrays live on, so a dataset put once on the worker never crosses again.
+  Returns ``f(params, data, indices, key) -> (loss, grads)``: the batch is
+  ``gather(data, indices)`` (for image data, ``Batch(images[indices],
+  labels[indices])``), gathered on the device the arrays live on, so a
+  dataset put once on the worker never crosses again.
   """
 
-  def f(params, images, labels, indices, key):
-    return grad_fn(params, Batch(images[indices], labels[indices]), key)
+  def f(params, data, indices, key):
+    return grad_fn(params, gather(data, indices), key)
 
   return f
 
@@ -50,21 +57,46 @@ class DeviceGradFn:
   float32 matmuls at full precision (GPUs default to TF32, which widens the gap
   an attacker can hide in).
 
-  The dataset is put on `device` once; each call moves only the parameters,
-  the indices and the key, explicitly with `jax.device_put`.
+  The training set `data` (any pytree of arrays with a leading example axis;
+  ``Batch(images, labels)`` for image data) is put on `device` once; each call
+  moves only the parameters, the indices and the key, explicitly with
+  `jax.device_put`. ``DeviceGradFn(loss_fn, images, labels, device)`` is the
+  same as ``DeviceGradFn(loss_fn, Batch(images, labels), device)``.
   """
 
-  def __init__(self, loss_fn: LossFn, images, labels, device: jax.Device):
-    self.device = device
+  def __init__(self, loss_fn: LossFn, data: PyTree, *rest):
+    if len(rest) == 2:  # (images, labels, device)
+      data, rest = Batch(data, rest[0]), rest[1:]
+    if len(rest) != 1:
+      raise TypeError("DeviceGradFn(loss_fn, data, device) or (loss_fn, images, labels, device)")
+    self.device = rest[0]
     self._fn = _jitted_gather_and_grad(
         getattr(loss_fn, "__self__", None), getattr(loss_fn, "__func__", loss_fn))
-    self.images = jax.device_put(images, device)
-    self.labels = jax.device_put(labels, device)
+    self.data = jax.device_put(data, self.device)
+
+  @property
+  def images(self) -> jax.Array:
+    """The images of image classification data (``data.images``)."""
+    return _image_field(self.data, "images")
+
+  @property
+  def labels(self) -> jax.Array:
+    """The labels of image classification data (``data.labels``)."""
+    return _image_field(self.data, "labels")
 
   def __call__(self, params: Params, indices, key: jax.Array) -> tuple[jax.Array, Params]:
     params, indices, key = jax.device_put((params, indices, key), self.device)
     with jax.default_matmul_precision("highest"):
-      return self._fn(params, self.images, self.labels, indices, key)
+      return self._fn(params, self.data, indices, key)
+
+
+def _image_field(data: PyTree, field: str) -> jax.Array:
+  if not isinstance(data, Batch):
+    raise TypeError(
+        f"this needs image classification data (a ginn_jax.Batch of images and labels), but the "
+        f"training set is a {type(data).__name__}; attacks and witness checks that read "
+        f"{field} work on image data only (ginn_jax.PoisonWorker poisons any pytree batch)")
+  return getattr(data, field)
 
 
 @functools.lru_cache(maxsize=64)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
+from ginn_jax._src import progress as progress_lib
 
 from ginn_jax._src.lab.common import Lab
 from ginn_jax._src.loop import train
@@ -79,7 +79,7 @@ def attack_budget(lab: Lab, clips: Sequence[tuple[str, str, float | None]], *, s
   honest = HonestWorker(lab.model, *lab.train_data)
   ks = sorted(ks)
   total = len(seeds) * len(clips) * (prefix_steps + len(attackers) * (ks[-1] + len(middle_ks) * middle_honest_steps))
-  bar = tqdm(total=total, desc="attack budget", disable=not progress)
+  bar = progress_lib.bar(total=total, desc="attack budget", enabled=progress)
   runs = []
   for seed in seeds:
     for name, mode, value in clips:

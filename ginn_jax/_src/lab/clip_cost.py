@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
+from ginn_jax._src import progress as progress_lib
 
 from ginn_jax._src.lab.common import Lab
 from ginn_jax._src.loop import train
@@ -30,7 +30,7 @@ def clip_cost(lab: Lab, clips: Sequence[tuple[str, str, float | None]], *, seeds
   """
   worker = HonestWorker(lab.model, *lab.train_data)
   runs = {}
-  bar = tqdm(total=len(clips) * len(seeds) * max_steps, desc="clip cost", disable=not progress)
+  bar = progress_lib.bar(total=len(clips) * len(seeds) * max_steps, desc="clip cost", enabled=progress)
   for name, mode, value in clips:
     for seed in seeds:
       rt = lab.runtime(seed=seed, clip=mode, clip_value=value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
+from ginn_jax._src import progress as progress_lib
 
 from ginn_jax._src import analysis
 from ginn_jax._src.lab.common import Lab, wilson_interval
@@ -24,7 +24,7 @@ def detection_rates(lab: Lab, cases: Sequence[tuple[float, int]], *, trials: int
     interval, whether the expectation lies inside it, mean detection step.
   """
   rows = []
-  bar = tqdm(total=len(cases) * trials, desc="detection", disable=not progress)
+  bar = progress_lib.bar(total=len(cases) * trials, desc="detection", enabled=progress)
   for p, k in cases:
     attacker = BackdoorWorker(lab.model, *lab.train_data, schedule=Steps(range(k)),
                               target=lab.cfg.target, trigger=lab.trigger,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
+from ginn_jax._src import progress as progress_lib
 
 from ginn_jax._src.lab.common import Lab
 from ginn_jax._src.loop import train
@@ -38,7 +38,7 @@ def stealth_runs(lab: Lab, tolerances: Sequence[tuple[str, Tolerance]], *, seeds
   """
   backdoor = Backdoor(trigger=lab.trigger, target=lab.cfg.target, poison_fraction=1.0)
   honest = HonestWorker(lab.model, *lab.train_data)
-  bar = tqdm(total=len(seeds) * (len(tolerances) + 1) * steps, desc="stealth", disable=not progress)
+  bar = progress_lib.bar(total=len(seeds) * (len(tolerances) + 1) * steps, desc="stealth", enabled=progress)
   out = {"runs": [], "honest": []}
   for seed in seeds:
     cases = [("honest", None)] + list(tolerances)
@@ -99,8 +99,8 @@ def tolerance_attack(lab: Lab, tolerances: Sequence[tuple[str, Tolerance]], *, s
   triggered = Backdoor(trigger=lab.trigger, target=lab.cfg.target, poison_fraction=1.0)
   x, y = lab.train_data
   ks = sorted(ks)
-  bar = tqdm(total=len(seeds) * (prefix_steps + target_steps + len(tolerances) * (2 + ks[-1])),
-             desc="tolerance attack", disable=not progress)
+  bar = progress_lib.bar(total=len(seeds) * (prefix_steps + target_steps + len(tolerances) * (2 + ks[-1])),
+             desc="tolerance attack", enabled=progress)
   common = dict(clip="elementwise", clip_value=clip_value)
   runs = []
   for seed in seeds:

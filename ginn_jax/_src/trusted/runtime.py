@@ -3,7 +3,7 @@
 Pure pieces (`init_state`, `apply_update`) and a thin stateful shell,
 `TrustedRuntime`, that issues work orders and takes reports::
 
-    rt = TrustedRuntime(model, images, labels, config)
+    rt = TrustedRuntime(model, data, config)  # data: any pytree, or images, labels
     order = rt.next_order()          # -> the worker
     entry = rt.submit(worker(order), witness=worker.witness)
                                      # validate, commit, coins, (challenge), update, verify
@@ -28,7 +28,7 @@ import optax
 
 from ginn_jax._src import errors
 from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
-from ginn_jax._src.data import dataset_digest
+from ginn_jax._src.data import as_training_data, dataset_digest, num_examples
 from ginn_jax._src.devices import trusted_device
 from ginn_jax._src.models import Model
 from ginn_jax._src.step import DeviceGradFn, DeviceWitnessFn
@@ -36,7 +36,7 @@ from ginn_jax._src.trusted import commit, keys, verify
 from ginn_jax._src.trusted import witness as witness_lib
 from ginn_jax._src.trusted.verifier import Check, CheckResult, Verifier
 from ginn_jax._src.trusted.transforms import ClipMode, OptimizerConfig, make_update_transform
-from ginn_jax._src.types import Params
+from ginn_jax._src.types import Batch, Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,8 +204,13 @@ class TrustedRuntime:
   """Stateful shell over the pure protocol pieces, pinned to the trusted device.
 
   Args:
-    model: the model both sides compute.
-    images, labels: the trusted copy of the committed training set.
+    model: the model both sides compute: a built-in `Model`, or any model
+      with ``init(key)`` and a pure ``loss(params, batch, *, key)``
+      (`ginn_jax.PureModel`, `ginn_jax.from_nnx`, `ginn_jax.from_linen`).
+    data: the trusted copy of the committed training set: any pytree of
+      arrays with a leading example axis (``{"tokens": ...}``,
+      ``Batch(images, labels)``). The classic call
+      ``TrustedRuntime(model, images, labels, config)`` still works.
     config: public protocol settings.
     tolerance: verification tolerance (calibrate it with
       `ginn_jax.calibrate_tolerance`; the default is the CPU floor).
@@ -226,9 +231,9 @@ class TrustedRuntime:
   def __init__(
       self,
       model: Model,
-      images: np.ndarray,
-      labels: np.ndarray,
-      config: ProtocolConfig = ProtocolConfig(),
+      data: Any,
+      labels: np.ndarray | ProtocolConfig | None = None,
+      config: ProtocolConfig | None = None,
       *,
       tolerance: verify.Tolerance | None = None,
       witness_tolerance: verify.Tolerance | None = None,
@@ -239,6 +244,12 @@ class TrustedRuntime:
       recorder: Recorder | None = None,
       report_digest: str = commit.DEFAULT_DIGEST,
   ):
+    if isinstance(labels, ProtocolConfig):  # TrustedRuntime(model, data, config)
+      if config is not None:
+        raise TypeError("config given twice (third argument and config=)")
+      labels, config = None, labels
+    config = ProtocolConfig() if config is None else config
+    data = as_training_data(data, labels)
     self.model = model
     self.config = config
     self.device = trusted_device()
@@ -258,14 +269,17 @@ class TrustedRuntime:
           "witness_tolerance must be a per-leaf tolerance: a witness check compares "
           "random projections, which have no elements to hold to an element-wise rule")
     self.tx = make_update_transform(config.clip, config.clip_value, optimizer or config.optimizer)
-    self.dataset_digest = dataset_digest(images, labels)
+    if config.p_witness > 0 and not isinstance(data, Batch):
+      raise ValueError("p_witness > 0: witness checks need image classification data "
+                       "(a ginn_jax.Batch of images and labels)")
+    self.dataset_digest = dataset_digest(data)
     self._keys = keys.audit_keys(audit_secret if audit_secret is not None else keys.new_audit_secret())
     self.streams = keys.seed_streams(config.seed)
-    self.schedule = keys.BatchSchedule(self.streams.data_key, len(images), config.batch_size)
+    self.schedule = keys.BatchSchedule(self.streams.data_key, num_examples(data), config.batch_size)
     self.state = init_state(model, self.tx, self.streams.init_key)
     self._treedef = jax.tree_util.tree_structure(self.state.params)
     self._paths = verify.leaf_paths(self.state.params)
-    self._reference = DeviceGradFn(model.loss, images, labels, self.device)
+    self._reference = DeviceGradFn(model.loss, data, self.device)
     self.verifier = Verifier(self._recompute, deferred=deferred, max_pending=max_pending)
     self.recorder = recorder
     self.transcript: list[TranscriptEntry] = []
@@ -649,7 +663,8 @@ class TrustedRuntime:
     """Everything public about the run (nothing derived from the audit secret)."""
     return {
         "model": self.model.name,
-        "input_shape": list(self.model.input_shape),
+        "input_shape": (None if getattr(self.model, "input_shape", None) is None
+                        else list(self.model.input_shape)),
         "config": self.config.to_dict(),
         "tolerance": self.tolerance.to_dict(),
         "witness_tolerance": self.witness_tolerance.to_dict(),

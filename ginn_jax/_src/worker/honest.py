@@ -1,12 +1,13 @@
 """The honest worker: `value_and_grad` of the model's pure loss, jitted on its device."""
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import jax
 import numpy as np
 
 from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
+from ginn_jax._src.data import as_training_data
 from ginn_jax._src.devices import worker_device
 from ginn_jax._src.models import Model
 from ginn_jax._src.step import DeviceGradFn, DeviceWitnessFn
@@ -28,7 +29,8 @@ class HonestWorker:
 
   Args:
     model: the model (its pure `loss`).
-    images, labels: the worker's copy of the training set, put on `device` once.
+    data: the worker's copy of the training set (any pytree of arrays with a
+      leading example axis, or images and labels), put on `device` once.
     device: where to compute; default `ginn_jax.worker_device()`.
     witness: for a layered model, "keep" computes each step's witness with its
       gradient (one pass, the same gradient) and keeps the last step's on the
@@ -37,13 +39,13 @@ class HonestWorker:
       most one step's witness is held at a time.
   """
 
-  def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
+  def __init__(self, model: Model, data: Any, labels: np.ndarray | None = None, *,
                device: jax.Device | None = None, witness: Literal["keep", "recompute"] = "keep"):
     if witness not in ("keep", "recompute"):
       raise ValueError(f"witness must be 'keep' or 'recompute', got {witness!r}")
     self.model = model
     self.device = device or worker_device()
-    self.grad_fn = DeviceGradFn(model.loss, images, labels, self.device)
+    self.grad_fn = DeviceGradFn(model.loss, as_training_data(data, labels), self.device)
     self.witness_fn = (DeviceWitnessFn(model.module, self.grad_fn.images, self.grad_fn.labels, self.device)
                        if model.layered else None)
     self.keep = witness == "keep" and model.layered

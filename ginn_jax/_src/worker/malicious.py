@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,8 @@ import numpy as np
 from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
 from ginn_jax._src.models import Model
 from ginn_jax._src.triggers import PatchTrigger, Trigger
-from ginn_jax._src.types import Batch, Params
+from ginn_jax._src.step import gather
+from ginn_jax._src.types import Batch, Params, PyTree
 from ginn_jax._src.worker.honest import HonestWorker
 
 Schedule = Callable[[int], bool]
@@ -111,7 +112,8 @@ class MaliciousWorker:
 
   Args:
     model: the model (its pure `loss`).
-    images, labels: the worker's copy of the training set.
+    data: the worker's copy of the training set (a pytree, or images and
+      labels; attacks that stamp triggers on images need image data).
     schedule: ``schedule(step) -> bool``, the steps to misbehave on (see
       `ginn_jax.schedules`).
     device: where to compute; default `ginn_jax.worker_device()`.
@@ -120,13 +122,18 @@ class MaliciousWorker:
     malicious_steps: the steps on which it reported a malicious gradient.
   """
 
-  def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
+  def __init__(self, model: Model, data: Any, labels: np.ndarray | None = None, *,
                schedule: Schedule, device: jax.Device | None = None):
     self.model = model
-    self.honest = HonestWorker(model, images, labels, device=device)
+    self.honest = HonestWorker(model, data, labels, device=device)
     self.device = self.honest.device
     self.schedule = schedule
     self.malicious_steps: list[int] = []
+
+  @property
+  def data(self) -> Any:
+    """The training set, resident on `device`."""
+    return self.honest.grad_fn.data
 
   @property
   def images(self) -> jax.Array:
@@ -192,3 +199,41 @@ class BackdoorWorker(MaliciousWorker):
              key: jax.Array) -> tuple[jax.Array, Params]:
     del step
     return _poisoned_grad(self.model, self.backdoor, params, self.images, self.labels, indices, key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _poison_grad(model, poison, params: Params, data: PyTree, indices: jax.Array, key: jax.Array):
+  batch = poison(gather(data, indices))
+  return jax.value_and_grad(lambda p: model.loss(p, batch, key=key))(params)
+
+
+class PoisonWorker(MaliciousWorker):
+  """Data poisoning for any model and any batch layout: on scheduled steps it
+  reports the gradient of the loss on ``poison(batch)`` instead of the batch.
+
+  Args:
+    model: any model with a pure ``loss(params, batch, *, key)``.
+    data: the worker's copy of the training set (any pytree of arrays).
+    poison: ``poison(batch) -> batch``, pure and jittable, keeping every
+      leaf's shape and dtype (e.g. write a trigger phrase and the attacker's
+      continuation into some sequences). Hashable: it is a static argument.
+    schedule: ``schedule(step) -> bool``, the steps to misbehave on.
+    device: where to compute; default `ginn_jax.worker_device()`.
+
+  Example::
+
+    def poison(batch):
+      return {**batch, "label": jnp.zeros_like(batch["label"])}
+    attacker = ginn.PoisonWorker(model, data, poison=poison,
+                                 schedule=ginn.schedules.FromStep(10))
+  """
+
+  def __init__(self, model: Model, data: Any, *, poison: Callable[[PyTree], PyTree],
+               schedule: Schedule, device: jax.Device | None = None):
+    super().__init__(model, data, schedule=schedule, device=device)
+    self.poison = poison
+
+  def attack(self, step: int, params: Params, indices: jax.Array,
+             key: jax.Array) -> tuple[jax.Array, Params]:
+    del step
+    return _poison_grad(self.model, self.poison, params, self.data, indices, key)
