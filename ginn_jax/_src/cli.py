@@ -46,6 +46,8 @@ def _audit(args) -> int:
 
 
 def _train(args) -> int:
+  if args.num_processes > 1 or args.coordinator_address is not None:
+    return _train_multihost(args)
   import ginn_jax as ginn
 
   ds = ginn.load_dataset(args.dataset, data_dir=args.data_dir)
@@ -72,6 +74,53 @@ def _train(args) -> int:
          "dataset_digest": rt.dataset_digest}
   print(json.dumps(out, indent=2))
   return 0
+
+
+def _train_multihost(args) -> int:
+  """`ginn train` as one process of a multi-process run: process 0 hosts the
+  trusted runtime and prints the summary, the others follow its orders."""
+  if args.coordinator_address is None:
+    raise ValueError(f"--num-processes {args.num_processes}: give every process the same "
+                     "--coordinator-address HOST:PORT (process 0's address, a free port)")
+  if args.p_witness > 0:  # Refused on every process, before any of them joins.
+    raise ValueError(f"--p-witness {args.p_witness}: witness checks are not supported in a "
+                     "multi-process run; use --p only, or run in one process")
+  import ginn_jax as ginn
+
+  ginn.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  try:
+    ds = ginn.load_dataset(args.dataset, data_dir=args.data_dir)
+    model = ginn.get_model(args.model, input_shape=ds.image_shape, num_classes=ds.num_classes)
+    mesh = ginn.global_worker_mesh()
+    num_shards = getattr(args, "num_shards", None) or mesh.size
+    inner = ginn.ShardedWorker(model, ds.train_images, ds.train_labels, num_shards=num_shards,
+                               mesh=mesh)
+    worker = ginn.MultiHostWorker(inner, batch_size=args.batch_size)
+    if args.process_id != 0:
+      result = ginn.follow(worker)
+      if result.halted:
+        print(f"ginn train: process {args.process_id}: the run halted after {result.steps} steps "
+              "(process 0 says why)", file=sys.stderr)
+        return 2
+      return 0
+    with worker:  # Whatever happens from here on, the followers are told to stop.
+      cfg = ginn.ProtocolConfig(seed=args.seed, batch_size=args.batch_size, p=args.p,
+                                clip=args.clip, clip_value=args.clip_value, num_shards=num_shards,
+                                optimizer=ginn.OptimizerConfig(learning_rate=args.lr))
+      tol = ginn.Tolerance.from_dict(json.loads(args.tolerance)) if args.tolerance else None
+      if tol is None:  # On process 0's own devices, while the followers wait.
+        tol = ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg).tolerance
+      rt = ginn.TrustedRuntime(model, ds.train_images, ds.train_labels, cfg, tolerance=tol)
+      res = ginn.train_multihost(rt, worker, args.steps, progress=not args.no_progress)
+    acc = ginn.accuracy(model, res.params, ds.test_images, ds.test_labels)
+    out = {**res.summary(), "clean_accuracy": acc, "tolerance": tol.to_dict(),
+           "p_witness": cfg.p_witness, "witness_tolerance": rt.witness_tolerance.to_dict(),
+           "dataset_digest": rt.dataset_digest, "num_shards": num_shards,
+           "num_processes": args.num_processes}
+    print(json.dumps(out, indent=2))
+    return 0
+  finally:
+    ginn.shutdown_distributed()
 
 
 def _calibrate(args) -> int:
@@ -252,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
                   help="witness-check (Freivalds) probability per step; needs a layered model")
   tr.add_argument("--witness-tolerance", default=None,
                   help='witness-check tolerance, JSON like --tolerance; calibrated if omitted')
+  many = tr.add_argument_group(
+      "many hosts", "one run over several processes (jax.distributed): start the same command on "
+      "every host with its own --process-id; process 0 hosts the trusted runtime and prints the "
+      "summary")
+  many.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                    help="process 0's address and a free port, the same on every process")
+  many.add_argument("--num-processes", type=int, default=1, metavar="N",
+                    help="processes in the run (default 1: this one only)")
+  many.add_argument("--process-id", type=int, default=0, metavar="I",
+                    help="this process, 0..N-1 (0 hosts the trusted runtime)")
   tr.set_defaults(func=_train)
 
   cal = sub.add_parser("calibrate", help="measure honest worker-vs-trusted error; print a tolerance")
