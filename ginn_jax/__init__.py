@@ -60,6 +60,7 @@ from ginn_jax._src.pure import PureModel
 # Devices and the shared gradient function.
 from ginn_jax._src.devices import trusted_device
 from ginn_jax._src.devices import worker_device
+from ginn_jax._src.devices import worker_devices
 from ginn_jax._src.step import compute_grads
 from ginn_jax._src.step import gather
 # Trusted runtime.
@@ -78,6 +79,8 @@ from ginn_jax._src.trusted.verify import DEFAULT_WITNESS_FLOOR
 # Workers.
 from ginn_jax._src.worker.honest import HonestWorker
 from ginn_jax._src.worker.honest import Worker
+from ginn_jax._src.worker.sharded import ShardedWorker
+from ginn_jax._src import shards
 from ginn_jax._src.worker.malicious import BackdoorWorker
 from ginn_jax._src.worker import schedules
 from ginn_jax._src.triggers import BlendTrigger

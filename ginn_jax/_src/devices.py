@@ -30,3 +30,14 @@ def worker_device() -> jax.Device:
     )
     return cpus[0]
   return cpus[1]
+
+
+def worker_devices() -> list[jax.Device]:
+  """Every untrusted device of this process, for a sharded worker's mesh: the
+  default backend's devices if it is not a CPU, else every CPU device but the
+  trusted ``cpu:0`` (``[cpu:0]`` with a warning if it is the only one)."""
+  default = jax.devices()
+  if default[0].platform != "cpu":
+    return list(default)
+  cpus = jax.devices("cpu")
+  return cpus[1:] if len(cpus) > 1 else [worker_device()]

@@ -20,12 +20,14 @@ class ReportRejected(GinnError, ValueError):
   Attributes:
     step: the step the trusted runtime expected.
     where: the leaf path (or field) the problem was found at.
+    shard: the shard it was found in (reports with ``num_shards > 1``), else None.
   """
 
-  def __init__(self, message: str, *, step: int, where: str = ""):
+  def __init__(self, message: str, *, step: int, where: str = "", shard: int | None = None):
     super().__init__(message)
     self.step = step
     self.where = where
+    self.shard = shard
 
 
 class StepMismatch(ReportRejected):
@@ -67,13 +69,15 @@ class IntegrityViolation(GinnError, RuntimeError):
       for a per-leaf tolerance.
     result: set by `ginn_jax.train` to the partial `TrainResult` (parameters
       as of the last accepted step, transcript so far), so nothing is lost.
+    shard: the shard whose re-computation disagreed (``num_shards > 1``), else None.
   """
 
   check = "recompute"
 
   def __init__(self, *, step: int, leaf: str, error: dict[str, float], tolerance: Any,
-               breaks: list[dict[str, Any]] | None = None):
+               breaks: list[dict[str, Any]] | None = None, shard: int | None = None):
     self.step = step
+    self.shard = shard
     self.leaf = leaf
     self.error = error
     self.tolerance = tolerance
@@ -89,8 +93,9 @@ class IntegrityViolation(GinnError, RuntimeError):
       what = (f"leaf {leaf} differs from the trusted recomputation by rel_l2={error['rel_l2']:.3e}, "
               f"max_abs={error['max_abs']:.3e} (tolerance rel_l2<={tolerance.rel_l2:.3e}, "
               f"max_abs<={tolerance.max_abs:.3e}). ")
+    where = f"step {step}" if shard is None else f"step {step}, shard {shard}"
     super().__init__(
-        f"integrity violation at step {step}: {what}"
+        f"integrity violation at {where}: {what}"
         "The worker's report for this step is not the gradient the model, batch and key "
         "define; training is halted and no further update is applied."
     )
@@ -121,6 +126,7 @@ class WitnessViolation(IntegrityViolation):
                tolerance: Any = None, reason: str | None = None,
                breaks: list[dict[str, Any]] | None = None):
     self.step = step
+    self.shard = None
     self.leaf = leaf
     self.error = error
     self.tolerance = tolerance

@@ -52,18 +52,21 @@ def _path_str(path) -> str:
 
 
 def _check_form(
-    report: object, *, step: int, params: Params
-) -> tuple[list[jax.Array | np.ndarray], list[str], np.float32]:
+    report: object, *, step: int, params: Params, num_shards: int = 1
+) -> tuple[list[jax.Array | np.ndarray], list[str], np.float32 | np.ndarray]:
   """Checks a report's form against the parameters it is a gradient of.
 
   Args:
     report: anything the worker returned.
     step: the step the trusted runtime ordered.
     params: the parameters of that step (gives structure, shapes, dtypes).
+    num_shards: S. With S > 1 every gradient leaf must have shape
+      ``(S, *param.shape)`` and the loss shape ``(S,)`` (a leading shard axis).
 
   Returns:
     The gradient leaves as the worker sent them, in the parameters' tree
-    order, their paths, and the loss as a float32 scalar.
+    order, their paths, and the loss as a float32 scalar (S = 1) or a float32
+    array of shape (S,).
 
   Raises:
     MalformedReport, StepMismatch, StructureMismatch, ShapeMismatch,
@@ -81,7 +84,8 @@ def _check_form(
         "out-of-order report); send the report for the current work order",
         step=step, where="step",
     )
-  loss = _validate_loss(report.loss, step)
+  loss = _validate_loss(report.loss, step) if num_shards == 1 else _validate_losses(
+      report.loss, step, num_shards)
 
   param_leaves, param_def = jax.tree_util.tree_flatten_with_path(params)
   try:
@@ -109,10 +113,15 @@ def _check_form(
           f"step {step}: gradient leaf {where} is a {type(g).__name__}, not an array",
           step=step, where=where,
       )
-    if tuple(g.shape) != tuple(p.shape):
+    want = tuple(p.shape) if num_shards == 1 else (num_shards, *p.shape)
+    if tuple(g.shape) != want:
+      axis = ("" if num_shards == 1 else
+              f" (a leading shard axis of num_shards={num_shards}, then the parameter's shape "
+              f"{tuple(p.shape)})")
       raise errors.ShapeMismatch(
           f"step {step}: gradient leaf {where} has shape {tuple(g.shape)}, "
-          f"the parameter has shape {tuple(p.shape)}",
+          + (f"the parameter has shape {tuple(p.shape)}" if num_shards == 1 else
+             f"expected {want}{axis}"),
           step=step, where=where,
       )
     if g.dtype != p.dtype:
@@ -126,8 +135,8 @@ def _check_form(
 
 
 def validate_report(
-    report: object, *, step: int, params: Params
-) -> tuple[list[np.ndarray], np.float32]:
+    report: object, *, step: int, params: Params, num_shards: int = 1
+) -> tuple[list[np.ndarray], np.float32 | np.ndarray]:
   """Checks a report's form and values; returns host copies of its leaves.
 
   What `receive_report` and `digest_received` check, without a device: for
@@ -141,10 +150,14 @@ def validate_report(
     MalformedReport, StepMismatch, StructureMismatch, ShapeMismatch,
     DtypeMismatch, NonFiniteReport: each with the step and the leaf path.
   """
-  arrays, paths, loss = _check_form(report, step=step, params=params)
+  arrays, paths, loss = _check_form(report, step=step, params=params, num_shards=num_shards)
   host = [np.array(jax.device_get(g), order="C", copy=True) for g in arrays]
   for where, h in zip(paths, host):
-    _check_finite(h.reshape(-1), step, where)
+    if num_shards == 1:
+      _check_finite(h.reshape(-1), step, where)
+    else:
+      for s in range(num_shards):
+        _check_finite(h[s].reshape(-1), step, where, shard=s)
   return host, loss
 
 
@@ -157,17 +170,21 @@ class ReceivedReport:
     leaves: the gradient leaves on the trusted device (the runtime's own
       copies), in the parameters' tree order.
     paths: each leaf's path (for messages).
-    loss: the reported loss (float32).
+    loss: the reported loss (float32; shape (S,) for S > 1 shards).
+    num_shards: S (every leaf then has a leading shard axis of size S).
   """
 
   step: int
   leaves: list[jax.Array]
   paths: list[str]
-  loss: np.float32
+  loss: np.float32 | np.ndarray
+  num_shards: int = 1
 
 
-def receive_report(report: object, *, step: int, params: Params, device: jax.Device) -> ReceivedReport:
-  """Checks the report's form, then copies its leaves to `device`.
+def receive_report(report: object, *, step: int, params: Params, device: jax.Device,
+                   num_shards: int = 1) -> ReceivedReport:
+  """Checks the report's form (with S = `num_shards` shards, see `_check_form`),
+  then copies its leaves to `device`.
 
   The copy is one batched transfer that is not waited for (`digest_received`
   reads each leaf as it lands). It is always a copy, even of arrays already on
@@ -177,8 +194,9 @@ def receive_report(report: object, *, step: int, params: Params, device: jax.Dev
     MalformedReport, StepMismatch, StructureMismatch, ShapeMismatch,
     DtypeMismatch: each with the step and the leaf path; nothing was copied.
   """
-  arrays, paths, loss = _check_form(report, step=step, params=params)
-  return ReceivedReport(step=step, leaves=copy_to(arrays, device), paths=paths, loss=loss)
+  arrays, paths, loss = _check_form(report, step=step, params=params, num_shards=num_shards)
+  return ReceivedReport(step=step, leaves=copy_to(arrays, device), paths=paths, loss=loss,
+                        num_shards=num_shards)
 
 
 def copy_to(arrays: list, device: jax.Device) -> list[jax.Array]:
@@ -210,12 +228,18 @@ def digest_received(received: ReceivedReport, *, name: str = DEFAULT_DIGEST) -> 
 
 def check_finite(received: ReceivedReport, finite: np.ndarray) -> None:
   """Raises `NonFiniteReport` for the first leaf whose flag in `finite` (one
-  bool per leaf, from the update's reads) is False, with its count of NaN/Inf."""
+  bool per leaf, from the update's reads; with S > 1 shards one row of S
+  bools per leaf) is False, with its count of NaN/Inf (and its shard)."""
   if finite.all():
     return
-  i = int(np.argmin(finite))
-  _check_finite(np.asarray(received.leaves[i]).reshape(-1), received.step, received.paths[i])
-  raise AssertionError(f"leaf {received.paths[i]} was flagged non-finite but holds no NaN/Inf")
+  if received.num_shards == 1:
+    i = int(np.argmin(finite))
+    _check_finite(np.asarray(received.leaves[i]).reshape(-1), received.step, received.paths[i])
+    raise AssertionError(f"leaf {received.paths[i]} was flagged non-finite but holds no NaN/Inf")
+  i, s = (int(v) for v in np.argwhere(~finite)[0])  # The first leaf, then its first shard.
+  _check_finite(np.asarray(received.leaves[i])[s].reshape(-1), received.step, received.paths[i],
+                shard=s)
+  raise AssertionError(f"leaf {received.paths[i]} shard {s} was flagged non-finite but holds no NaN/Inf")
 
 
 def _inexact(dtype: np.dtype) -> bool:
@@ -234,11 +258,13 @@ def count_nonfinite(values: np.ndarray) -> int:
   return int(values.size - np.count_nonzero(np.isfinite(values)))  # NaN/Inf, or the sum overflowed.
 
 
-def _check_finite(values: np.ndarray, step: int, where: str) -> None:
+def _check_finite(values: np.ndarray, step: int, where: str, shard: int | None = None) -> None:
   bad = count_nonfinite(values)
   if bad:
+    of = "" if shard is None else f" of shard {shard}"
     raise errors.NonFiniteReport(
-        f"step {step}: gradient leaf {where} holds {bad} NaN/Inf value(s)", step=step, where=where
+        f"step {step}: gradient leaf {where}{of} holds {bad} NaN/Inf value(s)", step=step,
+        where=where, shard=shard,
     )
 
 
@@ -261,7 +287,28 @@ def _validate_loss(loss: object, step: int) -> np.float32:
   return value
 
 
-def report_digest(step: int, leaves: list[np.ndarray], loss: np.float32, *,
+def _validate_losses(loss: object, step: int, num_shards: int) -> np.ndarray:
+  """The losses of a report of `num_shards` shards: a real array of shape (S,),
+  each finite; returned as float32."""
+  if isinstance(loss, (bool, np.bool_)) or not isinstance(loss, (np.ndarray, jax.Array)):
+    raise errors.MalformedReport(
+        f"step {step}: loss is a {type(loss).__name__}, expected an array of {num_shards} shard "
+        "losses", step=step, where="loss")
+  value = np.asarray(jax.device_get(loss))
+  if value.shape != (num_shards,) or value.dtype.kind not in "fiu":
+    raise errors.MalformedReport(
+        f"step {step}: loss must be a real array of shape ({num_shards},) (one per shard), got "
+        f"shape {value.shape} dtype {value.dtype}", step=step, where="loss")
+  value = value.astype(np.float32)
+  bad = np.flatnonzero(~np.isfinite(value))
+  if bad.size:
+    s = int(bad[0])
+    raise errors.NonFiniteReport(f"step {step}: loss of shard {s} is {value[s]}", step=step,
+                                 where="loss", shard=s)
+  return value
+
+
+def report_digest(step: int, leaves: list[np.ndarray], loss: np.float32 | np.ndarray, *,
                   name: str = LEGACY_DIGEST) -> bytes:
   """The report digest (hash function `name`) of the report's canonical bytes:
   domain, step, loss, then each leaf's dtype, shape and little-endian bytes in

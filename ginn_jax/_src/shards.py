@@ -1,0 +1,81 @@
+"""How a step's batch is cut into shards (docs/design.md, "Shards").
+
+Shared pure code: the trusted runtime and the worker both import it, so the
+cut and the shard keys have one definition. With S = ``num_shards`` and B the
+batch size (B % S == 0):
+
+* **indices**: shard s gets the contiguous slice
+  ``batch_indices[s * B/S:(s + 1) * B/S]`` of the work order's indices
+  (`shard_indices` returns them as an ``(S, B/S)`` array);
+* **layer key**: shard s uses ``fold_in(layer_key, s)`` of the work order's
+  layer key (`shard_keys`); the worker does not choose it, it is a public
+  function of the key the trusted side sent. With S = 1 the one shard is the
+  whole batch and uses the layer key itself, so a run with one shard is
+  exactly a run without shards.
+
+The gradient of shard s is then ``grad_fn(params, data[indices[s]], keys[s])``
+with the one gradient function of `step.py`; a report of S > 1 shards stacks
+them along a leading shard axis (every gradient leaf ``(S, *param.shape)``,
+the loss ``(S,)``).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The mesh axis a sharded worker splits the shards over.
+SHARD_AXIS = "shards"
+
+
+def check_num_shards(batch_size: int, num_shards: int) -> None:
+  """Raises ValueError unless `num_shards` is a positive int dividing `batch_size`."""
+  if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
+    raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
+  if batch_size % num_shards:
+    raise ValueError(
+        f"batch_size={batch_size} is not a multiple of num_shards={num_shards}: every shard must "
+        f"have the same number of examples; choose a batch size divisible by {num_shards} (e.g. "
+        f"{(batch_size // num_shards + 1) * num_shards}) or another shard count")
+
+
+def shard_indices(indices, num_shards: int) -> np.ndarray:
+  """The batch indices cut into `num_shards` contiguous shards: shape ``(S, B/S)``.
+
+  >>> shard_indices(np.arange(6), 3).tolist()
+  [[0, 1], [2, 3], [4, 5]]
+  """
+  indices = np.asarray(indices)
+  check_num_shards(indices.shape[0], num_shards)
+  return indices.reshape(num_shards, indices.shape[0] // num_shards)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _fold_all(key: jax.Array, num_shards: int) -> jax.Array:
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_shards, dtype=jnp.uint32))
+
+
+def shard_keys(layer_key: jax.Array, num_shards: int) -> jax.Array:
+  """The layer keys of the shards: ``fold_in(layer_key, s)`` for s < S, as one
+  typed key array of shape ``(S,)`` on `layer_key`'s device (bitwise the keys
+  ``jax.random.fold_in(layer_key, s)`` would give one at a time). For S = 1,
+  use `layer_key` itself (see the module docstring)."""
+  return _fold_all(layer_key, int(num_shards))
+
+
+_fold_one = jax.jit(jax.random.fold_in)
+
+
+def shard_key(layer_key: jax.Array, shard: int) -> jax.Array:
+  """The layer key of shard `shard` (S > 1): ``fold_in(layer_key, shard)`` on
+  `layer_key`'s device, the shard index transferred explicitly; bitwise
+  ``shard_keys(layer_key, S)[shard]``."""
+  device = next(iter(layer_key.devices()))
+  return _fold_one(layer_key, jax.device_put(np.uint32(shard), device))
+
+
+def stack_shards(trees: list) -> object:
+  """Stacks per-shard pytrees (losses or gradients) along a new leading axis."""
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)

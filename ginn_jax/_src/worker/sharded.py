@@ -1,0 +1,184 @@
+"""The data-parallel worker: S shards of each step over a mesh of devices.
+
+`ShardedWorker` cuts the work order's batch into S shards the one documented
+way (`ginn_jax._src.shards`: shard s gets the contiguous indices
+``[s*B/S, (s+1)*B/S)`` and the layer key ``fold_in(layer_key, s)``) and
+computes every shard's gradient with the one gradient function of `step.py`,
+the function the trusted verifier re-runs on a sampled shard.
+
+How it computes (S > 1), over a `jax.sharding.Mesh` of M devices (M divides S):
+
+* the parameters and the training set are replicated over the mesh
+  (``NamedSharding(mesh, P())``; the training set is put there once);
+* the ``(S, B/S)`` shard indices and the ``(S,)`` shard keys are split along
+  the leading axis over *all* the mesh's axes
+  (``NamedSharding(mesh, P(mesh.axis_names))``): device i holds shards
+  ``[i*S/M, (i+1)*S/M)``, in the mesh's device order;
+* one jitted `jax.shard_map` runs, on every device, ``grad_fn`` of each of its
+  S/M local shards in turn (a Python loop, unrolled: no `vmap`, so every shard
+  is computed exactly as the standalone per-shard function computes it:
+  bitwise equal on CPU, `tests/test_shards.py`), with float32 matmuls at
+  ``"highest"`` precision. ``check_vma=False``: the gradient of a replicated
+  input must stay per device (with the check on, jax would sum it over the
+  mesh);
+* the report is one `GradientReport` whose gradient leaves are global arrays
+  of shape ``(S, *param.shape)`` and whose loss has shape ``(S,)``, sharded
+  over the mesh like the indices.
+
+With S = 1 it is an `HonestWorker` on the mesh's first device: the same
+report, without a shard axis, as today's worker.
+
+A mesh may span processes (`jax.distributed`): inputs are placed with
+`jax.make_array_from_callback` when the mesh is not fully addressable, so
+every process passes the same host values and each places its own devices'
+pieces.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ginn_jax._src import shards as shards_lib
+from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
+from ginn_jax._src.devices import worker_devices
+from ginn_jax._src.models import Model
+from ginn_jax._src.step import compute_grads
+from ginn_jax._src.types import Batch
+from ginn_jax._src.worker.honest import HonestWorker
+
+
+def default_mesh(num_shards: int, devices: list[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh (axis ``"shards"``) over as many of `devices` (default
+  `worker_devices()`) as divide `num_shards`: the largest M <= len(devices)
+  with ``num_shards % M == 0``."""
+  devices = list(devices) if devices is not None else worker_devices()
+  m = max(d for d in range(1, min(len(devices), num_shards) + 1) if num_shards % d == 0)
+  return Mesh(np.array(devices[:m]), (shards_lib.SHARD_AXIS,))
+
+
+def _put(x, sharding: NamedSharding):
+  """`x` (host or device arrays, a pytree) placed with `sharding`: `jax.device_put`
+  when this process addresses the whole mesh, else each process places its
+  own devices' pieces from its (identical) host copy."""
+  if sharding.is_fully_addressable:
+    return jax.device_put(x, sharding)
+
+  def one(a):
+    host = np.asarray(jax.device_get(a))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree_util.tree_map(one, x)
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_grad(owner, func, mesh: Mesh, num_shards: int):
+  """The jitted shard_map of the per-shard gradient over `mesh` (cached per
+  loss, mesh and shard count, so equal workers share one compilation)."""
+  loss_fn = func.__get__(owner) if owner is not None else func
+  grad_fn = compute_grads(loss_fn)
+  local = num_shards // mesh.size
+  split = PartitionSpec(mesh.axis_names)
+
+  def body(params, data, indices, key_data):
+    keys = jax.random.wrap_key_data(key_data, impl="threefry2x32")
+    outs = []
+    for j in range(local):  # Unrolled: each shard exactly as the per-shard function.
+      batch = jax.tree_util.tree_map(lambda a, j=j: a[indices[j]], data)
+      outs.append(grad_fn(params, batch, keys[j]))
+    return shards_lib.stack_shards([o[0] for o in outs]), shards_lib.stack_shards([o[1] for o in outs])
+
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), split, split),
+                               out_specs=(split, split), check_vma=False))
+
+
+class ShardedWorker:
+  """Honest worker that computes S shards of each step data-parallel over a mesh.
+
+  See the module docstring for exactly how it cuts the batch and computes.
+
+  Args:
+    model: the model (its pure `loss`).
+    images, labels: the worker's copy of the training set (replicated over
+      the mesh once).
+    num_shards: S, the trusted runtime's ``ProtocolConfig.num_shards``.
+    mesh: a `jax.sharding.Mesh` of any devices (possibly spanning processes);
+      its size must divide S. Default: `default_mesh(num_shards)` over
+      `ginn_jax.worker_devices()`.
+
+  Raises:
+    ValueError: S not a positive int, or not a multiple of the mesh size.
+
+  Attributes:
+    mesh: the mesh.
+    device: the mesh's first device.
+    honest: with S = 1, the `HonestWorker` on `device` that answers every order.
+
+  Example::
+
+    rt = ginn.TrustedRuntime(model, x, y, ginn.ProtocolConfig(batch_size=64, num_shards=4))
+    ginn.train(rt, ginn.ShardedWorker(model, x, y, num_shards=4), 100)
+  """
+
+  def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *, num_shards: int,
+               mesh: Mesh | None = None):
+    shards_lib.check_num_shards(num_shards, num_shards)
+    self.model = model
+    self.num_shards = int(num_shards)
+    self.mesh = mesh if mesh is not None else default_mesh(self.num_shards)
+    if self.num_shards % self.mesh.size:
+      raise ValueError(
+          f"num_shards={num_shards} is not a multiple of the mesh's {self.mesh.size} devices: every "
+          f"device computes the same number of shards; use a mesh of a divisor of {num_shards} "
+          "devices or another shard count")
+    self.device = self.mesh.devices.flat[0]
+    self.honest = None
+    if self.num_shards == 1:
+      self.honest = HonestWorker(model, images, labels, device=self.device)
+      return
+    self._replicated = NamedSharding(self.mesh, PartitionSpec())
+    self._split = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))
+    self.data = _put(Batch(images, labels), self._replicated)
+    loss = model.loss
+    self._fn = _sharded_grad(getattr(loss, "__self__", None), getattr(loss, "__func__", loss),
+                             self.mesh, self.num_shards)
+
+  @property
+  def images(self) -> jax.Array:
+    return self.honest.grad_fn.images if self.honest is not None else self.data.images
+
+  @property
+  def labels(self) -> jax.Array:
+    return self.honest.grad_fn.labels if self.honest is not None else self.data.labels
+
+  def compute(self, params, batch_indices, layer_key) -> tuple[jax.Array, object]:
+    """``(losses (S,), grads with leaves (S, *param.shape))`` of one step,
+    sharded over the mesh (S > 1)."""
+    if self.honest is not None:
+      raise ValueError("compute() is for S > 1; with one shard call the worker on the order")
+    idx = shards_lib.shard_indices(np.asarray(batch_indices, np.int32), self.num_shards)
+    key_data = jax.random.key_data(shards_lib.shard_keys(layer_key, self.num_shards))
+    params = _put(params, self._replicated)
+    idx, key_data = _put(idx, self._split), _put(key_data, self._split)
+    with jax.default_matmul_precision("highest"):
+      return self._fn(params, self.data, idx, key_data)
+
+  def __call__(self, order: WorkOrder) -> GradientReport:
+    if self.honest is not None:
+      return self.honest(order)
+    loss, grads = self.compute(order.params, order.batch_indices, order.layer_key)
+    return GradientReport(step=order.step, grads=grads, loss=loss)
+
+  def witness(self, request: WitnessRequest) -> Witness:
+    """The witness of the requested step (one shard: as `HonestWorker`).
+
+    Raises:
+      ValueError: S > 1 (witness checks are refused with shards for now).
+    """
+    if self.honest is not None:
+      return self.honest.witness(request)
+    raise ValueError("witness checks are not supported with num_shards > 1")
+
