@@ -91,7 +91,7 @@ def main() -> int:
 
 class TamperLocalShard:
   """A compromised process: adds 1e-2 to every gradient entry of shard `k` if
-  this process computes it (the others' shards stay honest)."""
+  one of its devices computes it (every other shard stays honest)."""
 
   def __init__(self, inner, k: int):
     self.inner, self.model, self.mesh, self.k = inner, inner.model, inner.mesh, k
@@ -106,10 +106,12 @@ class TamperLocalShard:
 
     def tamper(leaf):
       shards = []
-      for s in leaf.addressable_shards:
-        data = s.data
-        if s.index[0].start == self.k or (s.index[0] == slice(None) and False):
-          data = jax.device_put(np.asarray(data) + np.float32(1e-2), s.device)
+      for s in leaf.addressable_shards:  # This process's devices' blocks of shards.
+        data, rows = s.data, s.index[0]
+        if rows.start <= self.k < rows.stop:
+          host = np.array(data)
+          host[self.k - rows.start] += np.float32(1e-2)
+          data = jax.device_put(host, s.device)
         shards.append(data)
       return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, shards)
 

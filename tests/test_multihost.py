@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ginn.__file__)))
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_child.py")
 DEADLINE_S = 240  # Whole launch; a healthy one takes 10-30 s on 2 cores.
 STEPS = 3
-SHARDS = 4  # 2 processes x 2 devices.
+SHARDS = 4  # 2 per process: its worker device (the second of 2) computes 2.
 
 
 def _free_port() -> int:
@@ -38,43 +38,49 @@ def _env(num_devices: int) -> dict[str, str]:
   return env
 
 
-def launch(tmp_path, name: str, args: list[str], *, num_processes: int, devices: int,
-           command: list[str] | None = None) -> list[dict]:
-  """Starts `num_processes` processes (a jax.distributed run when > 1), waits
-  for all of them until `DEADLINE_S`, then kills any left. Returns, for each,
-  its exit code, output and (child script) the JSON it wrote."""
-  port = _free_port()
-  procs, outs = [], []
-  for i in range(num_processes):
-    out = tmp_path / f"{name}-{i}.json"
-    dist = ([] if num_processes == 1 else
-            ["--coordinator-address", f"localhost:{port}", "--num-processes", str(num_processes),
-             "--process-id", str(i)])
-    argv = [*(command or [sys.executable, CHILD, str(out)]), *args, *dist]
-    log = open(tmp_path / f"{name}-{i}.log", "w+")
-    procs.append((subprocess.Popen(argv, env=_env(devices), stdout=subprocess.PIPE, stderr=log,
-                                   text=True), log))
-    outs.append(out)
-  deadline = time.monotonic() + DEADLINE_S
-  results = []
-  try:
-    for (proc, log), out in zip(procs, outs):
-      try:
-        stdout, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-      except subprocess.TimeoutExpired:
-        stdout = ""
-      results.append({"returncode": proc.returncode, "stdout": stdout, "log": log,
+class Launch:
+  """`num_processes` processes started at once (a jax.distributed run when
+  > 1): the child script, or `command` (e.g. ``ginn train``)."""
+
+  def __init__(self, tmp_path, name: str, args: list[str], *, num_processes: int, devices: int,
+               command: list[str] | None = None):
+    port = _free_port()
+    self.procs, self.outs, self.logs = [], [], []
+    for i in range(num_processes):
+      out = tmp_path / f"{name}-{i}.json"
+      dist = ([] if num_processes == 1 else
+              ["--coordinator-address", f"localhost:{port}", "--num-processes",
+               str(num_processes), "--process-id", str(i)])
+      argv = [*(command or [sys.executable, CHILD, str(out)]), *args, *dist]
+      stdout, stderr = (open(tmp_path / f"{name}-{i}.{ext}", "w+") for ext in ("out", "err"))
+      self.procs.append(subprocess.Popen(argv, env=_env(devices), stdout=stdout, stderr=stderr))
+      self.outs.append(out)
+      self.logs.append((stdout, stderr))
+
+  def results(self, deadline: float) -> list[dict]:
+    """Waits for every process until `deadline` (time.monotonic()), kills any
+    left, and returns each one's exit code, stdout, stderr and written JSON."""
+    try:
+      for proc in self.procs:
+        try:
+          proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+          pass
+    finally:
+      for proc in self.procs:
+        if proc.poll() is None:  # Past the deadline: ours to kill.
+          proc.kill()
+          proc.wait()
+    results = []
+    for proc, out, (stdout, stderr) in zip(self.procs, self.outs, self.logs):
+      stdout.seek(0)
+      stderr.seek(0)
+      results.append({"returncode": proc.returncode, "stdout": stdout.read(),
+                      "stderr": "".join(line for line in stderr if "[Gloo]" not in line),
                       "json": json.loads(out.read_text()) if out.exists() else None})
-  finally:
-    for proc, _ in procs:
-      if proc.poll() is None:  # Past the deadline: ours to kill.
-        proc.kill()
-        proc.wait()
-  for r in results:
-    r["log"].seek(0)
-    r["stderr"] = "".join(line for line in r["log"] if "[Gloo]" not in line)
-    r["log"].close()
-  return results
+      stdout.close()
+      stderr.close()
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +91,25 @@ def data_file(small_data, tmp_path_factory):
   return path
 
 
+CHILD_ARGS = ["--steps", str(STEPS), "--num-shards", str(SHARDS)]
+
+
 @pytest.fixture(scope="module")
-def single_process_run(data_file, tmp_path_factory):
-  """The reference: one process whose mesh has the same S = 4 devices."""
-  (r,) = launch(tmp_path_factory.mktemp("single"), "single",
-                [str(data_file), "--steps", str(STEPS), "--num-shards", str(SHARDS)],
-                num_processes=1, devices=SHARDS)
-  assert r["returncode"] == 0, r["stderr"][-3000:]
-  return r["json"]
+def runs(data_file, tmp_path_factory):
+  """Every multi-process run of this file, started at once (they share the
+  2 cores; each alone takes 10-30 s), then waited for."""
+  tmp = tmp_path_factory.mktemp("runs")
+  data = str(data_file)
+  launches = {
+      # The reference: one process of 2 CPU devices (its worker device computes the 4 shards).
+      "single": Launch(tmp, "single", [data, *CHILD_ARGS], num_processes=1, devices=2),
+      "clean": Launch(tmp, "clean", [data, *CHILD_ARGS], num_processes=2, devices=2),
+      # Shards 2 and 3 are computed on process 1's device.
+      "attack": Launch(tmp, "attack", [data, *CHILD_ARGS, "--attack-shard", "2"],
+                       num_processes=2, devices=2),
+  }
+  deadline = time.monotonic() + DEADLINE_S
+  return {name: launch.results(deadline) for name, launch in launches.items()}
 
 
 def _failure(results) -> str:
@@ -101,10 +118,10 @@ def _failure(results) -> str:
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_bitwise(data_file, single_process_run, tmp_path):
-  results = launch(tmp_path, "clean",
-                   [str(data_file), "--steps", str(STEPS), "--num-shards", str(SHARDS)],
-                   num_processes=2, devices=2)
+def test_two_processes_equal_one_process_bitwise(runs):
+  (single,) = runs["single"]
+  assert single["returncode"] == 0, _failure(runs["single"])
+  results = runs["clean"]
   assert [r["returncode"] for r in results] == [0, 0], _failure(results)
   lead, follower = (r["json"] for r in results)
   assert lead["local_devices"] != follower["local_devices"]
@@ -113,19 +130,60 @@ def test_two_processes_equal_one_process_bitwise(data_file, single_process_run, 
   assert follower["follow"] == {"command": "STOP", "steps": STEPS}
   # Every report (its digest covers every shard's bytes) and the final model,
   # bit for bit.
-  assert lead["digests"] == single_process_run["digests"]
-  assert lead["params"] == single_process_run["params"]
+  assert lead["digests"] == single["json"]["digests"]
+  assert lead["params"] == single["json"]["params"]
 
 
 @pytest.mark.slow
-def test_a_malicious_shard_on_process_1_is_caught(data_file, tmp_path):
-  attacked = 2  # Shards 2 and 3 are computed on process 1's devices.
-  results = launch(tmp_path, "attack",
-                   [str(data_file), "--steps", str(STEPS), "--num-shards", str(SHARDS),
-                    "--attack-shard", str(attacked)],
-                   num_processes=2, devices=2)
+def test_a_malicious_shard_on_process_1_is_caught(runs):
+  results = runs["attack"]
   assert [r["returncode"] for r in results] == [3, 3], _failure(results)
   lead, follower = (r["json"] for r in results)
   assert lead["violation"]["step"] == 0
   assert lead["summary"]["verified"] is False and lead["summary"]["steps"] == 0
   assert follower["follow"] == {"command": "HALT", "steps": 1}
+
+
+# -- one process: the same objects, without the collectives' peers ------------
+
+def test_the_worker_mesh_leaves_the_trusted_device_out():
+  mesh = ginn.global_worker_mesh()
+  assert list(mesh.devices.flat) == ginn.worker_devices()
+  assert ginn.trusted_device() not in list(mesh.devices.flat)
+
+
+@pytest.fixture(scope="module")
+def multihost_worker(mlp, small_data):
+  images, labels = small_data
+  inner = ginn.ShardedWorker(mlp, images, labels, num_shards=SHARDS, mesh=ginn.global_worker_mesh())
+  return inner, ginn.MultiHostWorker(inner, batch_size=32)
+
+
+def test_in_one_process_it_is_its_inner_worker_bitwise(mlp, small_data, multihost_worker):
+  from conftest import tree_bytes
+
+  images, labels = small_data
+  inner, worker = multihost_worker
+  rt = ginn.TrustedRuntime(mlp, images, labels, ginn.ProtocolConfig(batch_size=32))
+  order = rt.next_order()
+  got, want = worker(order), inner(order)
+  assert isinstance(got.grads["Dense_0"]["kernel"], np.ndarray)  # Gathered to the host.
+  assert got.step == want.step == 0
+  assert tree_bytes(got.grads) == tree_bytes(want.grads)
+  assert tree_bytes(got.loss) == tree_bytes(want.loss)
+
+
+def test_witness_checks_are_refused(mlp, small_data, multihost_worker):
+  images, labels = small_data
+  worker = ginn.MultiHostWorker(multihost_worker[0], batch_size=32)
+  rt = ginn.TrustedRuntime(mlp, images, labels, ginn.ProtocolConfig(batch_size=32, p_witness=0.5))
+  with pytest.raises(ValueError, match="witness checks are not supported in a multi-process run"):
+    ginn.train_multihost(rt, worker, 1, progress=False)
+  with pytest.raises(RuntimeError, match="told to stop"):  # The followers were sent HALT.
+    worker(rt.next_order())
+
+
+def test_process_0_does_not_follow(multihost_worker):
+  _, worker = multihost_worker
+  with pytest.raises(RuntimeError, match="process 0 hosts the trusted runtime"):
+    ginn.follow(worker)
