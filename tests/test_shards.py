@@ -5,6 +5,9 @@ The suite has two CPU devices, so the meshes here are `[cpu:1]` (several
 shards per device) and `[cpu:0, cpu:1]` (a 2-device mesh; a mesh may hold any
 devices, the trusted one included, since the test only checks the numbers).
 """
+import hashlib
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ from ginn_jax._src import shards
 from ginn_jax._src.step import DeviceGradFn
 from ginn_jax._src.trusted import commit, keys
 
-from conftest import make_key
+from conftest import make_key, tree_bytes
 
 SECRET = b"test-shards-secret-0123456789abcd"
 
@@ -95,3 +98,206 @@ def test_sharded_report_validates_with_its_shard_axis(mlp, small_data):
   half = ginn.GradientReport(0, jax.tree_util.tree_map(lambda g: g[:2], grads), loss)
   with pytest.raises(ginn.ShapeMismatch, match="leading shard axis"):
     commit.validate_report(half, step=0, params=order.params, num_shards=4)
+
+
+# -- the runtime -----------------------------------------------------------------------
+
+
+def config(**kw):
+  base = dict(seed=3, batch_size=32, p=1.0, clip="elementwise", clip_value=0.01, num_shards=4)
+  base.update(kw)
+  return ginn.ProtocolConfig(**base)
+
+
+def runtime(mlp, small_data, secret=SECRET, **kw):
+  return ginn.TrustedRuntime(mlp, *small_data, config(**kw), audit_secret=secret)
+
+
+def snapshot(rt):
+  return (rt.step, tree_bytes(rt.state.params), tree_bytes(rt.state.opt_state),
+          len(rt.transcript), rt.num_verified, rt.halted)
+
+
+def test_config_refuses_a_batch_not_divisible_by_the_shards():
+  with pytest.raises(ValueError, match="batch_size=30 is not a multiple of num_shards=4"):
+    config(batch_size=30)
+  with pytest.raises(ValueError, match="witness checks of single shards are not supported"):
+    config(p_witness=0.5)
+  assert "num_shards" not in config(num_shards=1).to_dict()  # Headers without shards: unchanged.
+  assert config().to_dict()["num_shards"] == 4
+
+
+@pytest.mark.parametrize("mesh", [(1,), (0, 1)])
+def test_honest_sharded_run_verifies_every_shard_bitwise(mlp, small_data, mesh):
+  rt = runtime(mlp, small_data)
+  res = ginn.train(rt, ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(*mesh)), 12,
+                   progress=False)
+  assert res.verified and res.num_verified == 12
+  assert all(e.shards == [0, 1, 2, 3] and e.max_rel_l2 == 0.0 and e.max_abs == 0.0
+             for e in res.transcript)
+
+
+def test_update_clips_each_shard_then_averages(mlp, small_data):
+  """The trusted update equals clip-each, mean, SGD computed by hand (and
+  differs from clipping the mean)."""
+  rt = runtime(mlp, small_data, p=0.0)
+  w = ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1))
+  order = rt.next_order()
+  report = w(order)
+  rt.submit(report)
+  g = [np.asarray(x) for x in jax.device_get(jax.tree_util.tree_leaves(report.grads))]
+  p0 = [np.asarray(x) for x in jax.device_get(jax.tree_util.tree_leaves(order.params))]
+  p1 = [np.asarray(x) for x in jax.device_get(jax.tree_util.tree_leaves(rt.state.params))]
+  lr, wd, C = 0.05, 5e-4, 0.01
+  for g_, a, b in zip(g, p0, p1):
+    want = a - lr * (np.clip(g_, -C, C).mean(axis=0) + wd * a)
+    np.testing.assert_allclose(b, want, rtol=1e-6, atol=1e-9)
+  mean_then_clip = [a - lr * (np.clip(g_.mean(axis=0), -C, C) + wd * a) for g_, a in zip(g, p0)]
+  assert any(not np.allclose(b, m, rtol=1e-6, atol=1e-9) for b, m in zip(p1, mean_then_clip))
+
+
+def test_one_shard_coins_and_transcript_are_todays(mlp, small_data):
+  a = runtime(mlp, small_data, p=0.3, num_shards=1)
+  b = ginn.TrustedRuntime(mlp, *small_data, ginn.ProtocolConfig(seed=3, batch_size=32, p=0.3,
+                                                                clip="elementwise", clip_value=0.01),
+                          audit_secret=SECRET)
+  w = ginn.ShardedWorker(mlp, *small_data, num_shards=1, mesh=mesh_of(1))
+  ea = ginn.train(a, w, 10, progress=False).transcript
+  eb = ginn.train(b, ginn.HonestWorker(mlp, *small_data), 10, progress=False).transcript
+  assert ea == eb and all(e.shards is None for e in ea)
+  assert a.public_header() == b.public_header()
+
+
+def test_coins_are_drawn_per_shard(mlp, small_data):
+  rt = runtime(mlp, small_data, p=0.5)
+  res = ginn.train(rt, ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1)), 10,
+                   progress=False)
+  drawn = [e.shards for e in res.transcript]
+  assert res.verified and any(0 < len(d) < 4 for d in drawn), drawn
+  assert all(e.verified == bool(e.shards) for e in res.transcript)
+  assert res.num_verified == sum(bool(d) for d in drawn)
+
+
+def _bad(report, kind):
+  grads, loss = jax.device_get((report.grads, report.loss))
+  leaves, treedef = jax.tree_util.tree_flatten(grads)
+  leaves = [np.array(x) for x in leaves]
+  loss = np.array(loss)
+  if kind == "too_few_shards":
+    return ginn.GradientReport(report.step, treedef.unflatten([x[:3] for x in leaves]), loss[:3]), ginn.MalformedReport
+  if kind == "too_many_shards":
+    more = [np.concatenate([x, x[:1]]) for x in leaves]
+    return ginn.GradientReport(report.step, treedef.unflatten(more), np.concatenate([loss, loss[:1]])), ginn.MalformedReport
+  if kind == "no_shard_axis":
+    return ginn.GradientReport(report.step, treedef.unflatten([x[0] for x in leaves]), loss[0]), ginn.MalformedReport
+  if kind == "one_shard_wrong_leaf_count":  # Shard count in the loss right, one leaf short a shard.
+    leaves[1] = leaves[1][:3]
+    return ginn.GradientReport(report.step, treedef.unflatten(leaves), loss), ginn.ShapeMismatch
+  if kind == "nan_in_shard_2":
+    leaves[0][2].flat[5] = np.nan
+    return ginn.GradientReport(report.step, treedef.unflatten(leaves), loss), ginn.NonFiniteReport
+  if kind == "inf_loss_of_shard_1":
+    loss[1] = np.inf
+    return ginn.GradientReport(report.step, treedef.unflatten(leaves), loss), ginn.NonFiniteReport
+  raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["too_few_shards", "too_many_shards", "no_shard_axis",
+                                  "one_shard_wrong_leaf_count", "nan_in_shard_2", "inf_loss_of_shard_1"])
+def test_bad_sharded_reports_are_refused_with_nothing_changed(mlp, small_data, kind):
+  rt = runtime(mlp, small_data, p=0.5)
+  w = ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1))
+  ginn.train(rt, w, 2, progress=False)
+  before = snapshot(rt)
+  order = rt.next_order()
+  bad, error = _bad(w(order), kind)
+  with pytest.raises(error) as info:
+    rt.submit(bad)
+  assert snapshot(rt) == before
+  if kind == "nan_in_shard_2":
+    assert info.value.shard == 2 and "shard 2" in str(info.value)
+  if kind == "inf_loss_of_shard_1":
+    assert info.value.shard == 1
+  rt.submit(w(order))  # The corrected report is accepted.
+  assert rt.step == before[0] + 1
+
+
+# -- attackers per shard ---------------------------------------------------------------
+
+
+def _attacker(name, mlp, small_data, **kw):
+  sched = ginn.schedules.FromStep(0)
+  x, y = small_data
+  if name == "backdoor":
+    return ginn.BackdoorWorker(mlp, x, y, schedule=sched, **kw)
+  if name == "combined":
+    return ginn.CombinedLossWorker(mlp, x, y, schedule=sched, lam=1.0, **kw)
+  if name == "scaled":
+    return ginn.ScaledBackdoorWorker(mlp, x, y, schedule=sched, scale=10.0, **kw)
+  if name == "label_flip":
+    return ginn.LabelFlipWorker(mlp, x, y, schedule=sched, **kw)
+  if name == "noise":
+    return ginn.NoiseWorker(mlp, x, y, schedule=sched, scale=0.01, **kw)
+  if name == "model_replacement":
+    target = jax.jit(lambda t: jax.tree_util.tree_map(lambda p: p * 0.5, t))(order_of(mlp, small_data).params)
+    return ginn.ModelReplacementWorker(mlp, x, y, schedule=sched, target_params=target, **kw)
+  if name == "stealth":
+    return ginn.StealthWorker(mlp, x, y, schedule=sched, tolerance=ginn.LOOSE_PER_LEAF_TOLERANCE, **kw)
+  raise AssertionError(name)
+
+
+ATTACKERS = ["backdoor", "combined", "scaled", "label_flip", "noise", "model_replacement", "stealth"]
+
+
+@pytest.mark.parametrize("name,chosen", [(a, (1,)) for a in ATTACKERS] + [("backdoor", None),
+                                                                          ("noise", (0, 3))])
+def test_attackers_corrupt_only_the_chosen_shards(mlp, small_data, name, chosen):
+  order = order_of(mlp, small_data)
+  bad = _attacker(name, mlp, small_data, num_shards=4, shards=chosen, mesh=mesh_of(1))(order)
+  good = ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1))(order)
+  corrupted = set(range(4) if chosen is None else chosen)
+  for b, g in zip(*(jax.device_get(jax.tree_util.tree_leaves(r.grads)) for r in (bad, good))):
+    assert b.shape == g.shape == (4, *b.shape[1:])
+    for s in range(4):
+      assert np.array_equal(b[s], g[s]) == (s not in corrupted), (name, s)
+
+
+@pytest.mark.parametrize("name", ["backdoor", "model_replacement"])
+def test_a_corrupted_shard_is_named_by_the_violation(mlp, small_data, name):
+  rt = runtime(mlp, small_data, p=1.0)
+  before = snapshot(rt)
+  with pytest.raises(ginn.IntegrityViolation) as info:
+    rt.submit(_attacker(name, mlp, small_data, num_shards=4, shards=[2], mesh=mesh_of(1))(rt.next_order()))
+  v = info.value
+  assert v.step == 0 and v.shard == 2 and "at step 0, shard 2: leaf" in str(v)
+  assert snapshot(rt)[:3] == before[:3]
+  assert rt.transcript[-1].outcome == "violation" and rt.transcript[-1].shards == [0, 1, 2, 3]
+
+
+def test_attacker_shards_are_checked(mlp, small_data):
+  with pytest.raises(ValueError, match="range\\(4\\)"):
+    _attacker("backdoor", mlp, small_data, num_shards=4, shards=[4])
+  with pytest.raises(ValueError, match="range\\(1\\)"):
+    _attacker("backdoor", mlp, small_data, shards=[1])
+
+
+@pytest.mark.parametrize("corrupted", [1])  # The all-shard attacker: ~15 s more, same code.
+def test_detection_rate_of_shard_attackers_matches_the_formula(mlp, small_data, corrupted):
+  """Real runs, each with its own audit secret: the share caught matches
+  ``shard_detection_probability`` (99% binomial interval)."""
+  k, p, num_shards, trials = 3, 0.15, 4, 300
+  attacker = ginn.BackdoorWorker(mlp, *small_data, schedule=ginn.schedules.Steps(range(k)),
+                                 num_shards=num_shards, shards=None if corrupted == num_shards else [3],
+                                 mesh=mesh_of(1))
+  detected = 0
+  for trial in range(trials):
+    secret = hashlib.sha256(f"shard-trial-{trial}".encode()).digest()
+    rt = runtime(mlp, small_data, secret=secret, p=p, num_shards=num_shards)
+    res = ginn.train(rt, attacker, k, progress=False, raise_on_violation=False)
+    detected += res.violation is not None
+    if res.violation is not None:
+      assert res.violation.shard in attacker.corrupted_shards
+  expected = ginn.analysis.shard_detection_probability(p, k, num_shards=num_shards,
+                                                       corrupted_shards=corrupted)
+  half = 2.576 * math.sqrt(expected * (1 - expected) / trials)
+  assert expected - half <= detected / trials <= expected + half, (detected / trials, expected, half)

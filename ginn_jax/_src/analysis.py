@@ -20,6 +20,14 @@ clipped gradient, so
 * Adam (and other normalising optimizers): the update is divided by a running
   gradient scale the attacker also controls, so C does **not** bound it this
   way; this module refuses to state a bound for them.
+
+Shards (docs/design.md, "Shards"): with S shards each clipped before the
+mean, an attacker that corrupts m of them moves the mean gradient by at most
+``m * 2C / S`` (per coordinate, or in L2 for a global-norm clip), so one step
+by ``2 * eta * C * m / S``; each shard has its own coin, so a step whose m
+corrupted shards all differ from the truth is caught with probability
+``1 - (1-p)^m``: p for a one-shard attacker, ``1 - (1-p)^S`` for one that
+corrupts every shard (`shard_detection_probability`, `shard_deviation_bound`).
 """
 from __future__ import annotations
 
@@ -175,6 +183,54 @@ def deviation_bound(clip: ClipMode, clip_value: float | None,
             f"side and is identical), momentum m={m} spreads it over later steps by at most "
             f"1/(1-m)={1.0 / (1.0 - m):.3g}."),
   )
+
+
+def _check_shards(num_shards: int, corrupted_shards: int) -> None:
+  if not (isinstance(num_shards, int) and num_shards >= 1):
+    raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
+  if not (isinstance(corrupted_shards, int) and 0 <= corrupted_shards <= num_shards):
+    raise ValueError(f"corrupted_shards must be an int in [0, num_shards={num_shards}], "
+                     f"got {corrupted_shards!r}")
+
+
+def shard_detection_probability(p: float, k: int, *, num_shards: int, corrupted_shards: int) -> float:
+  """P(at least one corrupted shard of k malicious steps is re-computed).
+
+  Each shard's coin comes up independently with probability p, so a step with
+  m corrupted shards (each off by more than the tolerance) escapes with
+  (1-p)^m and k such steps with (1-p)^(m k): 1 - (1-p)^(m k). One corrupted
+  shard (m = 1) gives `detection_probability(p, k)`; all S shards give
+  1 - (1-p)^(S k), at the same expected trusted cost p·T per step (each check
+  re-computes one shard, T/S).
+
+  >>> round(shard_detection_probability(0.25, 1, num_shards=4, corrupted_shards=4), 4)
+  0.6836
+  """
+  _check_p(p)
+  _check_shards(num_shards, corrupted_shards)
+  if k < 0:
+    raise ValueError(f"k must be >= 0, got {k}")
+  return 1.0 - (1.0 - p) ** (corrupted_shards * k)
+
+
+def shard_deviation_bound(clip: ClipMode, clip_value: float | None,
+                          optimizer: OptimizerConfig | str = OptimizerConfig(), *, num_shards: int,
+                          corrupted_shards: int) -> DeviationBound:
+  """`deviation_bound` for S shards clipped one by one before their mean, with
+  m of them corrupted: each corrupted shard's clipped gradient differs from
+  the honest one by at most 2C (per coordinate or in L2), and the mean divides
+  that by S, so one step moves the parameters by at most 2·eta·C·m/S (times
+  1/(1-momentum) over later steps). m = S gives the unsharded bound; no clip
+  and normalising optimizers still give none."""
+  _check_shards(num_shards, corrupted_shards)
+  b = deviation_bound(clip, clip_value, optimizer)
+  if not b.bounded:
+    return b
+  share = corrupted_shards / num_shards
+  return DeviationBound(
+      norm=b.norm, per_step=b.per_step * share, with_momentum=b.with_momentum * share, bounded=True,
+      note=(f"{corrupted_shards} of {num_shards} shards corrupted, each clipped before the mean: the "
+            f"mean moves by at most {corrupted_shards}*2C/{num_shards}; " + b.note))
 
 
 def _check_p(p: float, name: str = "p") -> None:

@@ -161,3 +161,26 @@ def _coin(keys: AuditKeys, domain: bytes, step: int, report_digest: bytes, p: fl
   msg = domain + step.to_bytes(8, "big") + report_digest
   u = int.from_bytes(hmac.new(keys.coin_key, msg, hashlib.sha256).digest()[:8], "big") / 2.0**64
   return u < p
+
+
+def shard_verification_coins(keys: AuditKeys, step: int, report_digest: bytes, p: float,
+                             num_shards: int) -> tuple[bool, ...]:
+  """The re-computation coins of the `num_shards` shards of `step`: one
+  independent coin with probability `p` per shard, a PRF of the coin key, the
+  step, the shard index and the committed digest (its own domain). With one
+  shard it is `verification_coin` itself, so runs without shards draw exactly
+  the coins they always did."""
+  if num_shards == 1:
+    return (verification_coin(keys, step, report_digest, p),)
+  return tuple(_coin(keys, b"ginn_jax/shard-coin/v1", step, s.to_bytes(4, "big") + report_digest, p)
+               for s in range(num_shards))
+
+
+def shard_witness_coins(keys: AuditKeys, step: int, report_digest: bytes, p_witness: float,
+                        num_shards: int) -> tuple[bool, ...]:
+  """The witness-check coins of the shards of `step` (as
+  `shard_verification_coins`, in another domain); `witness_coin` for one shard."""
+  if num_shards == 1:
+    return (witness_coin(keys, step, report_digest, p_witness),)
+  return tuple(_coin(keys, b"ginn_jax/shard-witness-coin/v1", step,
+                     s.to_bytes(4, "big") + report_digest, p_witness) for s in range(num_shards))

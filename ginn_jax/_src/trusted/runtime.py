@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from ginn_jax._src import errors
+from ginn_jax._src import shards as shards_lib
 from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
 from ginn_jax._src.data import as_training_data, dataset_digest, num_examples
 from ginn_jax._src.devices import trusted_device
@@ -56,6 +57,13 @@ class ProtocolConfig:
     clip_value: the clip bound C.
     optimizer: SGD settings, used unless an optax transformation is passed to
       the runtime.
+    num_shards: S, the shards each step's batch is cut into (docs/design.md,
+      "Shards"; `batch_size` must be a multiple). With S > 1 the worker
+      reports each shard's gradient (a leading shard axis, e.g.
+      `ShardedWorker`), the trusted update clips each shard before averaging
+      them, and each shard has its own coin: only sampled shards are
+      re-computed. 1 (the default) is a run without shards. Witness checks
+      (``p_witness > 0``) are not supported with S > 1 yet.
   """
 
   seed: int = 0
@@ -66,6 +74,7 @@ class ProtocolConfig:
   clip: ClipMode = "elementwise"
   clip_value: float | None = 0.01
   optimizer: OptimizerConfig = OptimizerConfig()
+  num_shards: int = 1
 
   def __post_init__(self):
     for name in ("p", "p_witness"):
@@ -77,9 +86,20 @@ class ProtocolConfig:
       raise ValueError(f"witness_timeout_s must be a positive number or None, got {t!r}")
     if not (isinstance(self.batch_size, int) and self.batch_size > 0):
       raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+    shards_lib.check_num_shards(self.batch_size, self.num_shards)
+    if self.num_shards > 1 and self.p_witness > 0:
+      raise ValueError(
+          f"p_witness={self.p_witness} with num_shards={self.num_shards}: witness checks of "
+          "single shards are not supported yet; use re-computation checks (p) with shards, or "
+          "num_shards=1 with witness checks")
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """JSON form; without ``num_shards`` when it is 1 (as before it existed,
+    so headers of runs without shards are unchanged)."""
+    d = dataclasses.asdict(self)
+    if d["num_shards"] == 1:
+      del d["num_shards"]
+    return d
 
 
 @flax.struct.dataclass
@@ -104,6 +124,11 @@ class TranscriptEntry:
   `check` says which checks were drawn: "", "recompute", "witness" or
   "recompute+witness"; `max_rel_l2`/`max_abs` are the re-computation's worst
   errors and `witness_rel_l2`/`witness_max_abs` the witness check's.
+
+  With ``num_shards > 1``: `shards` lists the shards drawn for
+  re-computation (empty when none was; None in a run without shards, where
+  the field is not written to the transcript) and `loss` is the mean of the
+  shards' losses.
   """
 
   step: int
@@ -119,6 +144,7 @@ class TranscriptEntry:
   witness_digest: str | None = None
   witness_rel_l2: float | None = None
   witness_max_abs: float | None = None
+  shards: list[int] | None = None
 
 
 class Recorder(Protocol):
@@ -164,21 +190,35 @@ def apply_update(tx: optax.GradientTransformation, state: TrainState, grads: Par
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _checked_update(tx: optax.GradientTransformation, params, opt_state, grads):
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _checked_update(tx: optax.GradientTransformation, params, opt_state, grads, num_shards: int = 1):
   """`_update_arrays` and, from the same reads of the gradient, whether each
-  leaf is all finite (so the runtime needs no separate pass over the report)."""
-  finite = jnp.stack([jnp.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads)])
+  leaf (with S > 1 shards: each shard of each leaf) is all finite (so the
+  runtime needs no separate pass over the report)."""
+  leaves = jax.tree_util.tree_leaves(grads)
+  if num_shards == 1:
+    finite = jnp.stack([jnp.isfinite(g).all() for g in leaves])
+  else:
+    finite = jnp.stack([jnp.isfinite(g).reshape(num_shards, -1).all(axis=1) for g in leaves])
   return (*_update_arrays(tx, params, opt_state, grads), finite)
 
 
 def checked_update(tx: optax.GradientTransformation, state: TrainState,
-                   grads: Params) -> tuple[TrainState, jax.Array]:
-  """`apply_update`, plus a bool per gradient leaf: all its values are finite.
-  Dispatched asynchronously; the caller must read the flags before it may use
-  the new state."""
-  params, opt_state, finite = _checked_update(tx, state.params, state.opt_state, grads)
+                   grads: Params, num_shards: int = 1) -> tuple[TrainState, jax.Array]:
+  """`apply_update`, plus a bool per gradient leaf (with S > 1 shards, a row
+  of S bools per leaf): all its values are finite. Dispatched asynchronously;
+  the caller must read the flags before it may use the new state."""
+  if num_shards == 1:
+    params, opt_state, finite = _checked_update(tx, state.params, state.opt_state, grads)
+  else:
+    params, opt_state, finite = _checked_update(tx, state.params, state.opt_state, grads, num_shards)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), finite
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _shard_row(leaves: list[jax.Array], shard: int) -> list[jax.Array]:
+  """Row `shard` of every leaf (a static index: nothing crosses to the device)."""
+  return [leaf[shard] for leaf in leaves]
 
 
 class PhaseClock:
@@ -268,7 +308,9 @@ class TrustedRuntime:
       raise ValueError(
           "witness_tolerance must be a per-leaf tolerance: a witness check compares "
           "random projections, which have no elements to hold to an element-wise rule")
-    self.tx = make_update_transform(config.clip, config.clip_value, optimizer or config.optimizer)
+    self.num_shards = config.num_shards
+    self.tx = make_update_transform(config.clip, config.clip_value, optimizer or config.optimizer,
+                                    config.num_shards)
     if config.p_witness > 0 and not isinstance(data, Batch):
       raise ValueError("p_witness > 0: witness checks need image classification data "
                        "(a ginn_jax.Batch of images and labels)")
@@ -343,14 +385,16 @@ class TrustedRuntime:
     self._phases.start()
     t = self.state.step
     lap = self._phases.lap
-    received = commit.receive_report(report, step=t, params=self.state.params, device=self.device)
+    received = commit.receive_report(report, step=t, params=self.state.params, device=self.device,
+                                     num_shards=self.num_shards)
     lap("receive")  # Form checks; the copy into trusted memory goes on asynchronously.
     # The update is dispatched now, so that it runs while the report is hashed,
     # and committed below only once the report is accepted; until then
     # `self.state` is the previous state (a rejected report leaves it as it was).
     # It also finds non-finite values, from its own reads of the gradient.
     new_state, finite = checked_update(self.tx, self.state,
-                                       jax.tree_util.tree_unflatten(self._treedef, received.leaves))
+                                       jax.tree_util.tree_unflatten(self._treedef, received.leaves),
+                                       self.num_shards)
     lap("update")  # Dispatch only.
     digest = commit.digest_received(received, name=self.report_digest_name)
     lap("digest")
@@ -358,13 +402,19 @@ class TrustedRuntime:
     lap("finite")
     loss = received.loss
     tag = commit.report_mac(self._keys.mac_key, digest)
-    sampled = keys.verification_coin(self._keys, t, digest, self.config.p)  # After the commit.
-    challenged = keys.witness_coin(self._keys, t, digest, self.config.p_witness)
+    S = self.num_shards
+    # After the commit. One coin per shard; with one shard, the coins of a run without shards.
+    coins = keys.shard_verification_coins(self._keys, t, digest, self.config.p, S)
+    challenged = any(keys.shard_witness_coins(self._keys, t, digest, self.config.p_witness, S))
+    sampled = any(coins)
+    drawn = tuple(s for s, c in enumerate(coins) if c) if S > 1 else None
     lap("mac_coin")
     entry = TranscriptEntry(step=t, digest=digest.hex(), mac=tag.hex(), verified=sampled or challenged,
-                            outcome="pending" if sampled or challenged else "unverified", loss=float(loss),
+                            outcome="pending" if sampled or challenged else "unverified",
+                            loss=float(loss) if S == 1 else float(np.mean(loss)),
                             check="+".join(c for c, on in (("recompute", sampled), ("witness", challenged))
-                                           if on))
+                                           if on),
+                            shards=None if drawn is None else list(drawn))
     wit = None
     if challenged:
       wit, wdigest, seed = self._challenge(entry, digest, witness)
@@ -374,7 +424,7 @@ class TrustedRuntime:
       check = Check(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
                     layer_key=self._layer_key(t), reported=received.leaves, loss=loss,
                     recompute=sampled, witness=wit, witness_seed=seed if challenged else None,
-                    done=self._release_witness if challenged else None)
+                    done=self._release_witness if challenged else None, shards=drawn)
       result = self.verifier.submit(check)
       lap("verify")  # Synchronous re-computation, or waiting for room in the queue.
       if result is not None:  # Synchronous: resolved before the update is committed.
@@ -415,6 +465,14 @@ class TrustedRuntime:
     sampled step does not pay for the compilation. Changes no state."""
     t = self.state.step
     indices, key = self.schedule.indices(t), self._layer_key(t)
+    if self.num_shards > 1:  # One shard's reference, compared with itself (every shard is alike).
+      sub = shards_lib.shard_indices(indices, self.num_shards)[0]
+      loss, grads = self._reference(self.state.params, sub, shards_lib.shard_key(key, 0))
+      stacked = [jnp.broadcast_to(g, (self.num_shards, *g.shape)) for g in jax.tree_util.tree_leaves(grads)]
+      self._recompute(Check(step=t, params=self.state.params, batch_indices=indices, layer_key=key,
+                            reported=stacked, loss=np.full(self.num_shards, jax.device_get(loss),
+                                                           np.float32), shards=(0,)))
+      return
     loss, grads = self._reference(self.state.params, indices, key)
     wit = seed = None
     if self.config.p_witness > 0:
@@ -552,8 +610,21 @@ class TrustedRuntime:
     self._witnesses_held -= 1
     self._witness_slot.release()
 
-  def _recompute(self, check: Check) -> tuple[verify.Comparison | None, verify.Comparison | None]:
+  def _recompute(self, check: Check) -> tuple[verify.Comparison | verify.ShardComparisons | None,
+                                              verify.Comparison | None]:
     comparison = witness = None
+    if check.shards is not None:  # Only the sampled shards, each against its row of the report.
+      if check.recompute:
+        idx = shards_lib.shard_indices(check.batch_indices, self.num_shards)
+        out = []
+        for s in check.shards:
+          ref_loss, ref_grads = self._reference(check.params, idx[s], shards_lib.shard_key(check.layer_key, s))
+          row = _shard_row(check.reported, s)
+          row_loss = jax.device_put(np.asarray(check.loss[s]), self.device)
+          out.append(verify.compare(row, row_loss, jax.tree_util.tree_leaves(ref_grads), ref_loss,
+                                    self._paths, tolerance=self.tolerance))
+        comparison = verify.ShardComparisons(shards=tuple(check.shards), comparisons=tuple(out))
+      return comparison, witness
     reported_loss = jax.device_put(np.asarray(check.loss), self.device)
     if check.recompute:
       ref_loss, ref_grads = self._reference(check.params, check.batch_indices, check.layer_key)

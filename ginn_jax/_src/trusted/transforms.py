@@ -2,6 +2,12 @@
 
 The chain is a `named_chain` so its parts read by name: ``clip`` then
 ``optimizer``. The worker never applies an update and cannot skip the clip.
+
+With S > 1 shards (docs/design.md, "Shards") the gradient has a leading shard
+axis and the chain is ``clip_shards`` (the clip applied to each shard on its
+own, `clip_each_shard`), ``mean_shards`` (the mean over the shard axis,
+`mean_over_shards`), then ``optimizer``: each shard is clipped *before* the
+average, so one shard moves any coordinate of the mean by at most 2C/S.
 """
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ import dataclasses
 import functools
 from typing import Literal
 
+import jax
+import jax.numpy as jnp
 import optax
 
 ClipMode = Literal["elementwise", "global_norm", "none"]
@@ -44,6 +52,36 @@ def clip_transform(mode: ClipMode, value: float | None) -> optax.GradientTransfo
   raise ValueError(f"unknown clip mode {mode!r}; choose 'elementwise', 'global_norm' or 'none'")
 
 
+def clip_each_shard(clip: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Applies the stateless transformation `clip` to each shard of updates with
+  a leading shard axis (`jax.vmap` over it), keeping the axis.
+
+  `clip` must keep no state that depends on the updates (the clips of
+  `clip_transform` keep none): its state is made from the parameters and
+  passed through unchanged.
+  """
+
+  def init_fn(params):
+    return clip.init(params)
+
+  def update_fn(updates, state, params=None):
+    del params  # The clips read no parameters.
+    clipped = jax.vmap(lambda u: clip.update(u, state)[0])(updates)
+    return clipped, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def mean_over_shards() -> optax.GradientTransformation:
+  """The mean over the leading shard axis of every update leaf (stateless)."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map(lambda u: jnp.mean(u, axis=0), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def sgd_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   """``add_decayed_weights(wd)`` then ``sgd(lr, momentum)``."""
   parts = []
@@ -53,26 +91,37 @@ def sgd_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
+def _chain(clip: ClipMode, clip_value: float | None, optimizer: optax.GradientTransformation,
+           num_shards: int) -> optax.GradientTransformation:
+  if num_shards == 1:
+    return optax.named_chain(("clip", clip_transform(clip, clip_value)), ("optimizer", optimizer))
+  return optax.named_chain(("clip_shards", clip_each_shard(clip_transform(clip, clip_value))),
+                           ("mean_shards", mean_over_shards()), ("optimizer", optimizer))
+
+
 @functools.lru_cache(maxsize=64)
-def _cached_sgd_transform(clip: ClipMode, clip_value: float | None,
-                          optimizer: OptimizerConfig) -> optax.GradientTransformation:
-  return optax.named_chain(("clip", clip_transform(clip, clip_value)),
-                           ("optimizer", sgd_optimizer(optimizer)))
+def _cached_sgd_transform(clip: ClipMode, clip_value: float | None, optimizer: OptimizerConfig,
+                          num_shards: int = 1) -> optax.GradientTransformation:
+  return _chain(clip, clip_value, sgd_optimizer(optimizer), num_shards)
 
 
 def make_update_transform(
     clip: ClipMode,
     clip_value: float | None,
     optimizer: OptimizerConfig | optax.GradientTransformation,
+    num_shards: int = 1,
 ) -> optax.GradientTransformation:
-  """The trusted update ``named_chain(("clip", ...), ("optimizer", ...))``.
+  """The trusted update ``named_chain(("clip", ...), ("optimizer", ...))``; with
+  S > 1 shards ``named_chain(("clip_shards", ...), ("mean_shards", ...),
+  ("optimizer", ...))``, taking gradients with a leading shard axis.
 
   Args:
     clip: "elementwise", "global_norm" or "none".
     clip_value: the bound C.
     optimizer: an `OptimizerConfig` (SGD, the analysed case) or any optax
       transformation (see `ginn_jax.analysis` for what the clip then bounds).
+    num_shards: S; with S > 1 each shard is clipped, then the shards averaged.
   """
   if isinstance(optimizer, OptimizerConfig):  # Equal configs share one object: no recompiles.
-    return _cached_sgd_transform(clip, clip_value, optimizer)
-  return optax.named_chain(("clip", clip_transform(clip, clip_value)), ("optimizer", optimizer))
+    return _cached_sgd_transform(clip, clip_value, optimizer, int(num_shards))
+  return _chain(clip, clip_value, optimizer, int(num_shards))

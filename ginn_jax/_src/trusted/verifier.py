@@ -40,12 +40,15 @@ class Check:
   witness: tuple | None = None
   witness_seed: np.ndarray | None = None  # Freivalds key data (secret).
   done: Callable[[], None] | None = None  # Called once the check has run (frees its witness).
+  # With num_shards > 1: the shards to re-compute (`reported` then has a leading
+  # shard axis and `loss` one loss per shard); None: the whole report.
+  shards: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckResult:
   step: int
-  comparison: verify.Comparison | None  # The re-computation's, if it ran.
+  comparison: verify.Comparison | verify.ShardComparisons | None  # The re-computation's, if it ran.
   error: BaseException | None = None  # An exception raised while checking.
   witness: verify.Comparison | None = None  # The witness check's, if it ran.
 

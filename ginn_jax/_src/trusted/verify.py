@@ -285,15 +285,43 @@ def compare(
                     arrays=arrays, elementwise=elementwise)
 
 
-def check(comparison: Comparison, tol: Tolerance, *, step: int,
-          violation: type[errors.IntegrityViolation] = errors.IntegrityViolation) -> None:
+@dataclasses.dataclass(frozen=True)
+class ShardComparisons:
+  """The comparisons of the re-computed shards of one step (``num_shards > 1``).
+
+  Attributes:
+    shards: the shards re-computed, in increasing order.
+    comparisons: each one's `Comparison` against the report's row of that shard.
+  """
+
+  shards: tuple[int, ...]
+  comparisons: tuple[Comparison, ...]
+
+  @property
+  def max_rel_l2(self) -> float:
+    return max(c.max_rel_l2 for c in self.comparisons)
+
+  @property
+  def max_max_abs(self) -> float:
+    return max(c.max_max_abs for c in self.comparisons)
+
+
+def check(comparison: Comparison | ShardComparisons, tol: Tolerance, *, step: int,
+          violation: type[errors.IntegrityViolation] = errors.IntegrityViolation,
+          shard: int | None = None) -> None:
   """Raises `violation` (an `IntegrityViolation`) naming the first leaf, or
   witness check, outside `tol`.
 
   For an element-wise `tol`, the violation also lists every leaf with
   breaking elements (`IntegrityViolation.breaks`: count, size and the first
-  few indices with both values).
+  few indices with both values). `ShardComparisons` are checked shard by
+  shard; the violation names the first shard outside `tol` (``.shard``).
   """
+  if isinstance(comparison, ShardComparisons):
+    for s, c in zip(comparison.shards, comparison.comparisons):
+      check(c, tol, step=step, violation=violation, shard=s)
+    return
+  extra = {} if shard is None else {"shard": shard}
   if tol.elementwise:
     bad = comparison.breaks(tol)
     if bad:
@@ -303,7 +331,7 @@ def check(comparison: Comparison, tol: Tolerance, *, step: int,
           step=step, leaf=bad[0].leaf,
           error={"rel_l2": float(rel), "max_abs": float(mx), "num_broken": bad[0].count,
                  "num_elements": bad[0].size},
-          tolerance=tol, breaks=[b.to_dict() for b in bad],
+          tolerance=tol, breaks=[b.to_dict() for b in bad], **extra,
       )
     return
   i = comparison.first_violation(tol)
@@ -311,5 +339,5 @@ def check(comparison: Comparison, tol: Tolerance, *, step: int,
     rel, mx = comparison.errors[i]
     raise violation(
         step=step, leaf=comparison.paths[i],
-        error={"rel_l2": float(rel), "max_abs": float(mx)}, tolerance=tol,
+        error={"rel_l2": float(rel), "max_abs": float(mx)}, tolerance=tol, **extra,
     )

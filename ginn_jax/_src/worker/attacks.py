@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from ginn_jax._src import layered
 from ginn_jax._src.boundary import Witness, WitnessRequest
@@ -96,8 +97,10 @@ class CombinedLossWorker(MaliciousWorker):
 
   def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
                schedule: Schedule, lam: float = 1.0, backdoor: Backdoor = Backdoor(),
-               device: jax.Device | None = None):
-    super().__init__(model, images, labels, schedule=schedule, device=device)
+               device: jax.Device | None = None,
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+    super().__init__(model, images, labels, schedule=schedule, device=device,
+                     num_shards=num_shards, shards=shards, mesh=mesh)
     self.lam = float(lam)
     self.backdoor = backdoor
 
@@ -126,8 +129,10 @@ class ScaledBackdoorWorker(MaliciousWorker):
 
   def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
                schedule: Schedule, scale: float = 10.0, backdoor: Backdoor = Backdoor(),
-               device: jax.Device | None = None):
-    super().__init__(model, images, labels, schedule=schedule, device=device)
+               device: jax.Device | None = None,
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+    super().__init__(model, images, labels, schedule=schedule, device=device,
+                     num_shards=num_shards, shards=shards, mesh=mesh)
     self.scale = float(scale)
     self.backdoor = backdoor
 
@@ -188,8 +193,10 @@ class ModelReplacementWorker(MaliciousWorker):
   def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
                schedule: Schedule, target_params: Params, clip: ClipMode = "elementwise",
                clip_value: float | None = 0.01, learning_rate: float | None = None,
-               device: jax.Device | None = None):
-    super().__init__(model, images, labels, schedule=schedule, device=device)
+               device: jax.Device | None = None,
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+    super().__init__(model, images, labels, schedule=schedule, device=device,
+                     num_shards=num_shards, shards=shards, mesh=mesh)
     _check_aim(clip, clip_value, learning_rate)
     self.clip = clip
     self.clip_value = None if clip_value is None else float(clip_value)
@@ -297,8 +304,10 @@ class LabelFlipWorker(MaliciousWorker):
 
   def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
                schedule: Schedule, num_classes: int = 10, mapping: Sequence[int] | None = None,
-               flip_fraction: float = 1.0, device: jax.Device | None = None):
-    super().__init__(model, images, labels, schedule=schedule, device=device)
+               flip_fraction: float = 1.0, device: jax.Device | None = None,
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+    super().__init__(model, images, labels, schedule=schedule, device=device,
+                     num_shards=num_shards, shards=shards, mesh=mesh)
     mapping = tuple(int(m) for m in (mapping if mapping is not None else
                                      [(c + 1) % num_classes for c in range(num_classes)]))
     if len(mapping) != num_classes:
@@ -337,8 +346,10 @@ class NoiseWorker(MaliciousWorker):
 
   def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
                schedule: Schedule, scale: float = 1.0, seed: int = 0, additive: bool = False,
-               device: jax.Device | None = None):
-    super().__init__(model, images, labels, schedule=schedule, device=device)
+               device: jax.Device | None = None,
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+    super().__init__(model, images, labels, schedule=schedule, device=device,
+                     num_shards=num_shards, shards=shards, mesh=mesh)
     self.scale = float(scale)
     self.additive = bool(additive)
     self._seed = jax.device_put(np.uint32(seed), self.device)
@@ -398,8 +409,10 @@ class StealthWorker(MaliciousWorker):
 
   def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
                schedule: Schedule, tolerance: Bounds, backdoor: Backdoor = Backdoor(),
-               margin: float = 0.9, device: jax.Device | None = None):
-    super().__init__(model, images, labels, schedule=schedule, device=device)
+               margin: float = 0.9, device: jax.Device | None = None,
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+    super().__init__(model, images, labels, schedule=schedule, device=device,
+                     num_shards=num_shards, shards=shards, mesh=mesh)
     rel_l2, max_abs = float(tolerance.rel_l2), float(tolerance.max_abs)
     if not (math.isfinite(rel_l2) and math.isfinite(max_abs) and rel_l2 >= 0 and max_abs >= 0):
       raise ValueError(f"tolerance must be finite and non-negative, got ({rel_l2}, {max_abs})")
@@ -510,8 +523,10 @@ class ToleranceAwareWorker(MaliciousWorker):
                target_params: Params | None = None, clip: ClipMode = "elementwise",
                clip_value: float | None = 0.01, learning_rate: float | None = None,
                backdoor: Backdoor = Backdoor(), margin: float | None = None,
-               device: jax.Device | None = None):
-    super().__init__(model, images, labels, schedule=schedule, device=device)
+               device: jax.Device | None = None,
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+    super().__init__(model, images, labels, schedule=schedule, device=device,
+                     num_shards=num_shards, shards=shards, mesh=mesh)
     rel, absolute = float(tolerance.rel_l2), float(tolerance.max_abs)
     if not (math.isfinite(rel) and math.isfinite(absolute) and rel >= 0 and absolute >= 0):
       raise ValueError(f"tolerance must be finite and non-negative, got ({rel}, {absolute})")
@@ -591,12 +606,14 @@ class WitnessForgeryWorker(MaliciousWorker):
 
   def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
                schedule: Schedule, backdoor: Backdoor = Backdoor(), answer: WitnessAnswer = "poisoned",
-               layer: int = 1, device: jax.Device | None = None):
+               layer: int = 1, device: jax.Device | None = None,
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
     if not model.layered:
       raise ValueError(f"model {model.name!r} has no layered form, so it has no witness to forge")
     if answer not in WitnessAnswer.__args__:
       raise ValueError(f"answer must be one of {WitnessAnswer.__args__}, got {answer!r}")
-    super().__init__(model, images, labels, schedule=schedule, device=device)
+    super().__init__(model, images, labels, schedule=schedule, device=device,
+                     num_shards=num_shards, shards=shards, mesh=mesh)
     self.backdoor, self.answer, self.layer = backdoor, answer, layer
     self._poisoned: Witness | None = None
 

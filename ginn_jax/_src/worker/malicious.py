@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from ginn_jax._src import shards as shards_lib
 from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
+from ginn_jax._src.data import as_training_data
 from ginn_jax._src.models import Model
 from ginn_jax._src.triggers import PatchTrigger, Trigger
 from ginn_jax._src.step import gather
 from ginn_jax._src.types import Batch, Params, PyTree
 from ginn_jax._src.worker.honest import HonestWorker
+from ginn_jax._src.worker.sharded import ShardedWorker
 
 Schedule = Callable[[int], bool]
 
@@ -110,24 +114,54 @@ class MaliciousWorker:
   Subclasses implement ``attack(step, params, indices, key) -> (loss, grads)``
   with its arguments already on `self.device`.
 
+  Sharded (``num_shards`` S > 1, for a runtime with ``ProtocolConfig.num_shards``
+  = S): the report has a leading shard axis, cut as `ShardedWorker` cuts it.
+  Off-schedule it is a `ShardedWorker`'s report; on a scheduled step each shard
+  in `shards` (all of them when None) reports ``attack`` of that shard's
+  sub-batch and key, every other shard its honest gradient (the verifier's
+  per-shard function), all computed on `self.device`.
+
   Args:
     model: the model (its pure `loss`).
     data: the worker's copy of the training set (a pytree, or images and
       labels; attacks that stamp triggers on images need image data).
     schedule: ``schedule(step) -> bool``, the steps to misbehave on (see
       `ginn_jax.schedules`).
-    device: where to compute; default `ginn_jax.worker_device()`.
+    device: where to compute; default `ginn_jax.worker_device()` (sharded:
+      the mesh's first device).
+    num_shards: S, the runtime's shard count (1: no shard axis).
+    shards: the shards to corrupt on a scheduled step; None for all.
+    mesh: the sharded worker's mesh (default `ShardedWorker`'s).
+
+  Raises:
+    ValueError: a shard outside ``range(num_shards)``, or `shards` without shards.
 
   Attributes:
     malicious_steps: the steps on which it reported a malicious gradient.
+    corrupted_shards: the shards it corrupts on those steps.
   """
 
   def __init__(self, model: Model, data: Any, labels: np.ndarray | None = None, *,
-               schedule: Schedule, device: jax.Device | None = None):
+               schedule: Schedule, device: jax.Device | None = None, num_shards: int = 1,
+               shards: Sequence[int] | None = None, mesh: Mesh | None = None):
     self.model = model
+    self.num_shards = int(num_shards)
+    if self.num_shards > 1:
+      batch = as_training_data(data, labels)
+      self.sharded = ShardedWorker(model, batch.images, batch.labels, num_shards=self.num_shards,
+                                   mesh=mesh)
+    else:
+      self.sharded = None
+    if device is None and self.sharded is not None:
+      device = self.sharded.device
     self.honest = HonestWorker(model, data, labels, device=device)
     self.device = self.honest.device
     self.schedule = schedule
+    chosen = tuple(range(self.num_shards)) if shards is None else tuple(int(s) for s in shards)
+    if not chosen or any(not 0 <= s < self.num_shards for s in chosen) or len(set(chosen)) != len(chosen):
+      raise ValueError(f"shards={shards!r}: expected distinct shards in range({self.num_shards}) "
+                       f"(num_shards={self.num_shards}), or None for all")
+    self.corrupted_shards = chosen
     self.malicious_steps: list[int] = []
 
   @property
@@ -148,7 +182,9 @@ class MaliciousWorker:
   def __call__(self, order: WorkOrder) -> GradientReport:
     """The honest report off-schedule, the attack's report on scheduled steps."""
     if not self.schedule(order.step):
-      return self.honest(order)
+      return self.honest(order) if self.sharded is None else self.sharded(order)
+    if self.sharded is not None:
+      return self._sharded_attack(order)
     params, indices, key = jax.device_put(
         (order.params, order.batch_indices, order.layer_key), self.device)
     with jax.default_matmul_precision("highest"):
@@ -156,9 +192,29 @@ class MaliciousWorker:
     self.malicious_steps.append(order.step)
     return GradientReport(step=order.step, grads=grads, loss=loss)
 
+  def _sharded_attack(self, order: WorkOrder) -> GradientReport:
+    """The report of a scheduled step with shards: `attack` on the corrupted
+    shards' sub-batches, the honest per-shard gradient on the others."""
+    idx = shards_lib.shard_indices(np.asarray(order.batch_indices, np.int32), self.num_shards)
+    params = jax.device_put(order.params, self.device)
+    losses, grads = [], []
+    for s in range(self.num_shards):
+      indices, key = jax.device_put((idx[s], shards_lib.shard_key(order.layer_key, s)), self.device)
+      with jax.default_matmul_precision("highest"):
+        if s in self.corrupted_shards:
+          loss, g = self.attack(order.step, params, indices, key)
+        else:
+          loss, g = self.honest.grad_fn(params, indices, key)
+      losses.append(loss)
+      grads.append(g)
+    self.malicious_steps.append(order.step)
+    return GradientReport(step=order.step, grads=shards_lib.stack_shards(grads),
+                          loss=shards_lib.stack_shards(losses))
+
   def attack(self, step: int, params: Params, indices: jax.Array,
              key: jax.Array) -> tuple[jax.Array, Params]:
-    """The malicious ``(loss, grads)`` of `step` (arguments on `self.device`)."""
+    """The malicious ``(loss, grads)`` of `step` (arguments on `self.device`;
+    with shards, of one corrupted shard's sub-batch and key)."""
     raise NotImplementedError
 
   def witness(self, request: WitnessRequest) -> Witness:
@@ -190,8 +246,10 @@ class BackdoorWorker(MaliciousWorker):
   def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
                schedule: Schedule, trigger: Trigger = PatchTrigger(), target: int = 0,
                poison_fraction: float = 0.5, source: int | None = None,
-               device: jax.Device | None = None):
-    super().__init__(model, images, labels, schedule=schedule, device=device)
+               device: jax.Device | None = None,
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+    super().__init__(model, images, labels, schedule=schedule, device=device,
+                     num_shards=num_shards, shards=shards, mesh=mesh)
     self.backdoor = Backdoor(trigger=trigger, target=target, poison_fraction=poison_fraction,
                              source=source)
 
