@@ -4,8 +4,8 @@
         [--coordinator-address HOST:PORT --num-processes P --process-id I]
         [--attack-shard K]
 
-Without a coordinator it is the single-process reference: one process whose
-mesh has S devices. With one, it is process I of P. Every process writes what
+Without a coordinator it is one process (a `MultiHostWorker` of one process);
+with one, it is process I of P. Every process writes what
 it saw to OUT.json; process 0 exits 3 when the run halted on an integrity
 violation, followers exit 0 on STOP and 3 on HALT.
 """
@@ -61,16 +61,14 @@ def main() -> int:
   code = 0
   try:
     if jax.process_index() == 0:
-      sharded = "num_shards" in ginn.ProtocolConfig.__dataclass_fields__
-      extra = {"num_shards": args.num_shards} if sharded else {}
-      cfg = ginn.ProtocolConfig(seed=0, batch_size=args.batch_size, p=args.p, **extra)
+      cfg = ginn.ProtocolConfig(seed=0, batch_size=args.batch_size, p=args.p,
+                                num_shards=args.num_shards)
       rt = ginn.TrustedRuntime(model, images, labels, cfg, audit_secret=b"\1" * 32)
       try:
-        res = ginn.train_multihost(rt, worker if sharded else _Mean(worker), args.steps,
-                                   progress=False)
+        res = ginn.train_multihost(rt, worker, args.steps, progress=False)
       except ginn.IntegrityViolation as e:
         res = e.result
-        out["violation"] = {"step": e.step, "leaf": e.leaf, "message": str(e)}
+        out["violation"] = {"step": e.step, "shard": e.shard, "leaf": e.leaf, "message": str(e)}
         code = 3
       out["summary"] = res.summary()
       out["params"] = [hashlib.sha256(np.asarray(x).tobytes()).hexdigest()
@@ -128,31 +126,6 @@ class DieAt:
     if order.step == self.t:
       os._exit(9)
     return self.inner(order)
-
-
-class _Mean:
-  """Until the runtime takes sharded reports: their mean, on process 0."""
-
-  def __init__(self, worker):
-    self.worker = worker
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.worker.__exit__(*exc)
-
-  def stop(self, **kw):
-    self.worker.stop(**kw)
-
-  def __call__(self, order):
-    import dataclasses
-
-    import jax
-    import numpy as np
-    r = self.worker(order)
-    return dataclasses.replace(r, grads=jax.tree_util.tree_map(lambda g: np.mean(g, 0), r.grads),
-                               loss=np.mean(r.loss))
 
 
 if __name__ == "__main__":

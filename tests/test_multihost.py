@@ -4,6 +4,7 @@ each with 2 CPU devices, over JAX's CPU collectives (gloo).
 Each case starts real processes (tests/multihost_child.py) and kills them
 after a deadline, so a hang fails the test instead of hanging the suite.
 """
+import hashlib
 import json
 import os
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -101,8 +103,6 @@ def runs(data_file, tmp_path_factory):
   tmp = tmp_path_factory.mktemp("runs")
   data = str(data_file)
   launches = {
-      # The reference: one process of 2 CPU devices (its worker device computes the 4 shards).
-      "single": Launch(tmp, "single", [data, *CHILD_ARGS], num_processes=1, devices=2),
       "clean": Launch(tmp, "clean", [data, *CHILD_ARGS], num_processes=2, devices=2),
       # Shards 2 and 3 are computed on process 1's device.
       "attack": Launch(tmp, "attack", [data, *CHILD_ARGS, "--attack-shard", "2"],
@@ -117,10 +117,26 @@ def _failure(results) -> str:
                    for i, r in enumerate(results))
 
 
+def _sha256(tree) -> list[str]:
+  return [hashlib.sha256(np.asarray(x).tobytes()).hexdigest()
+          for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(mlp, small_data):
+  """The reference: a plain run in this process (2 CPU devices: the 4 shards
+  on its one worker device, `cpu:1`), no `MultiHostWorker`."""
+  images, labels = small_data[0][:256], small_data[1][:256]
+  cfg = ginn.ProtocolConfig(seed=0, batch_size=32, p=1.0, num_shards=SHARDS)
+  rt = ginn.TrustedRuntime(mlp, images, labels, cfg, audit_secret=b"\1" * 32)
+  res = ginn.train(rt, ginn.ShardedWorker(mlp, images, labels, num_shards=SHARDS), STEPS,
+                   progress=False)
+  return {"params": _sha256(res.params), "digests": [e.digest for e in res.transcript]}
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one_process_bitwise(runs):
-  (single,) = runs["single"]
-  assert single["returncode"] == 0, _failure(runs["single"])
+def test_two_processes_equal_one_process_bitwise(runs, single_process_run):
+  single = {"json": single_process_run}
   results = runs["clean"]
   assert [r["returncode"] for r in results] == [0, 0], _failure(results)
   lead, follower = (r["json"] for r in results)
@@ -139,7 +155,7 @@ def test_a_malicious_shard_on_process_1_is_caught(runs):
   results = runs["attack"]
   assert [r["returncode"] for r in results] == [3, 3], _failure(results)
   lead, follower = (r["json"] for r in results)
-  assert lead["violation"]["step"] == 0
+  assert lead["violation"]["step"] == 0 and lead["violation"]["shard"] == 2
   assert lead["summary"]["verified"] is False and lead["summary"]["steps"] == 0
   assert follower["follow"] == {"command": "HALT", "steps": 1}
 
