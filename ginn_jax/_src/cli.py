@@ -85,14 +85,34 @@ def _train_multihost(args) -> int:
   if args.p_witness > 0:  # Refused on every process, before any of them joins.
     raise ValueError(f"--p-witness {args.p_witness}: witness checks are not supported in a "
                      "multi-process run; use --p only, or run in one process")
+  import os
+
   import ginn_jax as ginn
 
+  # Gloo prints to the C-level stdout when it connects; keep stdout for the
+  # JSON summary alone by pointing fd 1 at stderr until the run is over.
+  sys.stdout.flush()
+  stdout = os.dup(1)
+  os.dup2(2, 1)
+  try:
+    code, summary = _run_multihost(args, ginn)
+  finally:
+    sys.stdout.flush()
+    os.dup2(stdout, 1)
+    os.close(stdout)
+  if summary is not None:
+    print(json.dumps(summary, indent=2))
+  return code
+
+
+def _run_multihost(args, ginn) -> tuple[int, dict | None]:
+  """The multi-process run: its exit code, and the summary on process 0."""
   ginn.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   try:
     ds = ginn.load_dataset(args.dataset, data_dir=args.data_dir)
     model = ginn.get_model(args.model, input_shape=ds.image_shape, num_classes=ds.num_classes)
     mesh = ginn.global_worker_mesh()
-    num_shards = getattr(args, "num_shards", None) or mesh.size
+    num_shards = args.num_shards  # A multiple of the mesh's size (ShardedWorker checks).
     inner = ginn.ShardedWorker(model, ds.train_images, ds.train_labels, num_shards=num_shards,
                                mesh=mesh)
     worker = ginn.MultiHostWorker(inner, batch_size=args.batch_size)
@@ -101,8 +121,8 @@ def _train_multihost(args) -> int:
       if result.halted:
         print(f"ginn train: process {args.process_id}: the run halted after {result.steps} steps "
               "(process 0 says why)", file=sys.stderr)
-        return 2
-      return 0
+        return 2, None
+      return 0, None
     with worker:  # Whatever happens from here on, the followers are told to stop.
       cfg = ginn.ProtocolConfig(seed=args.seed, batch_size=args.batch_size, p=args.p,
                                 clip=args.clip, clip_value=args.clip_value, num_shards=num_shards,
@@ -117,8 +137,7 @@ def _train_multihost(args) -> int:
            "p_witness": cfg.p_witness, "witness_tolerance": rt.witness_tolerance.to_dict(),
            "dataset_digest": rt.dataset_digest, "num_shards": num_shards,
            "num_processes": args.num_processes}
-    print(json.dumps(out, indent=2))
-    return 0
+    return 0, out
   finally:
     ginn.shutdown_distributed()
 
@@ -301,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
                   help="witness-check (Freivalds) probability per step; needs a layered model")
   tr.add_argument("--witness-tolerance", default=None,
                   help='witness-check tolerance, JSON like --tolerance; calibrated if omitted')
+  tr.add_argument("--num-shards", type=int, default=1,
+                  help="cut each step's batch into this many shards, computed data-parallel over the "
+                       "worker's devices (ginn_jax.ShardedWorker); each shard is clipped before the "
+                       "average and has its own verification coin (--batch-size must be a multiple)")
   many = tr.add_argument_group(
       "many hosts", "one run over several processes (jax.distributed): start the same command on "
       "every host with its own --process-id; process 0 hosts the trusted runtime and prints the "

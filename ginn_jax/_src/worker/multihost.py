@@ -16,20 +16,24 @@ trusted runtime, calls it like any worker; the other processes call
     on leaving `with worker:`  broadcast STOP (clean end) or HALT (an error)
 
 The trusted runtime sees only the `WorkOrder` it hands to `__call__` and the
-`GradientReport` it gets back; the collectives are worker code. The order goes
-out as raw bits (floats viewed as unsigned integers: the broadcast is a sum
-with zeros from the other processes, exact on integers where a float sum would
-turn -0.0 into +0.0).
+`GradientReport` it gets back; the collectives are worker code.
+
+Each message is one flat byte array, so that each exchange is exactly one
+collective. (A pytree would be one collective per leaf inside one program, and
+XLA's CPU runtime may run independent collectives in a different order on
+each process: gloo then pairs the wrong buffers and aborts.) Bytes also keep
+the broadcast exact: it is a sum with the zeros of the other processes, exact
+on integers, where a float sum would turn -0.0 into +0.0.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ginn_jax._src.boundary import GradientReport, WorkOrder
 from ginn_jax._src.worker.honest import Worker
@@ -60,12 +64,37 @@ class FollowResult:
     return self.command == Command.HALT
 
 
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+class _Layout:
+  """Where each array of a message lies in one flat byte buffer."""
+
+  def __init__(self, specs: list[tuple[tuple[int, ...], np.dtype]]):
+    self.specs = [(tuple(shape), np.dtype(dtype)) for shape, dtype in specs]
+    self.offsets, n = [], 0
+    for shape, dtype in self.specs:
+      self.offsets.append(n)
+      n += -(-int(np.prod(shape, dtype=np.int64)) * dtype.itemsize // 8) * 8  # 8-byte aligned.
+    self.nbytes = n
+
+  def pack(self, arrays: list[np.ndarray]) -> np.ndarray:
+    buf = np.zeros(self.nbytes, np.uint8)
+    for a, (shape, dtype), off in zip(arrays, self.specs, self.offsets):
+      a = np.ascontiguousarray(a, dtype=dtype)
+      if a.shape != shape:
+        raise ValueError(f"message array of shape {a.shape}, expected {shape}")
+      buf[off:off + a.nbytes] = a.reshape(-1).view(np.uint8)
+    return buf
+
+  def unpack(self, buf: np.ndarray) -> list[np.ndarray]:
+    return [np.frombuffer(buf, dtype, int(np.prod(shape, dtype=np.int64)), off).reshape(shape).copy()
+            for (shape, dtype), off in zip(self.specs, self.offsets)]
 
 
-def _bits(x: np.ndarray) -> np.ndarray:
-  x = np.ascontiguousarray(x)
-  return x.view(_UINT[x.dtype.itemsize])
+def _pack_rows(leaves):
+  """Every leaf (leading shard axis S) as bytes, side by side: one ``(S, n)``
+  uint8 array, each row one shard's bytes."""
+  return jax.numpy.concatenate(
+      [jax.lax.bitcast_convert_type(x, jax.numpy.uint8).reshape(x.shape[0], -1) for x in leaves],
+      axis=1)
 
 
 class MultiHostWorker:
@@ -100,21 +129,19 @@ class MultiHostWorker:
     self.batch_size = batch_size
     params = jax.eval_shape(lambda: inner.model.init(jax.random.key(0)))
     self._params_def = jax.tree_util.tree_structure(params)
-    self._params_dtypes = [np.dtype(p.dtype) for p in jax.tree_util.tree_leaves(params)]
-    self._template = {
-        "header": np.zeros(2, np.int32),
-        "params": [np.zeros(p.shape, _UINT[np.dtype(p.dtype).itemsize])
-                   for p in jax.tree_util.tree_leaves(params)],
-        "indices": np.zeros(batch_size, np.int32),
-        "key": np.zeros(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape,
-                        np.uint32),
-    }
+    key_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+    # header (command, step) | every parameter leaf | batch indices | layer key data
+    self._layout = _Layout([((2,), np.int32),
+                            *((p.shape, p.dtype) for p in jax.tree_util.tree_leaves(params)),
+                            ((batch_size,), np.int32), (key_shape, np.uint32)])
     here = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
     if not here:
       raise ValueError(f"the worker mesh has no device of process {jax.process_index()}: every "
                        "process of the run must compute shards (use ginn_jax.global_worker_mesh())")
     self._device = here[0]  # Where this process's copy of the order's key lives.
     self._wrap = jax.jit(jax.random.wrap_key_data)
+    self._pack = jax.jit(_pack_rows, out_shardings=NamedSharding(
+        self.mesh, PartitionSpec(self.mesh.axis_names)))
     self._in_step = False
     self._stopped = False
     self.steps = 0
@@ -129,13 +156,10 @@ class MultiHostWorker:
                          "worker (work orders come from process 0)")
     if self._stopped:
       raise RuntimeError("the followers were told to stop; start a new run")
-    params = [np.asarray(p) for p in jax.device_get(jax.tree_util.tree_leaves(order.params))]
-    message = {
-        "header": np.array([Command.STEP, order.step], np.int32),
-        "params": [_bits(p) for p in params],
-        "indices": np.asarray(order.batch_indices, np.int32),
-        "key": np.asarray(jax.device_get(jax.random.key_data(order.layer_key)), np.uint32),
-    }
+    params = jax.device_get(jax.tree_util.tree_leaves(order.params))
+    key = jax.device_get(jax.random.key_data(order.layer_key))
+    message = self._layout.pack([np.array([Command.STEP, order.step], np.int32), *params,
+                                 order.batch_indices, key])
     self._in_step = True
     return self._step(self._broadcast(message))
 
@@ -151,7 +175,9 @@ class MultiHostWorker:
       # heartbeat timeout of `jax.distributed` (an error there, not a hang).
       return
     command = Command.HALT if halted else Command.STOP
-    self._broadcast({**self._template, "header": np.array([command, -1], np.int32)})
+    message = np.zeros(self._layout.nbytes, np.uint8)
+    message[:8] = np.array([command, -1], np.int32).view(np.uint8)
+    self._broadcast(message)
 
   def __enter__(self) -> MultiHostWorker:
     return self
@@ -167,31 +193,48 @@ class MultiHostWorker:
       raise RuntimeError("process 0 hosts the trusted runtime: it sends work orders, it does "
                          "not follow")
     while True:
-      message = self._broadcast(self._template)
-      command = Command(int(message["header"][0]))
+      message = self._broadcast(np.zeros(self._layout.nbytes, np.uint8))
+      command = Command(int(message[:8].view(np.int32)[0]))
       if command != Command.STEP:
         return FollowResult(command=command, steps=self.steps)
       self._step(message)
 
   # -- both --------------------------------------------------------------------
 
-  def _broadcast(self, message: dict[str, Any]) -> dict[str, Any]:
+  def _broadcast(self, message: np.ndarray) -> np.ndarray:
+    """Process 0's `message` (flat bytes), on every process: one all-reduce."""
     # multihost_utils moves host arrays onto the devices without device_put:
     # the transfer is meant, so a transfer guard must not stop it.
     with jax.transfer_guard("allow"):
-      return multihost_utils.broadcast_one_to_all(message)
+      return np.asarray(multihost_utils.broadcast_one_to_all(message))
 
-  def _step(self, message: dict[str, Any]) -> GradientReport:
+  def _step(self, message: np.ndarray) -> GradientReport:
     """The order in `message`, computed by the inner worker over the global
     mesh; its report gathered (every process gets a copy)."""
-    params = [bits.view(dtype) for bits, dtype in zip(message["params"], self._params_dtypes)]
-    key = self._wrap(jax.device_put(message["key"], self._device))
-    order = WorkOrder(step=int(message["header"][1]),
+    header, *params, indices, key_data = self._layout.unpack(message)
+    order = WorkOrder(step=int(header[1]),
                       params=jax.tree_util.tree_unflatten(self._params_def, params),
-                      batch_indices=np.asarray(message["indices"]), layer_key=key)
+                      batch_indices=indices,
+                      layer_key=self._wrap(jax.device_put(key_data, self._device)))
     report = self.inner(order)
-    with jax.transfer_guard("allow"):  # As in `_broadcast`.
-      grads, loss = multihost_utils.process_allgather((report.grads, report.loss), tiled=True)
+    grads, loss = self._gather((report.grads, report.loss))
     self.steps += 1
     self._in_step = False
     return GradientReport(step=report.step, grads=grads, loss=loss)
+
+  def _gather(self, tree):
+    """`tree` (leaves with a leading shard axis, over the mesh) as host arrays
+    on every process: packed into one ``(S, bytes)`` array, one all-gather."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
+      return jax.tree_util.tree_unflatten(treedef, [np.asarray(x) for x in jax.device_get(leaves)])
+    rows = self._pack(leaves)
+    with jax.transfer_guard("allow"):  # As in `_broadcast`.
+      host = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+    out, start = [], 0
+    for x in leaves:
+      n = int(np.prod(x.shape[1:], dtype=np.int64)) * np.dtype(x.dtype).itemsize
+      block = np.ascontiguousarray(host[:, start:start + n])
+      out.append(block.view(np.dtype(x.dtype)).reshape(x.shape))
+      start += n
+    return jax.tree_util.tree_unflatten(treedef, out)
