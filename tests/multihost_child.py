@@ -7,7 +7,8 @@
 Without a coordinator it is one process (a `MultiHostWorker` of one process);
 with one, it is process I of P. Every process writes what
 it saw to OUT.json; process 0 exits 3 when the run halted on an integrity
-violation, followers exit 0 on STOP and 3 on HALT.
+violation, followers exit 0 on STOP and 3 on HALT; any other error is
+recorded and raised.
 """
 import argparse
 import hashlib
@@ -78,6 +79,10 @@ def main() -> int:
       result = ginn.follow(worker)
       out["follow"] = {"command": result.command.name, "steps": result.steps}
       code = 3 if result.halted else 0
+  except Exception as e:  # Recorded, then raised (a dead peer's error, say).
+    out["error"] = f"{type(e).__name__}: {e}"[:2000]
+    code = 4
+    raise
   finally:
     out["exit_code"] = code
     with open(args.out, "w") as f:

@@ -107,9 +107,21 @@ def runs(data_file, tmp_path_factory):
       # Shards 2 and 3 are computed on process 1's device.
       "attack": Launch(tmp, "attack", [data, *CHILD_ARGS, "--attack-shard", "2"],
                        num_processes=2, devices=2),
+      # Process 1 dies (os._exit) when step 1's order arrives.
+      "dead": Launch(tmp, "dead", [data, *CHILD_ARGS, "--die-at-step", "1"],
+                     num_processes=2, devices=2),
+      # The command, as a user starts it on two hosts.
+      "cli": Launch(tmp, "cli", ["train", "--dataset", "digits", "--model", "mlp",
+                                 "--steps", str(STEPS),
+                                 "--batch-size", "32", "--num-shards", str(SHARDS), "--p", "1",
+                                 "--tolerance", '{"rel_l2": 1e-5, "max_abs": 1e-5}',
+                                 "--no-progress"],
+                    num_processes=2, devices=2, command=[sys.executable, "-m", "ginn_jax"]),
   }
   deadline = time.monotonic() + DEADLINE_S
-  return {name: launch.results(deadline) for name, launch in launches.items()}
+  results = {name: launch.results(deadline) for name, launch in launches.items()}
+  assert time.monotonic() < deadline, "a multi-process run hung until it was killed"
+  return results
 
 
 def _failure(results) -> str:
@@ -158,6 +170,28 @@ def test_a_malicious_shard_on_process_1_is_caught(runs):
   assert lead["violation"]["step"] == 0 and lead["violation"]["shard"] == 2
   assert lead["summary"]["verified"] is False and lead["summary"]["steps"] == 0
   assert follower["follow"] == {"command": "HALT", "steps": 1}
+
+
+@pytest.mark.slow
+def test_a_dead_follower_is_an_error_not_a_hang(runs):
+  lead, follower = runs["dead"]
+  assert follower["returncode"] == 9
+  # Process 0's gather of step 1 fails as soon as the peer's connection closes;
+  # then jax.distributed's shutdown (the peer missing) ends it with an abort.
+  assert lead["returncode"] not in (0, None), _failure(runs["dead"])
+  assert "Gloo" in lead["json"]["error"] and lead["json"]["exit_code"] == 4
+  assert "summary" not in lead["json"]
+
+
+@pytest.mark.slow
+def test_ginn_train_on_two_processes(runs):
+  lead, follower = runs["cli"]
+  assert [lead["returncode"], follower["returncode"]] == [0, 0], _failure(runs["cli"])
+  summary = json.loads(lead["stdout"])  # Only the JSON: gloo's chatter goes to stderr.
+  assert summary["verified"] is True and summary["steps"] == STEPS
+  assert summary["num_verified"] == STEPS and summary["num_violations"] == 0
+  assert summary["num_shards"] == SHARDS and summary["num_processes"] == 2
+  assert follower["stdout"] == ""
 
 
 # -- one process: the same objects, without the collectives' peers ------------
