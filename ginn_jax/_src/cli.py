@@ -138,6 +138,12 @@ def _run_multihost(args, ginn) -> tuple[int, dict | None]:
            "dataset_digest": rt.dataset_digest, "num_shards": num_shards,
            "num_processes": args.num_processes}
     return 0, out
+  except Exception as e:
+    if not isinstance(e, (ginn.GinnError, ValueError, FileNotFoundError)):  # main() says those.
+      # Said now: a peer that died makes the shutdown below abort this process.
+      print(f"ginn train: process {args.process_id}: error: {type(e).__name__}: {e}",
+            file=sys.stderr, flush=True)
+    raise
   finally:
     ginn.shutdown_distributed()
 
