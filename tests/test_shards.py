@@ -6,7 +6,10 @@ shards per device) and `[cpu:0, cpu:1]` (a 2-device mesh; a mesh may hold any
 devices, the trusted one included, since the test only checks the numbers).
 """
 import hashlib
+import json
 import math
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -55,7 +58,7 @@ def test_shard_keys_are_fold_ins_of_the_layer_key():
 # -- the worker ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_shards,mesh", [(2, (1,)), (4, (1,)), (2, (0, 1)), (4, (0, 1))])
+@pytest.mark.parametrize("num_shards,mesh", [(4, (1,)), (2, (0, 1)), (4, (0, 1))])
 def test_each_shard_is_bitwise_the_trusted_per_shard_gradient(mlp, small_data, num_shards, mesh):
   order = order_of(mlp, small_data)
   w = ginn.ShardedWorker(mlp, *small_data, num_shards=num_shards, mesh=mesh_of(*mesh))
@@ -121,8 +124,6 @@ def snapshot(rt):
 def test_config_refuses_a_batch_not_divisible_by_the_shards():
   with pytest.raises(ValueError, match="batch_size=30 is not a multiple of num_shards=4"):
     config(batch_size=30)
-  with pytest.raises(ValueError, match="witness checks of single shards are not supported"):
-    config(p_witness=0.5)
   assert "num_shards" not in config(num_shards=1).to_dict()  # Headers without shards: unchanged.
   assert config().to_dict()["num_shards"] == 4
 
@@ -222,6 +223,30 @@ def test_bad_sharded_reports_are_refused_with_nothing_changed(mlp, small_data, k
   assert rt.step == before[0] + 1
 
 
+def test_witness_checks_per_shard(mlp, small_data):
+  """Each shard has its own witness coin; a challenged shard's witness is that
+  of its sub-batch; a one-shard attacker is caught by its shard's witness check."""
+  rt = runtime(mlp, small_data, p=0.0, p_witness=0.5)
+  w = ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1))
+  res = ginn.train(rt, w, 6, progress=False)
+  drawn = [e.witness_shards for e in res.transcript]
+  assert res.verified and any(0 < len(d) < 4 for d in drawn), drawn
+  for e in res.transcript:
+    assert (e.check == "witness") == bool(e.witness_shards) and e.shards == []
+    if e.witness_shards:
+      assert len(e.witness_digest.split(",")) == len(e.witness_shards) and e.witness_max_abs < 1e-4
+  rt = runtime(mlp, small_data, p=0.0, p_witness=1.0)
+  before = snapshot(rt)
+  attacker = _attacker("backdoor", mlp, small_data, num_shards=4, shards=[2], mesh=mesh_of(1))
+  with pytest.raises(ginn.WitnessViolation) as info:
+    rt.submit(attacker(rt.next_order()), witness=attacker.witness)
+  assert info.value.shard == 2 and "step 0, shard 2" in str(info.value)
+  assert snapshot(rt)[:3] == before[:3]
+  rt = runtime(mlp, small_data, p=0.0, p_witness=1.0)
+  with pytest.raises(ginn.WitnessViolation, match="offers no witness"):
+    rt.submit(w(rt.next_order()))
+
+
 # -- attackers per shard ---------------------------------------------------------------
 
 
@@ -301,3 +326,57 @@ def test_detection_rate_of_shard_attackers_matches_the_formula(mlp, small_data, 
                                                        corrupted_shards=corrupted)
   half = 2.576 * math.sqrt(expected * (1 - expected) / trials)
   assert expected - half <= detected / trials <= expected + half, (detected / trials, expected, half)
+
+
+# -- run directories and the audit --------------------------------------------------------
+
+
+def test_sharded_run_dir_audits_clean_and_exposes_an_uncaught_shard(tmp_path, mlp, small_data):
+  from ginn_jax._src.audit import audit_run
+  from ginn_jax._src.rundir import run_verified
+
+  cfg = config(p=0.3)
+  w = ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1))
+  res = run_verified(tmp_path / "ok", mlp, *small_data, cfg, w, 6, audit_secret=SECRET,
+                     checkpoint_every=3, keep_reports=True, fsync=False)
+  assert res.violation is None and res.steps == 6
+  report = audit_run(tmp_path / "ok", model=mlp, images=small_data[0], labels=small_data[1],
+                     audit_secret=SECRET)
+  assert report.ok, report.first_failure
+  assert sum(i.kind == "segment" for i in report.items) == 2
+  # A one-shard attacker on steps no coin drew: the kept report of its shard fails the audit.
+  attacker = ginn.NoiseWorker(mlp, *small_data, schedule=ginn.schedules.Steps([4]), scale=0.01,
+                              num_shards=4, shards=[1], mesh=mesh_of(1))
+  res = run_verified(tmp_path / "bad", mlp, *small_data, config(p=0.0), attacker, 6, audit_secret=SECRET,
+                     checkpoint_every=3, keep_reports=True, fsync=False)
+  assert res.violation is None
+  report = audit_run(tmp_path / "bad", model=mlp, images=small_data[0], labels=small_data[1])
+  f = report.first_failure
+  assert not report.ok and f.step == 4 and "shard 1" in f.detail, f
+
+
+# -- the bench ---------------------------------------------------------------------------
+
+
+def test_measure_shards_smoke(mlp, small_data):
+  """In-process, on this suite's one worker device (both shards on it)."""
+  from ginn_jax._src.bench import BenchConfig, format_shards, measure_shards
+
+  cfg = BenchConfig(model="mlp", batch_size=32, shard_counts=(1, 2), shard_steps=2, shard_repeats=1)
+  res = measure_shards(mlp, *small_data, cfg)
+  for name in ("trusted", "step", "recompute"):
+    assert set(res[f"{name}_ms"]) == {"1", "2"} and all(v > 0 for v in res[f"{name}_ms"].values())
+    assert res[f"{name}_ratio"]["1"] == 1.0
+  assert "S = 2: trusted" in format_shards({"shards": res})
+
+
+@pytest.mark.benchmark
+def test_ginn_bench_only_shards_forces_cpu_devices(tmp_path):
+  path = tmp_path / "bench.json"
+  out = subprocess.run([sys.executable, "-m", "ginn_jax", "bench", "--only", "shards", "--model", "mlp",
+                        "--shard-steps", "2", "--shard-repeats", "1", "--no-progress", "--json", str(path)],
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr
+  assert "re-running with 5 forced CPU devices" in out.stderr
+  res = json.loads(path.read_text())["shards"]
+  assert res["devices"] == {"1": 1, "2": 2, "4": 4}

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from ginn_jax._src import errors
+from ginn_jax._src import shards as shards_lib
 from ginn_jax._src.data import as_training_data, dataset_digest, num_examples
 from ginn_jax._src.devices import trusted_device
 from ginn_jax._src.models import Model, get_model, list_models
@@ -172,7 +173,9 @@ class _Context:
     if self.report_digest not in commit.DIGEST_NAMES:
       raise ValueError(f"the header names an unknown report digest {self.report_digest!r} "
                        f"(this version knows {', '.join(commit.DIGEST_NAMES)})")
-    self.tx = make_update_transform(self.config.clip, self.config.clip_value, self.config.optimizer)
+    self.num_shards = self.config.num_shards
+    self.tx = make_update_transform(self.config.clip, self.config.clip_value, self.config.optimizer,
+                                    self.num_shards)
     self.streams = keys.seed_streams(self.config.seed)
     self.schedule = keys.BatchSchedule(self.streams.data_key, num_examples(data), self.config.batch_size)
     self.device = trusted_device()
@@ -264,7 +267,7 @@ def _check_files(records, run_dir, path, ctx: _Context, mac, report: AuditReport
         states[step] = state
       else:
         leaves, loss = ckpt.load_report(file, step=step, expected_sha256=rec.body["sha256"],
-                                        authenticate=mac)
+                                        authenticate=mac, num_shards=ctx.num_shards)
         if commit.report_digest(step, leaves, loss, name=ctx.report_digest).hex() != digests.get(step):
           raise TranscriptError("report does not match its step's digest", file=file, step=step)
         reports[step] = (leaves, loss)
@@ -281,11 +284,22 @@ def _replay(ctx: _Context, start: TrainState, end: TrainState, reports, tol) -> 
   state = jax.device_put(start, ctx.device)
   n_rep = 0
   for t in range(start.step, end.step):
-    loss, grads = ctx.grad_fn(state.params, ctx.schedule.indices(t), keys.layer_key(ctx.streams, t))
+    if ctx.num_shards == 1:
+      loss, grads = ctx.grad_fn(state.params, ctx.schedule.indices(t), keys.layer_key(ctx.streams, t))
+    else:  # Each shard as the worker and the verifier compute it; the update clips each.
+      loss, grads = shards_lib.sharded_grads(ctx.grad_fn, state.params, ctx.schedule.indices(t),
+                                             keys.layer_key(ctx.streams, t), ctx.num_shards)
     if t in reports:
       leaves, rep_loss = jax.device_put(reports[t], ctx.device)
-      c = verify.compare(leaves, rep_loss, jax.tree_util.tree_leaves(grads), loss, ctx.paths,
-                         tolerance=ctx.tolerance)
+      ref = jax.tree_util.tree_leaves(grads)
+      if ctx.num_shards == 1:
+        c = verify.compare(leaves, rep_loss, ref, loss, ctx.paths, tolerance=ctx.tolerance)
+      else:
+        rows = [shards_lib.shard_row([*leaves, rep_loss, *ref, loss], s) for s in range(ctx.num_shards)]
+        n = len(leaves)
+        c = verify.ShardComparisons(tuple(range(ctx.num_shards)), tuple(
+            verify.compare(r[:n], r[n], r[n + 1:-1], r[-1], ctx.paths, tolerance=ctx.tolerance)
+            for r in rows))
       try:
         verify.check(c, ctx.tolerance, step=t)
       except errors.IntegrityViolation as v:

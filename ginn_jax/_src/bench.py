@@ -15,6 +15,14 @@ them alike), after warm-up, and reported as the median over repetitions:
 worker that costs nothing, against the memory floor of the bytes a step must
 touch and a pure-TEE step (docs/performance.md, "The ceiling").
 
+``shards`` (`measure_shards`, only with ``only="shards"``): the protocol's
+cost per step with S shards against one at the same total batch (the
+trusted side's cost with recorded reports, and the whole step with a live
+`ShardedWorker`), and the trusted re-computation of one shard against that
+of the whole batch (docs/performance.md, "Shards"). It needs 1 + max(S)
+devices: ``ginn bench --only shards`` re-runs itself with that many forced
+CPU devices when the process has fewer.
+
 ``check_cost`` (measured the same way, per step) compares the trusted side's
 two checks of one step: ``recompute_ms``, re-computing the step's gradient and
 comparing it with the report, against ``witness_ms``, the witness check
@@ -60,9 +68,10 @@ from ginn_jax._src.trusted.transforms import OptimizerConfig, make_update_transf
 from ginn_jax._src.trusted.verifier import Check
 from ginn_jax._src.types import Batch
 from ginn_jax._src.worker.honest import HonestWorker
+from ginn_jax._src.worker.sharded import ShardedWorker, default_mesh
 
 BOOKKEEPING = ("receive", "digest", "mac_coin")
-ONLY = ("check-cost", "ceiling")
+ONLY = ("check-cost", "ceiling", "shards")
 # The attack the ceiling's witness figure is sized against: 0.999 detection of a
 # backdoor that needs k = 16 malicious steps (the fewest measured, docs/experiments.md).
 CEILING_TARGET, CEILING_K = 0.999, 16
@@ -98,8 +107,12 @@ class BenchConfig:
     ceiling_steps: recorded honest steps the ceiling measurement replays.
     ceiling_repeats: interleaved replays of them per configuration (the
       median is reported).
-    only: None (everything), "check-cost" (only ``check_cost``) or "ceiling"
-      (only ``ceiling``).
+    shard_counts: the shard counts ``only="shards"`` compares (the first is
+      the baseline; each must divide `batch_size`).
+    shard_steps: recorded steps per shard count the shard measurement replays.
+    shard_repeats: interleaved repetitions of the shard measurement.
+    only: None (everything but ``shards``), "check-cost" (only ``check_cost``),
+      "ceiling" (only ``ceiling``) or "shards" (only ``shards``).
   """
 
   model: str = "mnist_cnn"
@@ -116,6 +129,9 @@ class BenchConfig:
   check_settle_s: float = 0.2
   ceiling_steps: int = 8
   ceiling_repeats: int = 7
+  shard_counts: tuple[int, ...] = (1, 2, 4)
+  shard_steps: int = 8
+  shard_repeats: int = 7
   only: str | None = None
 
   def __post_init__(self):
@@ -469,6 +485,107 @@ def measure_ceiling(model, images, labels, cfg: BenchConfig, wdev: jax.Device, *
   return out
 
 
+def measure_shards(model, images, labels, cfg: BenchConfig, *, progress: bool = False) -> dict[str, Any]:
+  """The protocol's cost with S shards against S = ``cfg.shard_counts[0]``
+  (1), at the same total batch ``cfg.batch_size``, measured in this process.
+
+  For each S, a `ShardedWorker` over `default_mesh(S)` (S devices when the
+  process has them) records ``cfg.shard_steps`` honest reports; then, per
+  repetition (interleaved, the order reversed every other one):
+
+  * ``trusted_ms``: the recorded reports replayed into a runtime restored to
+    step 0 at p = 0: ``next_order`` + ``submit`` + waiting for the update
+    (receive, digest, MAC, coins and the clip-each-then-mean update);
+  * ``step_ms``: live steps, the worker computing every shard, p = 0;
+  * ``recompute_ms``: the trusted re-computation and comparison of one
+    shard (S > 1) or of the whole batch (S = 1).
+
+  Returns medians in milliseconds per S (keys ``"1"``, ``"2"``, ...) and the
+  ratios against the baseline: ``trusted_ratio`` and ``step_ratio`` (goal:
+  within 1.10), ``recompute_ratio`` (goal: about 1/S).
+  """
+  counts = tuple(cfg.shard_counts)
+  n = cfg.shard_steps
+  opt = OptimizerConfig()
+  setups = {}
+  for S in counts:
+    protocol = ProtocolConfig(seed=0, batch_size=cfg.batch_size, p=0.0, clip="elementwise",
+                              clip_value=cfg.clip_value, optimizer=opt, num_shards=S)
+    rt = TrustedRuntime(model, images, labels, protocol, audit_secret=b"shards-" + bytes(25))
+    live = TrustedRuntime(model, images, labels, protocol, audit_secret=b"shards-" + bytes(25))
+    worker = ShardedWorker(model, images, labels, num_shards=S, mesh=default_mesh(S))
+    initial = rt.state
+    reports = []
+    for _ in range(n):  # Record honest reports (computed, kept on the worker's devices).
+      report = worker(rt.next_order())
+      jax.block_until_ready((report.grads, report.loss))
+      reports.append(report)
+      rt.submit(report)
+    order = rt.next_order()
+    indices, key = order.batch_indices, order.layer_key
+    if S == 1:
+      check = Check(step=order.step, params=order.params, batch_indices=indices, layer_key=key,
+                    reported=[], loss=np.float32(0), recompute=True)
+    else:
+      check = Check(step=order.step, params=order.params, batch_indices=indices, layer_key=key,
+                    reported=[], loss=np.zeros(S, np.float32), recompute=True, shards=(0,))
+    report = worker(order)
+    leaves, loss = commit.validate_report(report, step=order.step, params=order.params, num_shards=S)
+    check = dataclasses.replace(check, reported=jax.device_put(leaves, rt.device), loss=loss)
+    setups[S] = (rt, live, worker, initial, reports, check)
+
+  def replay(S) -> float:
+    rt, _, _, initial, reports, _ = setups[S]
+    rt.restore(initial, [], 0)
+    t0 = time.perf_counter()
+    for report in reports:
+      rt.next_order()
+      rt.submit(report)
+      jax.block_until_ready(rt.state.params)
+    return (time.perf_counter() - t0) / n
+
+  def live_steps(S) -> float:
+    _, live, worker, initial, _, _ = setups[S]
+    live.restore(initial, [], 0)
+    t0 = time.perf_counter()
+    for _ in range(n):
+      live.submit(worker(live.next_order()))
+      jax.block_until_ready(live.state.params)
+    return (time.perf_counter() - t0) / n
+
+  def recompute(S) -> float:
+    rt, *_, check = setups[S]
+    t0 = time.perf_counter()
+    comparison, _ = rt._recompute(check)
+    verify.check(comparison, rt.tolerance, step=check.step)  # An honest report: it must pass.
+    return time.perf_counter() - t0
+
+  parts = {"trusted": replay, "step": live_steps, "recompute": recompute}
+  for S in counts:  # Warm-up: compiles every path.
+    for f in parts.values():
+      f(S)
+  times = {(name, S): [] for name in parts for S in counts}
+  bar = tqdm(total=cfg.shard_repeats, desc="shards", disable=not progress, leave=False)
+  for i in range(cfg.shard_repeats):
+    runs = [(name, S) for name in parts for S in counts]
+    for name, S in (runs if i % 2 == 0 else runs[::-1]):
+      times[name, S].append(parts[name](S))
+    bar.update(1)
+  bar.close()
+  for rt, live, *_ in setups.values():
+    rt.close()
+    live.close()
+  base = counts[0]
+  out: dict[str, Any] = {"batch_size": cfg.batch_size, "shard_counts": list(counts), "steps": n,
+                         "repeats": cfg.shard_repeats,
+                         "devices": {str(S): setups[S][2].mesh.size for S in counts}}
+  for name in parts:
+    ms = {str(S): _ms(times[name, S]) for S in counts}
+    out[f"{name}_ms"] = ms
+    out[f"{name}_ratio"] = {str(S): ms[str(S)] / ms[str(base)] for S in counts}
+  return out
+
+
 def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: bool = True) -> dict[str, Any]:
   """Measures every configuration; returns the table as a dict (what --json writes)."""
   load_start = os.getloadavg()[0]
@@ -481,6 +598,8 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: bool = True) -> dic
                 if model.layered and cfg.only in (None, "check-cost") else None)
   ceiling = (measure_ceiling(model, images, labels, cfg, wdev, progress=progress)
              if cfg.only in (None, "ceiling") else None)
+  shards = (measure_shards(model, images, labels, cfg, progress=progress)
+            if cfg.only == "shards" else None)
   rows = [] if cfg.only is not None else _rows(cfg, model, images, labels, tx, opt, wdev, tdev,
                                                check_cost, progress)
   params = jax.eval_shape(model.init, keys.seed_streams(0).init_key)
@@ -499,6 +618,7 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: bool = True) -> dic
       "load_average_1m": {"start": load_start, "end": os.getloadavg()[0], "cpus": os.cpu_count()},
       "check_cost": check_cost,
       "ceiling": ceiling,
+      "shards": shards,
       "rows": rows,
   }
 
@@ -638,6 +758,23 @@ def format_ceiling(result: dict[str, Any]) -> str:
              f"{c['trusted_ms_at_p_witness']:.2f} ms/step, ceiling speed-up "
              f"{c['ceiling_speedup_at_p_witness']:.0f}x (every step checked: {c['trusted_ms_witness']:.2f} ms)")
   return line
+
+
+def format_shards(result: dict[str, Any]) -> str:
+  """The shard measurement in a few lines (empty when it was not measured)."""
+  c = result.get("shards")
+  if c is None:
+    return ""
+  base = c["shard_counts"][0]
+  lines = [f"shards at batch {c['batch_size']} (vs S = {base}; worker devices per S: "
+           + ", ".join(f"S={s}: {d}" for s, d in c["devices"].items()) + ")"]
+  for S in c["shard_counts"]:
+    k = str(S)
+    lines.append(f"  S = {S}: trusted {c['trusted_ms'][k]:.2f} ms/step ({c['trusted_ratio'][k]:.3f}x), "
+                 f"whole step {c['step_ms'][k]:.2f} ms ({c['step_ratio'][k]:.3f}x), "
+                 f"re-computing {'one shard' if S > 1 else 'the batch'} {c['recompute_ms'][k]:.2f} ms "
+                 f"({c['recompute_ratio'][k]:.3f}x; 1/S = {1 / S:.3f})")
+  return "\n".join(lines)
 
 
 def write_json(result: dict[str, Any], path: str) -> None:

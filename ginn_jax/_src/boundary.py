@@ -55,10 +55,14 @@ class WitnessRequest:
     step: the step whose witness is asked for (the one just reported).
     order: that step's work order (a worker that kept no witness can compute
       it again from this).
+    shard: with ``num_shards > 1``, the shard whose witness is asked for (the
+      witness of its sub-batch and key, `ginn_jax._src.shards`); None for the
+      whole batch.
   """
 
   step: int
   order: WorkOrder
+  shard: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

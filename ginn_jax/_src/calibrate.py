@@ -311,8 +311,10 @@ def calibrate_tolerance(model: Model, data: Any, labels: np.ndarray | ProtocolCo
     floor: the smallest re-computation tolerance returned, per metric.
     witness_floor: the smallest witness tolerance returned, per metric.
     worker: the honest worker to measure; default a fresh `HonestWorker` on
-      the default worker device. The witness check is calibrated only when
-      the model is layered and the worker has a ``witness`` method.
+      the default worker device (with ``config.num_shards`` > 1 a
+      `ShardedWorker`: every shard's error is measured). The witness check is
+      calibrated only when the model is layered and the worker has a
+      ``witness`` method (with shards: every shard's witness).
     progress: show a progress bar.
     thresholds_path: the stored stealth thresholds to look the model and data
       up in (default: the ones shipped with the library).
@@ -329,6 +331,9 @@ def calibrate_tolerance(model: Model, data: Any, labels: np.ndarray | ProtocolCo
     labels, config = None, labels
   config = ProtocolConfig() if config is None else config
   data = as_training_data(data, labels)
+  if worker is None and config.num_shards > 1:
+    from ginn_jax._src.worker.sharded import ShardedWorker
+    worker = ShardedWorker(model, data, num_shards=config.num_shards)
   worker = worker or HonestWorker(model, data)
   witnessed = model.layered and callable(getattr(worker, "witness", None))
   cfg = dataclasses.replace(config, p=1.0, p_witness=1.0 if witnessed else 0.0,

@@ -54,7 +54,8 @@ def _train(args) -> int:
   model = ginn.get_model(args.model, input_shape=ds.image_shape, num_classes=ds.num_classes)
   cfg = ginn.ProtocolConfig(seed=args.seed, batch_size=args.batch_size, p=args.p,
                             p_witness=args.p_witness, clip=args.clip, clip_value=args.clip_value,
-                            optimizer=ginn.OptimizerConfig(learning_rate=args.lr))
+                            optimizer=ginn.OptimizerConfig(learning_rate=args.lr),
+                            num_shards=args.num_shards)
   if cfg.p_witness > 0 and not model.layered:  # Before calibrating (the runtime would refuse too).
     raise ValueError(f"--p-witness {cfg.p_witness}: model {model.name!r} is not layered, so it has "
                      "no witness checks; use --p only")
@@ -66,8 +67,9 @@ def _train(args) -> int:
     wtol = wtol or cal.witness_tolerance
   rt = ginn.TrustedRuntime(model, ds.train_images, ds.train_labels, cfg, tolerance=tol,
                            witness_tolerance=wtol)
-  res = ginn.train(rt, ginn.HonestWorker(model, ds.train_images, ds.train_labels), args.steps,
-                   progress=not args.no_progress)
+  worker = (ginn.ShardedWorker(model, ds.train_images, ds.train_labels, num_shards=cfg.num_shards)
+            if cfg.num_shards > 1 else ginn.HonestWorker(model, ds.train_images, ds.train_labels))
+  res = ginn.train(rt, worker, args.steps, progress=not args.no_progress)
   acc = ginn.accuracy(model, res.params, ds.test_images, ds.test_labels)
   out = {**res.summary(), "clean_accuracy": acc, "tolerance": tol.to_dict(),
          "p_witness": cfg.p_witness, "witness_tolerance": rt.witness_tolerance.to_dict(),
@@ -128,8 +130,11 @@ def _run_multihost(args, ginn) -> tuple[int, dict | None]:
                                 clip=args.clip, clip_value=args.clip_value, num_shards=num_shards,
                                 optimizer=ginn.OptimizerConfig(learning_rate=args.lr))
       tol = ginn.Tolerance.from_dict(json.loads(args.tolerance)) if args.tolerance else None
-      if tol is None:  # On process 0's own devices, while the followers wait.
-        tol = ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg).tolerance
+      if tol is None:  # On process 0's own devices alone, while the followers wait.
+        local = ginn.ShardedWorker(model, ds.train_images, ds.train_labels, num_shards=num_shards,
+                                   mesh=ginn.global_worker_mesh(process=0))
+        tol = ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg,
+                                       worker=local).tolerance
       rt = ginn.TrustedRuntime(model, ds.train_images, ds.train_labels, cfg, tolerance=tol)
       res = ginn.train_multihost(rt, worker, args.steps, progress=not args.no_progress)
     acc = ginn.accuracy(model, res.params, ds.test_images, ds.test_labels)
@@ -255,8 +260,22 @@ def _data(args) -> int:
 
 
 def _bench(args) -> int:
-  from ginn_jax._src.bench import (BenchConfig, format_ceiling, format_check_cost, format_table,
-                                   run_bench, write_json)
+  import os
+  import subprocess
+
+  counts = tuple(int(s) for s in args.shard_counts.split(","))
+  if args.only == "shards" and not os.environ.get("GINN_BENCH_FORCED_DEVICES"):
+    import jax
+    need = 1 + max(counts)  # The trusted device and one worker device per shard.
+    if jax.devices()[0].platform == "cpu" and len(jax.devices("cpu")) < need:
+      flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                       if "xla_force_host_platform_device_count" not in f)
+      env = dict(os.environ, GINN_BENCH_FORCED_DEVICES="1",
+                 XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={need}".strip())
+      print(f"ginn bench: re-running with {need} forced CPU devices", file=sys.stderr)
+      return subprocess.call([sys.executable, "-m", "ginn_jax", *args.argv], env=env)
+  from ginn_jax._src.bench import (BenchConfig, format_ceiling, format_check_cost, format_shards,
+                                   format_table, run_bench, write_json)
 
   cfg = BenchConfig(model=args.model, batch_size=args.batch_size, steps=args.steps,
                     repeats=args.repeats, warmup=args.warmup,
@@ -264,13 +283,17 @@ def _bench(args) -> int:
                     modes=tuple(args.modes.split(",")),
                     p_witnesses=tuple(float(p) for p in args.p_witnesses.split(",") if p.strip()),
                     check_repeats=args.check_repeats, only=args.only,
-                    ceiling_steps=args.ceiling_steps, ceiling_repeats=args.ceiling_repeats)
+                    ceiling_steps=args.ceiling_steps, ceiling_repeats=args.ceiling_repeats,
+                    shard_counts=counts, shard_steps=args.shard_steps,
+                    shard_repeats=args.shard_repeats)
   result = run_bench(cfg, progress=not args.no_progress)
   print(format_table(result))
   if args.only in (None, "check-cost"):
     print(format_check_cost(result))
   if args.only in (None, "ceiling"):
     print(format_ceiling(result))
+  if args.only == "shards":
+    print(format_shards(result))
   if args.json:
     write_json(result, args.json)
     print(f"results written to {args.json}")
@@ -368,11 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
   be.add_argument("--check-repeats", type=int, default=None,
                   help="interleaved repetitions of the check-cost measurement (default: as many "
                        "as fit in about 90 s, 3 to 21)")
-  be.add_argument("--only", default=None, choices=["check-cost", "ceiling"],
+  be.add_argument("--only", default=None, choices=["check-cost", "ceiling", "shards"],
                   help="measure only this part (check-cost: the trusted cost of re-computing vs "
                        "witness-checking one step, and the worker's cost of the witness; ceiling: "
                        "the trusted side's own cost per step with a worker that costs nothing, "
-                       "against its memory floor and a pure-TEE step)")
+                       "against its memory floor and a pure-TEE step; shards: the protocol cost "
+                       "with --shard-counts shards at the same batch, and one shard's "
+                       "re-computation against the whole batch's, with 1 + max(S) forced CPU "
+                       "devices when there are fewer)")
+  be.add_argument("--shard-counts", default="1,2,4",
+                  help="shard counts --only shards compares (the first is the baseline)")
+  be.add_argument("--shard-steps", type=int, default=8, help="recorded steps per shard count")
+  be.add_argument("--shard-repeats", type=int, default=7, help="interleaved repetitions")
   be.add_argument("--ceiling-steps", type=int, default=8,
                   help="recorded honest steps the ceiling replays")
   be.add_argument("--ceiling-repeats", type=int, default=7,
@@ -410,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  args.argv = list(sys.argv[1:] if argv is None else argv)
   from ginn_jax._src.errors import GinnError
   try:
     return args.func(args)

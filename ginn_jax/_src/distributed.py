@@ -23,10 +23,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ginn_jax._src.loop import TrainResult, train
+from ginn_jax._src.shards import SHARD_AXIS
 from ginn_jax._src.trusted.runtime import TrustedRuntime
 from ginn_jax._src.worker.multihost import FollowResult, MultiHostWorker
 
-SHARD_AXIS = "shards"
 
 
 def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
@@ -64,10 +64,17 @@ def shutdown() -> None:
   jax.distributed.shutdown()
 
 
-def global_worker_mesh(axis_name: str = SHARD_AXIS) -> Mesh:
+def global_worker_mesh(axis_name: str = SHARD_AXIS, *, process: int | None = None) -> Mesh:
   """The worker's 1-D mesh over the devices of every process (module docstring):
   every device of the default backend, in process order, less each process's
-  first CPU device on a CPU-only run (unless it is that process's only one)."""
+  first CPU device on a CPU-only run (unless it is that process's only one).
+
+  Args:
+    axis_name: the mesh axis.
+    process: only that process's devices of the mesh: a mesh it computes on
+      alone, with no collective (e.g. to calibrate a tolerance on process 0
+      while the others wait).
+  """
   devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
   if devices[0].platform == "cpu":
     first: dict[int, jax.Device] = {}
@@ -76,6 +83,8 @@ def global_worker_mesh(axis_name: str = SHARD_AXIS) -> Mesh:
       first.setdefault(d.process_index, d)
       count[d.process_index] = count.get(d.process_index, 0) + 1
     devices = [d for d in devices if d is not first[d.process_index] or count[d.process_index] == 1]
+  if process is not None:
+    devices = [d for d in devices if d.process_index == process]
   return Mesh(np.array(devices), (axis_name,))
 
 

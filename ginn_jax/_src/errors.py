@@ -124,21 +124,22 @@ class WitnessViolation(IntegrityViolation):
 
   def __init__(self, *, step: int, leaf: str, error: dict[str, float] | None = None,
                tolerance: Any = None, reason: str | None = None,
-               breaks: list[dict[str, Any]] | None = None):
+               breaks: list[dict[str, Any]] | None = None, shard: int | None = None):
     self.step = step
-    self.shard = None
+    self.shard = shard
     self.leaf = leaf
     self.error = error
     self.tolerance = tolerance
     self.reason = reason
     self.breaks = breaks
     self.result: Any = None
+    at = f"step {step}" if shard is None else f"step {step}, shard {shard}"
     if error is None:
-      msg = (f"integrity violation at step {step}: the witness check failed at {leaf}: {reason}. "
+      msg = (f"integrity violation at {at}: the witness check failed at {leaf}: {reason}. "
              "The step's report was already committed, so a missing, late or malformed witness "
              "is a violation; training is halted and no further update is applied.")
     else:
-      msg = (f"integrity violation at step {step}: witness check {leaf} is off by "
+      msg = (f"integrity violation at {at}: witness check {leaf} is off by "
              f"rel_l2={error['rel_l2']:.3e}, max_abs={error['max_abs']:.3e} (witness tolerance "
              f"rel_l2<={tolerance.rel_l2:.3e}, max_abs<={tolerance.max_abs:.3e}). The worker's "
              "report and witness for this step are not what the model, batch and key define; "

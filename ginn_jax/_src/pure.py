@@ -149,9 +149,11 @@ def from_linen(module, loss: Callable, *, init_args: Sequence[Any], init_kwargs:
       (e.g. ``batch_stats``).
   """
   init_kwargs = dict(init_kwargs or {})
-  variables = jax.eval_shape(lambda k: module.init({"params": k, **{s: k for s in rng_streams}},
-                                                   *init_args, **init_kwargs),
-                             jax.random.key(0))
+  def abstract_init():
+    k = jax.random.key(0)
+    return module.init({"params": k, **{s: k for s in rng_streams}}, *init_args, **init_kwargs)
+
+  variables = jax.eval_shape(abstract_init)
   extra = sorted(set(variables) - {"params"})
   if extra:
     raise NonPureModelError(
@@ -192,6 +194,9 @@ class NNXModel(PureModel):
   param_template: Any = None  # The abstract `nnx.Param` state.
   rng_template: Any = None  # The abstract RNG state.
 
+  def _rng_values(self, fixed_key: bool):
+    return _rng_values_fn(self, fixed_key)
+
   def merge(self, params: Params, *, key: jax.Array | None = None):
     """The NNX module with `params` (a nested dict, as the protocol holds
     them). Its RNG streams are derived from `key` (default: a fixed key);
@@ -201,18 +206,32 @@ class NNXModel(PureModel):
     flat = flatten_dict(params)
     pstate = nnx.from_flat_state([(path, var.replace(flat[path]))
                                   for path, var in nnx.to_flat_state(self.param_template)])
-    if key is None:
-      key = jax.random.key(0)
-    rng = []
-    for path, var in nnx.to_flat_state(self.rng_template):
+    flat_rng = nnx.to_flat_state(self.rng_template)
+    values = self._rng_values(key is None)(*(() if key is None else (key,)))
+    rng = [(path, var.replace(value)) for (path, var), value in zip(flat_rng, values)]
+    return nnx.merge(self.graphdef, pstate, nnx.from_flat_state(rng))
+
+
+@functools.lru_cache(maxsize=None)
+def _rng_values_fn(model: "NNXModel", fixed_key: bool):
+  """A jitted ``(key) -> values`` (or ``() -> values`` with a fixed key) of the
+  module's RNG variables for the step of `key`: each stream's key is
+  ``fold_in(key, crc32(path))``, each count 0."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  flat = nnx.to_flat_state(model.rng_template)
+
+  def values(key):
+    out = []
+    for path, var in flat:
       sds = var.get_value()
       if isinstance(var, nnx.RngKey):
         k = _stream_key(key, "/".join(map(str, path)))
-        value = k if sds.shape == () else jax.random.split(k, sds.shape)
+        out.append(k if sds.shape == () else jax.random.split(k, sds.shape))
       else:  # RngCount: every stream starts the step at zero.
-        value = jnp.zeros(sds.shape, sds.dtype)
-      rng.append((path, var.replace(value)))
-    return nnx.merge(self.graphdef, pstate, nnx.from_flat_state(rng))
+        out.append(jnp.zeros(sds.shape, sds.dtype))
+    return out
+
+  return jax.jit((lambda: values(jax.random.key(0))) if fixed_key else values)
 
 
 def from_nnx(make: Callable, loss: Callable, *, name: str | None = None,

@@ -225,7 +225,7 @@ def _resumed_digest(path: str) -> str:
 def _keep_report(run_dir: str, writer: TranscriptWriter, rt: TrustedRuntime, report, step: int,
                  params: Params) -> None:
   """Stores an accepted report (MAC'ed) and records its SHA-256."""
-  leaves, loss = commit.validate_report(report, step=step, params=params)
+  leaves, loss = commit.validate_report(report, step=step, params=params, num_shards=rt.num_shards)
   name = report_name(step)
   sha = ckpt.save_report(os.path.join(run_dir, name), step, leaves, loss, authenticate=rt.authenticate)
   writer.append("report", {"step": step, "file": name, "sha256": sha})

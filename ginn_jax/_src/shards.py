@@ -76,6 +76,23 @@ def shard_key(layer_key: jax.Array, shard: int) -> jax.Array:
   return _fold_one(layer_key, jax.device_put(np.uint32(shard), device))
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def shard_row(leaves: list[jax.Array], shard: int) -> list[jax.Array]:
+  """Row `shard` of every leaf of a sharded report, where the leaves are (a
+  static index: no host-to-device transfer)."""
+  return [leaf[shard] for leaf in leaves]
+
+
 def stack_shards(trees: list) -> object:
   """Stacks per-shard pytrees (losses or gradients) along a new leading axis."""
   return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def sharded_grads(grad_fn, params, indices, layer_key: jax.Array, num_shards: int):
+  """``(losses (S,), grads with leaves (S, *param.shape))`` of a step, every
+  shard computed by `grad_fn` (a `DeviceGradFn`: the verifier's per-shard
+  function) on its device, one after the other. For the auditor, which
+  re-trains sharded steps; workers use `ShardedWorker`."""
+  idx = shard_indices(indices, num_shards)
+  outs = [grad_fn(params, idx[s], shard_key(layer_key, s)) for s in range(num_shards)]
+  return stack_shards([o[0] for o in outs]), stack_shards([o[1] for o in outs])

@@ -187,13 +187,16 @@ def save_report(path: str | os.PathLike, step: int, leaves: list[np.ndarray], lo
 
 
 def load_report(path: str | os.PathLike, *, step: int, expected_sha256: str | None = None,
-                authenticate: Authenticate | None = None) -> tuple[list[np.ndarray], np.float32]:
-  """Reads a kept report: its gradient leaves (tree order) and its loss.
+                authenticate: Authenticate | None = None,
+                num_shards: int = 1) -> tuple[list[np.ndarray], np.float32 | np.ndarray]:
+  """Reads a kept report: its gradient leaves (tree order) and its loss (with
+  S = `num_shards` > 1 shards, one loss per shard).
 
   Raises:
     TranscriptError: the file is damaged, forged or for another step.
   """
   file, arrays, meta = _read_blob(path, REPORT_LABEL, expected_sha256, authenticate)
-  if meta.get("step") != step or not arrays or arrays[-1].shape != () or arrays[-1].dtype != np.float32:
+  shape = () if num_shards == 1 else (num_shards,)
+  if meta.get("step") != step or not arrays or arrays[-1].shape != shape or arrays[-1].dtype != np.float32:
     raise TranscriptError(f"report file is not the report of step {step}", file=file, step=step)
-  return arrays[:-1], np.float32(arrays[-1])
+  return arrays[:-1], (np.float32(arrays[-1]) if num_shards == 1 else arrays[-1])

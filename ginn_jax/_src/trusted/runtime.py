@@ -61,9 +61,9 @@ class ProtocolConfig:
       "Shards"; `batch_size` must be a multiple). With S > 1 the worker
       reports each shard's gradient (a leading shard axis, e.g.
       `ShardedWorker`), the trusted update clips each shard before averaging
-      them, and each shard has its own coin: only sampled shards are
-      re-computed. 1 (the default) is a run without shards. Witness checks
-      (``p_witness > 0``) are not supported with S > 1 yet.
+      them, and each shard has its own coins (re-computation and witness):
+      only sampled shards are re-computed or witness-checked. 1 (the
+      default) is a run without shards.
   """
 
   seed: int = 0
@@ -87,11 +87,6 @@ class ProtocolConfig:
     if not (isinstance(self.batch_size, int) and self.batch_size > 0):
       raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
     shards_lib.check_num_shards(self.batch_size, self.num_shards)
-    if self.num_shards > 1 and self.p_witness > 0:
-      raise ValueError(
-          f"p_witness={self.p_witness} with num_shards={self.num_shards}: witness checks of "
-          "single shards are not supported yet; use re-computation checks (p) with shards, or "
-          "num_shards=1 with witness checks")
 
   def to_dict(self) -> dict[str, Any]:
     """JSON form; without ``num_shards`` when it is 1 (as before it existed,
@@ -126,9 +121,11 @@ class TranscriptEntry:
   errors and `witness_rel_l2`/`witness_max_abs` the witness check's.
 
   With ``num_shards > 1``: `shards` lists the shards drawn for
-  re-computation (empty when none was; None in a run without shards, where
-  the field is not written to the transcript) and `loss` is the mean of the
-  shards' losses.
+  re-computation and `witness_shards` those drawn for a witness check (empty
+  when none was; None in a run without shards, where the fields are not
+  written to the transcript), `witness_digest` is the witness digests of the
+  checked shards joined by commas, and `loss` is the mean of the shards'
+  losses.
   """
 
   step: int
@@ -145,6 +142,7 @@ class TranscriptEntry:
   witness_rel_l2: float | None = None
   witness_max_abs: float | None = None
   shards: list[int] | None = None
+  witness_shards: list[int] | None = None
 
 
 class Recorder(Protocol):
@@ -213,12 +211,6 @@ def checked_update(tx: optax.GradientTransformation, state: TrainState,
   else:
     params, opt_state, finite = _checked_update(tx, state.params, state.opt_state, grads, num_shards)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), finite
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _shard_row(leaves: list[jax.Array], shard: int) -> list[jax.Array]:
-  """Row `shard` of every leaf (a static index: nothing crosses to the device)."""
-  return [leaf[shard] for leaf in leaves]
 
 
 class PhaseClock:
@@ -405,26 +397,30 @@ class TrustedRuntime:
     S = self.num_shards
     # After the commit. One coin per shard; with one shard, the coins of a run without shards.
     coins = keys.shard_verification_coins(self._keys, t, digest, self.config.p, S)
-    challenged = any(keys.shard_witness_coins(self._keys, t, digest, self.config.p_witness, S))
-    sampled = any(coins)
+    wcoins = keys.shard_witness_coins(self._keys, t, digest, self.config.p_witness, S)
+    sampled, challenged = any(coins), any(wcoins)
     drawn = tuple(s for s, c in enumerate(coins) if c) if S > 1 else None
+    wdrawn = tuple(s for s, c in enumerate(wcoins) if c) if S > 1 else None
     lap("mac_coin")
     entry = TranscriptEntry(step=t, digest=digest.hex(), mac=tag.hex(), verified=sampled or challenged,
                             outcome="pending" if sampled or challenged else "unverified",
                             loss=float(loss) if S == 1 else float(np.mean(loss)),
                             check="+".join(c for c, on in (("recompute", sampled), ("witness", challenged))
                                            if on),
-                            shards=None if drawn is None else list(drawn))
+                            shards=None if drawn is None else list(drawn),
+                            witness_shards=None if wdrawn is None else list(wdrawn))
     wit = None
     if challenged:
-      wit, wdigest, seed = self._challenge(entry, digest, witness)
-      entry = dataclasses.replace(entry, witness_digest=wdigest.hex())
+      wit, wdigest, seed = self._challenge(entry, digest, witness, shards=wdrawn)
+      entry = dataclasses.replace(entry, witness_digest=wdigest.hex() if wdrawn is None else
+                                  ",".join(d.hex() for d in wdigest))
       lap("witness")  # Asking for, receiving, validating and hashing the witness.
     if sampled or challenged:
       check = Check(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
                     layer_key=self._layer_key(t), reported=received.leaves, loss=loss,
                     recompute=sampled, witness=wit, witness_seed=seed if challenged else None,
-                    done=self._release_witness if challenged else None, shards=drawn)
+                    done=self._release_witness if challenged else None, shards=drawn,
+                    witness_shards=wdrawn)
       result = self.verifier.submit(check)
       lap("verify")  # Synchronous re-computation, or waiting for room in the queue.
       if result is not None:  # Synchronous: resolved before the update is committed.
@@ -469,9 +465,19 @@ class TrustedRuntime:
       sub = shards_lib.shard_indices(indices, self.num_shards)[0]
       loss, grads = self._reference(self.state.params, sub, shards_lib.shard_key(key, 0))
       stacked = [jnp.broadcast_to(g, (self.num_shards, *g.shape)) for g in jax.tree_util.tree_leaves(grads)]
+      wit = seed = wshards = None
+      if self.config.p_witness > 0:
+        witness_fn = DeviceWitnessFn(self.model.module, self._reference.images, self._reference.labels,
+                                     self.device)
+        skey = shards_lib.shard_key(key, 0)
+        _, _, outputs, input_grads = witness_fn(self.state.params, sub, skey)
+        w, _, s = self.receive_witness(t, b"\0" * 32, sub, skey, jax.device_get(outputs),
+                                       jax.device_get(input_grads), shard=0)
+        wit, seed, wshards = (w,), (s,), (0,)
       self._recompute(Check(step=t, params=self.state.params, batch_indices=indices, layer_key=key,
                             reported=stacked, loss=np.full(self.num_shards, jax.device_get(loss),
-                                                           np.float32), shards=(0,)))
+                                                           np.float32), shards=(0,), witness=wit,
+                            witness_seed=seed, witness_shards=wshards))
       return
     loss, grads = self._reference(self.state.params, indices, key)
     wit = seed = None
@@ -493,17 +499,22 @@ class TrustedRuntime:
   # -- verification ------------------------------------------------------------
 
   def witness_spec(self) -> witness_lib.WitnessSpec:
-    """The form every witness of this run must have."""
+    """The form every witness of this run must have (with shards: every
+    shard's witness, of a batch of ``batch_size / num_shards``)."""
     if self._witness_spec is None:
+      batch = self.config.batch_size // self.num_shards
       self._witness_spec = witness_lib.WitnessSpec.of(
-          self.model.module, self.state.params, (self.config.batch_size, *self.model.input_shape))
+          self.model.module, self.state.params, (batch, *self.model.input_shape))
     return self._witness_spec
 
-  def _challenge(self, entry: TranscriptEntry, report_digest: bytes, answer):
-    """Asks for the witness of the committed step, validates and hashes it, and
-    derives the secret vectors from it. Every failure of the worker's answer
-    (none, an exception, too late, malformed) is a violation: the runtime halts
-    and the step's update is not applied."""
+  def _challenge(self, entry: TranscriptEntry, report_digest: bytes, answer,
+                 shards: tuple[int, ...] | None = None):
+    """Asks for the witness of the committed step (with shards: of each shard
+    in `shards`, one after the other), validates and hashes it, and derives
+    the secret vectors from it. Every failure of the worker's answer (none, an
+    exception, too late, malformed) is a violation: the runtime halts and the
+    step's update is not applied. The step holds one witness slot for all its
+    shards (together at most one batch's witness)."""
     t = entry.step
     self._hold_witness()  # Deferred: waits until the previous witness check has run...
     try:
@@ -521,11 +532,14 @@ class TrustedRuntime:
               "method) but this step was drawn for a witness check")
         order = WorkOrder(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
                           layer_key=self._layer_key(t))
-        w = self._ask(answer, WitnessRequest(step=t, order=order))
-        outputs, input_grads = witness_lib.validate_witness(w, step=t, spec=self.witness_spec(),
-                                                            device=self.device)
-        received = self.receive_witness(t, report_digest, order.batch_indices, order.layer_key,
-                                        outputs, input_grads)
+        if shards is None:
+          w = self._ask(answer, WitnessRequest(step=t, order=order))
+          outputs, input_grads = witness_lib.validate_witness(w, step=t, spec=self.witness_spec(),
+                                                              device=self.device)
+          received = self.receive_witness(t, report_digest, order.batch_indices, order.layer_key,
+                                          outputs, input_grads)
+        else:
+          received = self._challenge_shards(t, report_digest, answer, order, shards)
       except errors.WitnessViolation:
         raise
       except Exception as e:  # Anything else about the answer: the report is committed.
@@ -540,6 +554,27 @@ class TrustedRuntime:
     finally:
       if not handed:
         self._release_witness()
+
+  def _challenge_shards(self, t: int, report_digest: bytes, answer, order: WorkOrder,
+                        shards: tuple[int, ...]):
+    """The witnesses of `shards` of step `t`, received one by one; a failure
+    names its shard. Returns ``(witnesses, digests, seeds)``, one per shard."""
+    idx = shards_lib.shard_indices(order.batch_indices, self.num_shards)
+    got = []
+    for s in shards:
+      try:
+        w = self._ask(answer, WitnessRequest(step=t, order=order, shard=s))
+        outputs, input_grads = witness_lib.validate_witness(w, step=t, spec=self.witness_spec(),
+                                                            device=self.device)
+        got.append(self.receive_witness(t, report_digest, idx[s], shards_lib.shard_key(order.layer_key, s),
+                                        outputs, input_grads, shard=s))
+      except errors.WitnessViolation as v:
+        raise errors.WitnessViolation(step=t, leaf=v.leaf, error=v.error, tolerance=v.tolerance,
+                                      reason=v.reason, shard=s) from v
+      except Exception as e:
+        raise errors.WitnessViolation(step=t, leaf="witness", reason=f"{type(e).__name__}: {e}",
+                                      shard=s) from e
+    return tuple(g[0] for g in got), [g[1] for g in got], tuple(g[2] for g in got)
 
   def _ask(self, answer, request: WitnessRequest):
     """The worker's answer, arrived (arrays computed) within `witness_timeout_s`.
@@ -577,7 +612,7 @@ class TrustedRuntime:
     return box["witness"]
 
   def receive_witness(self, step: int, report_digest: bytes, indices, layer_key, outputs,
-                      input_grads):
+                      input_grads, shard: int | None = None):
     """Moves a validated witness to the trusted device (if it is not there
     yet), starts the part of its check that needs no secret vectors, and
     meanwhile hashes it; then derives the vectors' seed from the digest.
@@ -590,7 +625,7 @@ class TrustedRuntime:
     idx = jax.device_put(np.asarray(indices), self.device)
     prep = witness_lib.witness_prep(self.model.module, self._reference.images,
                                     self._reference.labels, idx, layer_key, *moved)  # Async.
-    wdigest = witness_lib.witness_digest(step, report_digest, *moved)  # The trusted copies.
+    wdigest = witness_lib.witness_digest(step, report_digest, *moved, shard=shard)  # The trusted copies.
     seed = witness_lib.freivalds_seed(self._keys.freivalds_key, step, wdigest)  # After the digest.
     return (*moved, prep), wdigest, jax.device_put(seed, self.device)
 
@@ -619,11 +654,20 @@ class TrustedRuntime:
         out = []
         for s in check.shards:
           ref_loss, ref_grads = self._reference(check.params, idx[s], shards_lib.shard_key(check.layer_key, s))
-          row = _shard_row(check.reported, s)
+          row = shards_lib.shard_row(check.reported, s)
           row_loss = jax.device_put(np.asarray(check.loss[s]), self.device)
           out.append(verify.compare(row, row_loss, jax.tree_util.tree_leaves(ref_grads), ref_loss,
                                     self._paths, tolerance=self.tolerance))
         comparison = verify.ShardComparisons(shards=tuple(check.shards), comparisons=tuple(out))
+      if check.witness is not None:  # Each challenged shard's witness against its row.
+        out = []
+        for s, (outputs, input_grads, prep), seed in zip(check.witness_shards, check.witness,
+                                                          check.witness_seed):
+          grads = jax.tree_util.tree_unflatten(self._treedef, shards_lib.shard_row(check.reported, s))
+          row_loss = jax.device_put(np.asarray(check.loss[s]), self.device)
+          out.append(witness_lib.witness_errors(self.model.module, self.witness_spec(), check.params,
+                                                grads, row_loss, prep, outputs, input_grads, seed))
+        witness = verify.ShardComparisons(shards=tuple(check.witness_shards), comparisons=tuple(out))
       return comparison, witness
     reported_loss = jax.device_put(np.asarray(check.loss), self.device)
     if check.recompute:

@@ -158,8 +158,9 @@ class TranscriptWriter:
   def record(self, entry: TranscriptEntry) -> None:
     """The runtime's `Recorder` hook: persists a "step" or "check" entry."""
     body = dataclasses.asdict(entry)
-    if body["shards"] is None:  # A run without shards: records as before the field existed.
-      del body["shards"]
+    for field in ("shards", "witness_shards"):  # A run without shards: records as before.
+      if body[field] is None:
+        del body[field]
     self.append(body.pop("kind"), body)
 
   def close(self) -> None:

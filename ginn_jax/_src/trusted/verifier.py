@@ -43,6 +43,9 @@ class Check:
   # With num_shards > 1: the shards to re-compute (`reported` then has a leading
   # shard axis and `loss` one loss per shard); None: the whole report.
   shards: tuple[int, ...] | None = None
+  # With num_shards > 1 and a witness check: the challenged shards; `witness`
+  # and `witness_seed` then hold one entry per shard.
+  witness_shards: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -141,13 +141,17 @@ def validate_witness(witness: object, *, step: int, spec: WitnessSpec,
 DIGEST_NAME = "blake3"
 
 
-def witness_digest(step: int, report_digest: bytes, outputs, input_grads) -> bytes:
+def witness_digest(step: int, report_digest: bytes, outputs, input_grads,
+                   shard: int | None = None) -> bytes:
   """BLAKE3 (32 bytes) of the witness, bound to the step and the committed report:
-  the domain, the step, the report digest, then each array's dtype, shape and
-  little-endian bytes (outputs, then input gradients, in layer order)."""
+  the domain, the step, the report digest, (with shards: the shard index as 4
+  big-endian bytes,) then each array's dtype, shape and little-endian bytes
+  (outputs, then input gradients, in layer order)."""
   h = blake3.blake3(DIGEST_DOMAIN, max_threads=blake3.blake3.AUTO)
   h.update(step.to_bytes(8, "big"))
   h.update(report_digest)
+  if shard is not None:
+    h.update(shard.to_bytes(4, "big"))
   commit.hash_leaves(h, [*outputs, *input_grads])
   return h.digest()
 

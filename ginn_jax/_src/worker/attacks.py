@@ -612,6 +612,9 @@ class WitnessForgeryWorker(MaliciousWorker):
       raise ValueError(f"model {model.name!r} has no layered form, so it has no witness to forge")
     if answer not in WitnessAnswer.__args__:
       raise ValueError(f"answer must be one of {WitnessAnswer.__args__}, got {answer!r}")
+    if num_shards != 1:
+      raise ValueError("WitnessForgeryWorker forges the witness of a whole step; it has no "
+                       "per-shard form (num_shards must be 1)")
     super().__init__(model, images, labels, schedule=schedule, device=device,
                      num_shards=num_shards, shards=shards, mesh=mesh)
     self.backdoor, self.answer, self.layer = backdoor, answer, layer

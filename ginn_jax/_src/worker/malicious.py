@@ -23,7 +23,6 @@ from jax.sharding import Mesh
 
 from ginn_jax._src import shards as shards_lib
 from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
-from ginn_jax._src.data import as_training_data
 from ginn_jax._src.models import Model
 from ginn_jax._src.triggers import PatchTrigger, Trigger
 from ginn_jax._src.step import gather
@@ -146,12 +145,8 @@ class MaliciousWorker:
                shards: Sequence[int] | None = None, mesh: Mesh | None = None):
     self.model = model
     self.num_shards = int(num_shards)
-    if self.num_shards > 1:
-      batch = as_training_data(data, labels)
-      self.sharded = ShardedWorker(model, batch.images, batch.labels, num_shards=self.num_shards,
-                                   mesh=mesh)
-    else:
-      self.sharded = None
+    self.sharded = (ShardedWorker(model, data, labels, num_shards=self.num_shards, mesh=mesh)
+                    if self.num_shards > 1 else None)
     if device is None and self.sharded is not None:
       device = self.sharded.device
     self.honest = HonestWorker(model, data, labels, device=device)
@@ -220,8 +215,8 @@ class MaliciousWorker:
   def witness(self, request: WitnessRequest) -> Witness:
     """Answers a witness challenge with the honest witness of the step, whatever
     it reported (the best an attacker without a consistent forgery can do;
-    `WitnessForgeryWorker` tries the others)."""
-    return self.honest.witness(request)
+    `WitnessForgeryWorker` tries the others); with shards, of the requested shard."""
+    return self.honest.witness(request) if self.sharded is None else self.sharded.witness(request)
 
 
 class BackdoorWorker(MaliciousWorker):
@@ -277,6 +272,7 @@ class PoisonWorker(MaliciousWorker):
       continuation into some sequences). Hashable: it is a static argument.
     schedule: ``schedule(step) -> bool``, the steps to misbehave on.
     device: where to compute; default `ginn_jax.worker_device()`.
+    num_shards, shards, mesh: as for `MaliciousWorker`.
 
   Example::
 
@@ -287,8 +283,10 @@ class PoisonWorker(MaliciousWorker):
   """
 
   def __init__(self, model: Model, data: Any, *, poison: Callable[[PyTree], PyTree],
-               schedule: Schedule, device: jax.Device | None = None):
-    super().__init__(model, data, schedule=schedule, device=device)
+               schedule: Schedule, device: jax.Device | None = None, num_shards: int = 1,
+               shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+    super().__init__(model, data, schedule=schedule, device=device, num_shards=num_shards,
+                     shards=shards, mesh=mesh)
     self.poison = poison
 
   def attack(self, step: int, params: Params, indices: jax.Array,

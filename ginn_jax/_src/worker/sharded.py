@@ -36,17 +36,18 @@ pieces.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ginn_jax._src import shards as shards_lib
 from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
+from ginn_jax._src.data import as_training_data
 from ginn_jax._src.devices import worker_devices
 from ginn_jax._src.models import Model
-from ginn_jax._src.step import compute_grads
+from ginn_jax._src.step import DeviceWitnessFn, compute_grads, gather
 from ginn_jax._src.types import Batch
 from ginn_jax._src.worker.honest import HonestWorker
 
@@ -87,8 +88,7 @@ def _sharded_grad(owner, func, mesh: Mesh, num_shards: int):
     keys = jax.random.wrap_key_data(key_data, impl="threefry2x32")
     outs = []
     for j in range(local):  # Unrolled: each shard exactly as the per-shard function.
-      batch = jax.tree_util.tree_map(lambda a, j=j: a[indices[j]], data)
-      outs.append(grad_fn(params, batch, keys[j]))
+      outs.append(grad_fn(params, gather(data, indices[j]), keys[j]))
     return shards_lib.stack_shards([o[0] for o in outs]), shards_lib.stack_shards([o[1] for o in outs])
 
   return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), split, split),
@@ -102,8 +102,9 @@ class ShardedWorker:
 
   Args:
     model: the model (its pure `loss`).
-    images, labels: the worker's copy of the training set (replicated over
-      the mesh once).
+    data: the worker's copy of the training set (any pytree of arrays with a
+      leading example axis, or images and labels), replicated over the mesh
+      once.
     num_shards: S, the trusted runtime's ``ProtocolConfig.num_shards``.
     mesh: a `jax.sharding.Mesh` of any devices (possibly spanning processes);
       its size must divide S. Default: `default_mesh(num_shards)` over
@@ -123,8 +124,8 @@ class ShardedWorker:
     ginn.train(rt, ginn.ShardedWorker(model, x, y, num_shards=4), 100)
   """
 
-  def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *, num_shards: int,
-               mesh: Mesh | None = None):
+  def __init__(self, model: Model, data: Any, labels: np.ndarray | None = None, *,
+               num_shards: int, mesh: Mesh | None = None):
     shards_lib.check_num_shards(num_shards, num_shards)
     self.model = model
     self.num_shards = int(num_shards)
@@ -137,22 +138,21 @@ class ShardedWorker:
     self.device = self.mesh.devices.flat[0]
     self.honest = None
     if self.num_shards == 1:
-      self.honest = HonestWorker(model, images, labels, device=self.device)
+      self.honest = HonestWorker(model, data, labels, device=self.device)
       return
     self._replicated = NamedSharding(self.mesh, PartitionSpec())
     self._split = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))
-    self.data = _put(Batch(images, labels), self._replicated)
+    self.data = _put(as_training_data(data, labels), self._replicated)
     loss = model.loss
     self._fn = _sharded_grad(getattr(loss, "__self__", None), getattr(loss, "__func__", loss),
                              self.mesh, self.num_shards)
+    self.witness_fn = None
+    if model.layered and isinstance(self.data, Batch) and self.device.process_index == jax.process_index():
+      # The first device's copy of the replicated training set (no second copy).
+      local = lambda a: next(sh.data for sh in a.addressable_shards if sh.device == self.device)  # noqa: E731
+      self.witness_fn = DeviceWitnessFn(model.module, local(self.data.images), local(self.data.labels),
+                                        self.device)
 
-  @property
-  def images(self) -> jax.Array:
-    return self.honest.grad_fn.images if self.honest is not None else self.data.images
-
-  @property
-  def labels(self) -> jax.Array:
-    return self.honest.grad_fn.labels if self.honest is not None else self.data.labels
 
   def compute(self, params, batch_indices, layer_key) -> tuple[jax.Array, object]:
     """``(losses (S,), grads with leaves (S, *param.shape))`` of one step,
@@ -173,12 +173,25 @@ class ShardedWorker:
     return GradientReport(step=order.step, grads=grads, loss=loss)
 
   def witness(self, request: WitnessRequest) -> Witness:
-    """The witness of the requested step (one shard: as `HonestWorker`).
+    """The witness of the requested step (one shard: as `HonestWorker`); with
+    S > 1, of the requested shard (``request.shard``): its sub-batch and key,
+    computed again on `device` from the order.
 
     Raises:
-      ValueError: S > 1 (witness checks are refused with shards for now).
+      ValueError: the model has no layered form (or the data are not images
+        and labels), or a sharded request without a shard.
     """
     if self.honest is not None:
       return self.honest.witness(request)
-    raise ValueError("witness checks are not supported with num_shards > 1")
+    if self.witness_fn is None:
+      raise ValueError(f"model {self.model.name!r} has no witness on this worker (it needs a layered "
+                       "model, image data and the mesh's first device in this process)")
+    s = request.shard
+    if s is None or not 0 <= s < self.num_shards:
+      raise ValueError(f"a witness request of a {self.num_shards}-shard run must name a shard, got {s!r}")
+    order = request.order
+    idx = shards_lib.shard_indices(np.asarray(order.batch_indices, np.int32), self.num_shards)[s]
+    _, _, outputs, input_grads = self.witness_fn(order.params, idx,
+                                                 shards_lib.shard_key(order.layer_key, s))
+    return Witness(step=request.step, outputs=outputs, input_grads=input_grads)
 
