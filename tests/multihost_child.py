@@ -25,6 +25,7 @@ def main() -> int:
   parser.add_argument("--num-shards", type=int, default=4)
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--p", type=float, default=1.0)
+  parser.add_argument("--p-witness", type=float, default=0.0)
   parser.add_argument("--coordinator-address", default=None)
   parser.add_argument("--num-processes", type=int, default=1)
   parser.add_argument("--process-id", type=int, default=0)
@@ -63,7 +64,7 @@ def main() -> int:
   try:
     if jax.process_index() == 0:
       cfg = ginn.ProtocolConfig(seed=0, batch_size=args.batch_size, p=args.p,
-                                num_shards=args.num_shards)
+                                p_witness=args.p_witness, num_shards=args.num_shards)
       rt = ginn.TrustedRuntime(model, images, labels, cfg, audit_secret=b"\1" * 32)
       try:
         res = ginn.train_multihost(rt, worker, args.steps, progress=False)
@@ -75,6 +76,8 @@ def main() -> int:
       out["params"] = [hashlib.sha256(np.asarray(x).tobytes()).hexdigest()
                        for x in jax.tree_util.tree_leaves(jax.device_get(res.params))]
       out["digests"] = [e.digest for e in res.transcript]
+      out["witness_digests"] = [e.witness_digest for e in res.transcript]
+      out["witness_shards"] = [e.witness_shards for e in res.transcript]
     else:
       result = ginn.follow(worker)
       out["follow"] = {"command": result.command.name, "steps": result.steps}

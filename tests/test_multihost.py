@@ -94,6 +94,7 @@ def data_file(small_data, tmp_path_factory):
 
 
 CHILD_ARGS = ["--steps", str(STEPS), "--num-shards", str(SHARDS)]
+CLEAN_ARGS = [*CHILD_ARGS, "--p-witness", "1"]  # Every shard re-computed and witness-checked.
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def runs(data_file, tmp_path_factory):
   tmp = tmp_path_factory.mktemp("runs")
   data = str(data_file)
   launches = {
-      "clean": Launch(tmp, "clean", [data, *CHILD_ARGS], num_processes=2, devices=2),
+      "clean": Launch(tmp, "clean", [data, *CLEAN_ARGS], num_processes=2, devices=2),
       # Shards 2 and 3 are computed on process 1's device.
       "attack": Launch(tmp, "attack", [data, *CHILD_ARGS, "--attack-shard", "2"],
                        num_processes=2, devices=2),
@@ -139,11 +140,12 @@ def single_process_run(mlp, small_data):
   """The reference: a plain run in this process (2 CPU devices: the 4 shards
   on its one worker device, `cpu:1`), no `MultiHostWorker`."""
   images, labels = small_data[0][:256], small_data[1][:256]
-  cfg = ginn.ProtocolConfig(seed=0, batch_size=32, p=1.0, num_shards=SHARDS)
+  cfg = ginn.ProtocolConfig(seed=0, batch_size=32, p=1.0, p_witness=1.0, num_shards=SHARDS)
   rt = ginn.TrustedRuntime(mlp, images, labels, cfg, audit_secret=b"\1" * 32)
   res = ginn.train(rt, ginn.ShardedWorker(mlp, images, labels, num_shards=SHARDS), STEPS,
                    progress=False)
-  return {"params": _sha256(res.params), "digests": [e.digest for e in res.transcript]}
+  return {"params": _sha256(res.params), "digests": [e.digest for e in res.transcript],
+          "witness_digests": [e.witness_digest for e in res.transcript]}
 
 
 @pytest.mark.slow
@@ -160,6 +162,10 @@ def test_two_processes_equal_one_process_bitwise(runs, single_process_run):
   # bit for bit.
   assert lead["digests"] == single["json"]["digests"]
   assert lead["params"] == single["json"]["params"]
+  # Every shard's witness (computed on process 0) was checked, bitwise the
+  # single-process witnesses too.
+  assert lead["witness_shards"] == [list(range(SHARDS))] * STEPS
+  assert lead["witness_digests"] == single["json"]["witness_digests"]
 
 
 @pytest.mark.slow
@@ -223,14 +229,16 @@ def test_in_one_process_it_is_its_inner_worker_bitwise(mlp, small_data, multihos
   assert tree_bytes(got.loss) == tree_bytes(want.loss)
 
 
-def test_witness_checks_are_refused(mlp, small_data, multihost_worker):
+def test_witness_requests_are_answered_on_process_0(mlp, small_data, multihost_worker):
+  from conftest import tree_bytes
+
   images, labels = small_data
-  worker = ginn.MultiHostWorker(multihost_worker[0], batch_size=32)
-  rt = ginn.TrustedRuntime(mlp, images, labels, ginn.ProtocolConfig(batch_size=32, p_witness=0.5))
-  with pytest.raises(ValueError, match="witness checks are not supported in a multi-process run"):
-    ginn.train_multihost(rt, worker, 1, progress=False)
-  with pytest.raises(RuntimeError, match="told to stop"):  # The followers were sent HALT.
-    worker(rt.next_order())
+  inner, worker = multihost_worker
+  rt = ginn.TrustedRuntime(mlp, images, labels,
+                           ginn.ProtocolConfig(batch_size=32, num_shards=SHARDS))
+  request = ginn.WitnessRequest(step=0, order=rt.next_order(), shard=3)
+  got, want = worker.witness(request), inner.witness(request)
+  assert tree_bytes((got.outputs, got.input_grads)) == tree_bytes((want.outputs, want.input_grads))
 
 
 def test_process_0_does_not_follow(multihost_worker):

@@ -84,9 +84,6 @@ def _train_multihost(args) -> int:
   if args.coordinator_address is None:
     raise ValueError(f"--num-processes {args.num_processes}: give every process the same "
                      "--coordinator-address HOST:PORT (process 0's address, a free port)")
-  if args.p_witness > 0:  # Refused on every process, before any of them joins.
-    raise ValueError(f"--p-witness {args.p_witness}: witness checks are not supported in a "
-                     "multi-process run; use --p only, or run in one process")
   import os
 
   import ginn_jax as ginn
@@ -127,15 +124,24 @@ def _run_multihost(args, ginn) -> tuple[int, dict | None]:
       return 0, None
     with worker:  # Whatever happens from here on, the followers are told to stop.
       cfg = ginn.ProtocolConfig(seed=args.seed, batch_size=args.batch_size, p=args.p,
-                                clip=args.clip, clip_value=args.clip_value, num_shards=num_shards,
+                                p_witness=args.p_witness, clip=args.clip,
+                                clip_value=args.clip_value, num_shards=num_shards,
                                 optimizer=ginn.OptimizerConfig(learning_rate=args.lr))
+      if cfg.p_witness > 0 and not model.layered:
+        raise ValueError(f"--p-witness {cfg.p_witness}: model {model.name!r} is not layered, so "
+                         "it has no witness checks; use --p only")
       tol = ginn.Tolerance.from_dict(json.loads(args.tolerance)) if args.tolerance else None
-      if tol is None:  # On process 0's own devices alone, while the followers wait.
+      wtol = (ginn.Tolerance.from_dict(json.loads(args.witness_tolerance))
+              if args.witness_tolerance else None)
+      if tol is None or (wtol is None and cfg.p_witness > 0):
+        # On process 0's own devices alone, while the followers wait.
         local = ginn.ShardedWorker(model, ds.train_images, ds.train_labels, num_shards=num_shards,
                                    mesh=ginn.global_worker_mesh(process=0))
-        tol = ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg,
-                                       worker=local).tolerance
-      rt = ginn.TrustedRuntime(model, ds.train_images, ds.train_labels, cfg, tolerance=tol)
+        cal = ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg, worker=local)
+        tol = tol or cal.tolerance
+        wtol = wtol or cal.witness_tolerance
+      rt = ginn.TrustedRuntime(model, ds.train_images, ds.train_labels, cfg, tolerance=tol,
+                               witness_tolerance=wtol)
       res = ginn.train_multihost(rt, worker, args.steps, progress=not args.no_progress)
     acc = ginn.accuracy(model, res.params, ds.test_images, ds.test_labels)
     out = {**res.summary(), "clean_accuracy": acc, "tolerance": tol.to_dict(),

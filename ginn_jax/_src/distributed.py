@@ -100,16 +100,8 @@ def train_multihost(runtime: TrustedRuntime, worker: MultiHostWorker, num_steps:
     num_steps, kwargs: as for `ginn_jax.train`.
 
   Raises:
-    ValueError: the runtime asks for witness checks (``p_witness > 0``), which
-      multi-process runs do not support yet.
     Whatever `ginn_jax.train` raises.
   """
-  if runtime.config.p_witness > 0:
-    worker.stop(halted=True)
-    raise ValueError(
-        f"p_witness={runtime.config.p_witness}: witness checks are not supported in a "
-        "multi-process run (the witness would have to be gathered from every process after "
-        "the coin); use re-computation checks (p) only, or run in one process")
   with worker:
     return train(runtime, worker, num_steps, **kwargs)
 

@@ -11,7 +11,8 @@ trusted runtime, calls it like any worker; the other processes call
       broadcast_one_to_all(STEP, order)  ───▶  the same order, byte for byte
       inner(order)  ─── one jitted computation over the global mesh ───  inner(order)
       process_allgather(report)          ◀───  (its shards of the report)
-      rt.submit(report)
+      rt.submit(report, witness=worker.witness)
+        (a shard drawn for a witness check: its witness computed on process 0 alone)
 
     on leaving `with worker:`  broadcast STOP (clean end) or HALT (an error)
 
@@ -35,7 +36,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ginn_jax._src.boundary import GradientReport, WorkOrder
+from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
 from ginn_jax._src.worker.honest import Worker
 
 
@@ -162,6 +163,23 @@ class MultiHostWorker:
                                  order.batch_indices, key])
     self._in_step = True
     return self._step(self._broadcast(message))
+
+  def witness(self, request: WitnessRequest) -> Witness:
+    """The witness of a shard drawn for a witness check: the inner worker's,
+    on process 0 alone (a `ShardedWorker` computes it again from the order on
+    its mesh's first device, which is process 0's), with no collective: the
+    followers are not involved, whichever process computed that shard.
+
+    Raises:
+      ValueError: the inner worker gives no witnesses.
+    """
+    if jax.process_index() != 0:
+      raise RuntimeError("witness requests come from the trusted runtime, on process 0")
+    answer = getattr(self.inner, "witness", None)
+    if answer is None:
+      raise ValueError(f"the inner worker {type(self.inner).__name__} gives no witnesses; use "
+                       "re-computation checks (p) only")
+    return answer(request)
 
   def stop(self, *, halted: bool = False) -> None:
     """Tells the followers the run is over (STOP, or HALT after an error).
