@@ -202,6 +202,16 @@ def test_ginn_train_on_two_processes(runs):
 
 # -- one process: the same objects, without the collectives' peers ------------
 
+def test_the_multihost_worker_does_not_import_the_trusted_side():
+  import ast
+  import pathlib
+
+  tree = ast.parse((pathlib.Path(ginn.__file__).parent / "_src" / "worker" / "multihost.py")
+                   .read_text())
+  imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+  assert imported and not [m for m in imported if m and "trusted" in m], imported
+
+
 def test_the_worker_mesh_leaves_the_trusted_device_out():
   mesh = ginn.global_worker_mesh()
   assert list(mesh.devices.flat) == ginn.worker_devices()
