@@ -565,7 +565,7 @@ def measure_shards(model, images, labels, cfg: BenchConfig, *, progress: bool = 
     for f in parts.values():
       f(S)
   times = {(name, S): [] for name in parts for S in counts}
-  bar = tqdm(total=cfg.shard_repeats, desc="shards", disable=not progress, leave=False)
+  bar = progress_lib.bar(total=cfg.shard_repeats, desc="shards", enabled=progress)
   for i in range(cfg.shard_repeats):
     runs = [(name, S) for name in parts for S in counts]
     for name, S in (runs if i % 2 == 0 else runs[::-1]):

@@ -72,12 +72,22 @@ def clip_each_shard(clip: optax.GradientTransformation) -> optax.GradientTransfo
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _mean_rows(u: jax.Array) -> jax.Array:
+  # The rows added one by one, then divided: elementwise, so XLA fuses it with
+  # the clip into one pass (a reduce over the leading axis ran 4x slower on CPU).
+  total = u[0]
+  for s in range(1, u.shape[0]):
+    total = total + u[s]
+  return total / jnp.asarray(u.shape[0], u.dtype)
+
+
 def mean_over_shards() -> optax.GradientTransformation:
-  """The mean over the leading shard axis of every update leaf (stateless)."""
+  """The mean over the leading shard axis of every update leaf (stateless):
+  ``(u[0] + u[1] + ... + u[S-1]) / S``, added in shard order."""
 
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree_util.tree_map(lambda u: jnp.mean(u, axis=0), updates), state
+    return jax.tree_util.tree_map(_mean_rows, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
