@@ -328,6 +328,47 @@ def test_detection_rate_of_shard_attackers_matches_the_formula(mlp, small_data, 
   assert expected - half <= detected / trials <= expected + half, (detected / trials, expected, half)
 
 
+@pytest.mark.parametrize("p,k,S,m,want", [
+    (0.25, 1, 4, 1, 0.25), (0.25, 1, 4, 4, 1 - 0.75**4), (0.1, 10, 8, 1, 1 - 0.9**10),
+    (0.1, 10, 8, 8, 1 - 0.9**80), (0.5, 0, 2, 2, 0.0)])
+def test_shard_detection_probability(p, k, S, m, want):
+  assert ginn.analysis.shard_detection_probability(p, k, num_shards=S, corrupted_shards=m) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("clip,S,m,want", [("elementwise", 4, 1, 2 * 0.05 * 0.01 / 4),
+                                           ("global_norm", 4, 4, 2 * 0.05 * 0.01),
+                                           ("elementwise", 8, 2, 2 * 0.05 * 0.01 * 2 / 8)])
+def test_shard_deviation_bound(clip, S, m, want):
+  b = ginn.analysis.shard_deviation_bound(clip, 0.01, ginn.OptimizerConfig(), num_shards=S,
+                                          corrupted_shards=m)
+  assert b.bounded and b.per_step == pytest.approx(want) and b.with_momentum == pytest.approx(want / 0.1)
+  assert not ginn.analysis.shard_deviation_bound("none", None, num_shards=S, corrupted_shards=m).bounded
+  with pytest.raises(ValueError, match="corrupted_shards"):
+    ginn.analysis.shard_deviation_bound(clip, 0.01, num_shards=S, corrupted_shards=S + 1)
+
+
+def test_ginn_analyze_num_shards(capsys):
+  from ginn_jax._src import cli
+
+  assert cli.main(["analyze", "--k", "10", "--p", "0.25", "--num-shards", "4"]) == 0
+  out = json.loads(capsys.readouterr().out)["shards"]
+  assert out["one_shard"]["detection_probability"] == pytest.approx(1 - 0.75**10)
+  assert out["all_shards"]["detection_probability"] == pytest.approx(1 - 0.75**40)
+  assert out["one_shard"]["deviation_per_step"] == pytest.approx(out["all_shards"]["deviation_per_step"] / 4)
+
+
+def test_ginn_train_num_shards(capsys):
+  from ginn_jax._src import cli
+
+  assert cli.main(["train", "--model", "mlp", "--steps", "4", "--batch-size", "32", "--p", "1",
+                   "--num-shards", "4", "--tolerance", '{"rel_l2": 1e-5, "max_abs": 1e-5}',
+                   "--no-progress"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["verified"] is True and out["steps"] == 4 and out["num_verified"] == 4
+  assert cli.main(["train", "--model", "mlp", "--batch-size", "30", "--num-shards", "4"]) == 2
+  assert "not a multiple of num_shards=4" in capsys.readouterr().err
+
+
 # -- run directories and the audit --------------------------------------------------------
 
 

@@ -242,6 +242,19 @@ def _analyze(args) -> int:
   finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (JSON has no Infinity)
   out["deviation_bound"] = {"norm": b.norm, "bounded": b.bounded, "per_step": finite(b.per_step),
                             "with_momentum": finite(b.with_momentum), "note": b.note}
+  if args.num_shards is not None:  # The one-shard and the all-shard attacker.
+    opt = OptimizerConfig(learning_rate=args.lr, momentum=args.momentum)
+    S = args.num_shards
+    shards = {}
+    for name, m in (("one_shard", 1), ("all_shards", S)):
+      sb = analysis.shard_deviation_bound(args.clip, args.clip_value, opt, num_shards=S,
+                                          corrupted_shards=m)
+      shards[name] = {"corrupted_shards": m, "deviation_per_step": finite(sb.per_step),
+                      "deviation_with_momentum": finite(sb.with_momentum)}
+      if args.k is not None and args.p is not None:
+        shards[name]["detection_probability"] = analysis.shard_detection_probability(
+            args.p, args.k, num_shards=S, corrupted_shards=m)
+    out["shards"] = {"num_shards": S, **shards}
   if "ideal_speedup" in out:
     out["ideal_speedup"] = finite(out["ideal_speedup"])
   if f"k_for_{args.target}" in out:
@@ -429,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
   an.add_argument("--clip-value", type=float, default=0.01, help="clip bound C (the demo's default)")
   an.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (the demo's default)")
   an.add_argument("--momentum", type=float, default=0.9)
+  an.add_argument("--num-shards", type=int, default=None,
+                  help="also the deviation bound and detection probability (with --k and --p) of an "
+                       "attacker that corrupts one shard and of one that corrupts all S")
   an.set_defaults(func=_analyze)
 
   data = sub.add_parser("data", help="list, prepare (needs network) or digest datasets")
