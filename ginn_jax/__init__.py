@@ -97,9 +97,17 @@ from ginn_jax._src.worker.attacks import ScaledBackdoorWorker
 from ginn_jax._src.worker.attacks import StealthWorker
 from ginn_jax._src.worker.attacks import ToleranceAwareWorker
 from ginn_jax._src.worker.attacks import WitnessForgeryWorker
+from ginn_jax._src.worker.multihost import FollowResult
+from ginn_jax._src.worker.multihost import MultiHostWorker
 # Loop, calibration, metrics, analysis.
 from ginn_jax._src.loop import train
 from ginn_jax._src.loop import TrainResult
+# Many hosts (jax.distributed).
+from ginn_jax._src.distributed import follow
+from ginn_jax._src.distributed import global_worker_mesh
+from ginn_jax._src.distributed import initialize as initialize_distributed
+from ginn_jax._src.distributed import shutdown as shutdown_distributed
+from ginn_jax._src.distributed import train_multihost
 from ginn_jax._src.calibrate import Calibration
 from ginn_jax._src.calibrate import calibrate_tolerance
 from ginn_jax._src.calibrate import detect_precision

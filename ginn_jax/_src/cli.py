@@ -46,6 +46,8 @@ def _audit(args) -> int:
 
 
 def _train(args) -> int:
+  if args.num_processes > 1 or args.coordinator_address is not None:
+    return _train_multihost(args)
   import ginn_jax as ginn
 
   ds = ginn.load_dataset(args.dataset, data_dir=args.data_dir)
@@ -74,6 +76,87 @@ def _train(args) -> int:
          "dataset_digest": rt.dataset_digest}
   print(json.dumps(out, indent=2))
   return 0
+
+
+def _train_multihost(args) -> int:
+  """`ginn train` as one process of a multi-process run: process 0 hosts the
+  trusted runtime and prints the summary, the others follow its orders."""
+  if args.coordinator_address is None:
+    raise ValueError(f"--num-processes {args.num_processes}: give every process the same "
+                     "--coordinator-address HOST:PORT (process 0's address, a free port)")
+  import os
+
+  import ginn_jax as ginn
+
+  # Gloo prints to the C-level stdout when it connects; keep stdout for the
+  # JSON summary alone by pointing fd 1 at stderr until the run is over.
+  sys.stdout.flush()
+  stdout = os.dup(1)
+  os.dup2(2, 1)
+  try:
+    code, summary = _run_multihost(args, ginn)
+  finally:
+    sys.stdout.flush()
+    os.dup2(stdout, 1)
+    os.close(stdout)
+  if summary is not None:
+    print(json.dumps(summary, indent=2))
+  return code
+
+
+def _run_multihost(args, ginn) -> tuple[int, dict | None]:
+  """The multi-process run: its exit code, and the summary on process 0."""
+  ginn.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  try:
+    ds = ginn.load_dataset(args.dataset, data_dir=args.data_dir)
+    model = ginn.get_model(args.model, input_shape=ds.image_shape, num_classes=ds.num_classes)
+    mesh = ginn.global_worker_mesh()
+    num_shards = args.num_shards  # A multiple of the mesh's size (ShardedWorker checks).
+    inner = ginn.ShardedWorker(model, ds.train_images, ds.train_labels, num_shards=num_shards,
+                               mesh=mesh)
+    worker = ginn.MultiHostWorker(inner, batch_size=args.batch_size)
+    if args.process_id != 0:
+      result = ginn.follow(worker)
+      if result.halted:
+        print(f"ginn train: process {args.process_id}: the run halted after {result.steps} steps "
+              "(process 0 says why)", file=sys.stderr)
+        return 2, None
+      return 0, None
+    with worker:  # Whatever happens from here on, the followers are told to stop.
+      cfg = ginn.ProtocolConfig(seed=args.seed, batch_size=args.batch_size, p=args.p,
+                                p_witness=args.p_witness, clip=args.clip,
+                                clip_value=args.clip_value, num_shards=num_shards,
+                                optimizer=ginn.OptimizerConfig(learning_rate=args.lr))
+      if cfg.p_witness > 0 and not model.layered:
+        raise ValueError(f"--p-witness {cfg.p_witness}: model {model.name!r} is not layered, so "
+                         "it has no witness checks; use --p only")
+      tol = ginn.Tolerance.from_dict(json.loads(args.tolerance)) if args.tolerance else None
+      wtol = (ginn.Tolerance.from_dict(json.loads(args.witness_tolerance))
+              if args.witness_tolerance else None)
+      if tol is None or (wtol is None and cfg.p_witness > 0):
+        # On process 0's own devices alone, while the followers wait.
+        local = ginn.ShardedWorker(model, ds.train_images, ds.train_labels, num_shards=num_shards,
+                                   mesh=ginn.global_worker_mesh(process=0))
+        cal = ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg, worker=local)
+        tol = tol or cal.tolerance
+        wtol = wtol or cal.witness_tolerance
+      rt = ginn.TrustedRuntime(model, ds.train_images, ds.train_labels, cfg, tolerance=tol,
+                               witness_tolerance=wtol)
+      res = ginn.train_multihost(rt, worker, args.steps, progress=not args.no_progress)
+    acc = ginn.accuracy(model, res.params, ds.test_images, ds.test_labels)
+    out = {**res.summary(), "clean_accuracy": acc, "tolerance": tol.to_dict(),
+           "p_witness": cfg.p_witness, "witness_tolerance": rt.witness_tolerance.to_dict(),
+           "dataset_digest": rt.dataset_digest, "num_shards": num_shards,
+           "num_processes": args.num_processes}
+    return 0, out
+  except Exception as e:
+    if not isinstance(e, (ginn.GinnError, ValueError, FileNotFoundError)):  # main() says those.
+      # Said now: a peer that died makes the shutdown below abort this process.
+      print(f"ginn train: process {args.process_id}: error: {type(e).__name__}: {e}",
+            file=sys.stderr, flush=True)
+    raise
+  finally:
+    ginn.shutdown_distributed()
 
 
 def _calibrate(args) -> int:
@@ -289,6 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
                   help="cut each step's batch into this many shards, computed data-parallel over the "
                        "worker's devices (ginn_jax.ShardedWorker); each shard is clipped before the "
                        "average and has its own verification coin (--batch-size must be a multiple)")
+  many = tr.add_argument_group(
+      "many hosts", "one run over several processes (jax.distributed): start the same command on "
+      "every host with its own --process-id; process 0 hosts the trusted runtime and prints the "
+      "summary")
+  many.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                    help="process 0's address and a free port, the same on every process")
+  many.add_argument("--num-processes", type=int, default=1, metavar="N",
+                    help="processes in the run (default 1: this one only)")
+  many.add_argument("--process-id", type=int, default=0, metavar="I",
+                    help="this process, 0..N-1 (0 hosts the trusted runtime)")
   tr.set_defaults(func=_train)
 
   cal = sub.add_parser("calibrate", help="measure honest worker-vs-trusted error; print a tolerance")

@@ -68,9 +68,9 @@ def _put(x, sharding: NamedSharding):
   if sharding.is_fully_addressable:
     return jax.device_put(x, sharding)
 
-  def one(a):
-    host = np.asarray(jax.device_get(a))
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  def one(a):  # device_put of a host value places this process's pieces only (explicit,
+    # unlike make_array_from_callback, which a transfer guard stops).
+    return jax.device_put(np.asarray(jax.device_get(a)), sharding)
 
   return jax.tree_util.tree_map(one, x)
 
