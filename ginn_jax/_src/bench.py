@@ -362,6 +362,19 @@ def _nbytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
+def replay_seconds(rt: TrustedRuntime, initial, reports, *, witness=None) -> float:
+  """Seconds per step for `rt`, restored to `initial`, to take `reports` again
+  (recorded from an honest worker, so the trajectory is the same and every
+  report is accepted): the trusted side's own cost, the worker's none."""
+  rt.restore(initial, [], 0)
+  t0 = time.perf_counter()
+  for report in reports:
+    rt.next_order()
+    rt.submit(report, witness=witness)
+    jax.block_until_ready(rt.state.params)
+  return (time.perf_counter() - t0) / len(reports)
+
+
 def measure_ceiling(model, images, labels, cfg: BenchConfig, wdev: jax.Device, *,
                     progress: bool = False, report_digest: str = commit.DEFAULT_DIGEST) -> dict[str, Any]:
   """The trusted side's own cost per step, with a worker that costs nothing.
@@ -418,13 +431,7 @@ def measure_ceiling(model, images, labels, cfg: BenchConfig, wdev: jax.Device, *
   answer = lambda request: witnesses[request.step]  # noqa: E731
 
   def replay(rt: TrustedRuntime) -> float:
-    rt.restore(initial, [], 0)
-    t0 = time.perf_counter()
-    for report in reports:
-      rt.next_order()
-      rt.submit(report, witness=answer)
-      jax.block_until_ready(rt.state.params)
-    return (time.perf_counter() - t0) / n
+    return replay_seconds(rt, initial, reports, witness=answer)
 
   for rt in runtimes.values():  # Warm-up: compiles every path.
     if rt.config.p_witness > 0:
@@ -536,13 +543,7 @@ def measure_shards(model, images, labels, cfg: BenchConfig, *, progress: bool = 
 
   def replay(S) -> float:
     rt, _, _, initial, reports, _ = setups[S]
-    rt.restore(initial, [], 0)
-    t0 = time.perf_counter()
-    for report in reports:
-      rt.next_order()
-      rt.submit(report)
-      jax.block_until_ready(rt.state.params)
-    return (time.perf_counter() - t0) / n
+    return replay_seconds(rt, initial, reports)
 
   def live_steps(S) -> float:
     _, live, worker, initial, _, _ = setups[S]
