@@ -97,9 +97,11 @@ def test_nnx_dropout_is_a_pure_function_of_the_key(data):
   model = MODELS["nnx"]()
   params = jax.jit(model.init)(_key(0))
   batch = jax.device_put(ginn.gather(data, np.arange(32)), ginn.trusted_device())
-  grad = jax.jit(jax.grad(lambda p, k: model.loss(p, batch, key=k)))
+  def grad():  # A fresh trace each time: state left behind by one call would show in the next.
+    return jax.jit(jax.grad(lambda p, k: model.loss(p, batch, key=k)))
+
   k1, k2 = _key(1), _key(2)
-  a, b, c = grad(params, k1), grad(params, jax.random.clone(k1)), grad(params, k2)
+  a, b, c = grad()(params, k1), grad()(params, jax.random.clone(k1)), grad()(params, k2)
   np.testing.assert_array_equal(a["l1"]["kernel"], b["l1"]["kernel"])
   assert not np.array_equal(a["l1"]["kernel"], c["l1"]["kernel"])
 
@@ -255,3 +257,24 @@ def test_train_progress_in_a_log(monkeypatch, capfd, data):
   ginn.train(rt, ginn.HonestWorker(model, data), 200, progress=True)
   err = capfd.readouterr().err
   assert 5 <= len(err.splitlines()) <= 12 and len(err) < 2000, err
+
+
+def test_the_classic_keyword_calls_still_work(tmp_path, small_data):
+  """``images=..., labels=...`` keywords, and run_verified's named arguments."""
+  images, labels = small_data
+  model = ginn.get_model("mlp", input_shape=(28, 28, 1))
+  cfg = ginn.ProtocolConfig(seed=0, batch_size=32, p=1.0)
+  rt = ginn.TrustedRuntime(model, images=images, labels=labels, config=cfg, audit_secret=SECRET)
+  worker = ginn.HonestWorker(model, images=images, labels=labels)
+  assert ginn.train(rt, worker, 2, progress=False).verified
+  assert rt.dataset_digest == ginn.dataset_digest(images, labels)
+  res = ginn.run_verified(tmp_path / "run", model, images=images, labels=labels, config=cfg, worker=worker,
+                          num_steps=2, audit_secret=SECRET, checkpoint_every=2)
+  assert res.violation is None and res.steps == 2
+  with pytest.raises(TypeError, match="once"):
+    ginn.TrustedRuntime(model, ginn.Batch(images, labels), images=images, labels=labels)
+
+
+def test_num_shards_as_a_numpy_int_is_a_plain_int():
+  cfg = ginn.ProtocolConfig(batch_size=32, num_shards=np.int64(2))
+  assert type(cfg.num_shards) is int and cfg.to_dict()["num_shards"] == 2

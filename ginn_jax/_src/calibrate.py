@@ -293,8 +293,9 @@ class Calibration:
   precision: PrecisionReport | None = None
 
 
-def calibrate_tolerance(model: Model, data: Any, labels: np.ndarray | ProtocolConfig | None = None,
-                        config: ProtocolConfig | None = None, *, num_steps: int = 8,
+def calibrate_tolerance(model: Model, data: Any = None, labels: np.ndarray | ProtocolConfig | None = None,
+                        config: ProtocolConfig | None = None, *, images: np.ndarray | None = None,
+                        num_steps: int = 8,
                         safety_factor: float = 10.0, floor: verify.Tolerance = verify.DEFAULT_FLOOR,
                         witness_floor: verify.Tolerance = verify.DEFAULT_WITNESS_FLOOR,
                         worker: HonestWorker | None = None, progress: bool = False,
@@ -330,7 +331,7 @@ def calibrate_tolerance(model: Model, data: Any, labels: np.ndarray | ProtocolCo
   if isinstance(labels, ProtocolConfig):  # calibrate_tolerance(model, data, config)
     labels, config = None, labels
   config = ProtocolConfig() if config is None else config
-  data = as_training_data(data, labels)
+  data = as_training_data(data, labels, images=images)
   if worker is None and config.num_shards > 1:
     from ginn_jax._src.worker.sharded import ShardedWorker
     worker = ShardedWorker(model, data, num_shards=config.num_shards)

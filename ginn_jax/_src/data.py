@@ -192,10 +192,22 @@ def num_examples(data: Any) -> int:
   return int(leaves[0].shape[0])
 
 
-def as_training_data(data: Any, labels: Any = None) -> Any:
+def as_training_data(data: Any, labels: Any = None, *, images: Any = None) -> Any:
   """The training set as one pytree: ``Batch(images, labels)`` when called
-  the classic way (images and labels), else `data` itself, checked."""
+  the classic way (images and labels, positionally or as ``images=``), else
+  `data` itself, checked.
+
+  Raises:
+    TypeError: no training set, or both `data` and `images`.
+    ValueError: see `check_data`.
+  """
   from ginn_jax._src.types import Batch  # pylint: disable=g-import-not-at-top
+  if images is not None:
+    if data is not None:
+      raise TypeError("pass the training set once: as data, or as images with labels")
+    data = images
+  if data is None:
+    raise TypeError("missing the training set: pass data (a pytree), or images and labels")
   if labels is not None:
     data = Batch(data, labels)
   check_data(data)

@@ -18,6 +18,8 @@ nothing is lost: the mesh is every accelerator, the trusted device is process
 """
 from __future__ import annotations
 
+import warnings
+
 import jax
 import numpy as np
 from jax.sharding import Mesh
@@ -26,7 +28,6 @@ from ginn_jax._src.loop import TrainResult, train
 from ginn_jax._src.shards import SHARD_AXIS
 from ginn_jax._src.trusted.runtime import TrustedRuntime
 from ginn_jax._src.worker.multihost import FollowResult, MultiHostWorker
-
 
 
 def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
@@ -83,6 +84,11 @@ def global_worker_mesh(axis_name: str = SHARD_AXIS, *, process: int | None = Non
       first.setdefault(d.process_index, d)
       count[d.process_index] = count.get(d.process_index, 0) + 1
     devices = [d for d in devices if d is not first[d.process_index] or count[d.process_index] == 1]
+    if count.get(0) == 1:
+      warnings.warn(
+          "process 0 has one CPU device: the trusted device also computes shards of the worker. "
+          "Set XLA_FLAGS=--xla_force_host_platform_device_count=2 (or more) on every process.",
+          RuntimeWarning, stacklevel=2)
   if process is not None:
     devices = [d for d in devices if d.process_index == process]
   return Mesh(np.array(devices), (axis_name,))

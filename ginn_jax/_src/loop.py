@@ -20,7 +20,9 @@ class TrainResult:
     params: parameters after the last accepted step (trusted device).
     steps: number of accepted steps.
     losses: reported loss of every accepted step.
-    num_verified: steps re-computed and found within tolerance.
+    num_verified: steps drawn for a check (re-computation or witness) whose
+      checks all passed; with shards, a step counts once however many of its
+      shards were checked.
     num_violations: 0, or 1 if the run halted on a violation.
     transcript: the transcript entries so far (step, digest, MAC, verified, outcome).
     violation: the `IntegrityViolation` that halted the run, if any.

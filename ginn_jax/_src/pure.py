@@ -271,7 +271,7 @@ def from_nnx(make: Callable, loss: Callable, *, name: str | None = None,
         f"streams: {listed}{' ...' if len(others) > 6 else ''}. A verified step must be a pure "
         "function of (params, batch, key): a worker that updated this state would report a "
         "gradient the trusted side cannot re-compute. Replace batch norm by nnx.LayerNorm or "
-        "nnx.GroupNorm, or make the state an nnx.Param you do not train.")
+        "nnx.GroupNorm, or keep the state out of the module (pass it in the batch).")
   takes_key = _takes_key(loss)
 
   def init_fn(key):

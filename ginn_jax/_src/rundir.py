@@ -111,7 +111,9 @@ def _version() -> str:
   return ginn_jax.__version__
 
 
-def run_verified(run_dir: str | os.PathLike, model: Model, data: Any, *args: Any, audit_secret: bytes,
+def run_verified(run_dir: str | os.PathLike, model: Model, data: Any = None, labels: Any = None,
+                 config: ProtocolConfig | None = None, worker: Worker | None = None,
+                 num_steps: int | None = None, *, audit_secret: bytes, images: np.ndarray | None = None,
                  checkpoint_every: int = 10, tolerance: verify.Tolerance | None = None,
                  witness_tolerance: verify.Tolerance | None = None,
                  keep_reports: bool = False, deferred: bool = False, dataset: str | None = None,
@@ -144,11 +146,11 @@ def run_verified(run_dir: str | os.PathLike, model: Model, data: Any, *args: Any
       for it and the run directory can be resumed.
     TranscriptError: the run directory is damaged or belongs to another run.
   """
-  if len(args) == 4:  # (images,) labels, config, worker, num_steps
-    data, args = as_training_data(data, args[0]), args[1:]
-  if len(args) != 3:
-    raise TypeError("run_verified(run_dir, model, data, config, worker, num_steps, *, audit_secret=...)")
-  config, worker, num_steps = args
+  if isinstance(labels, ProtocolConfig):  # run_verified(run_dir, model, data, config, worker, n)
+    labels, config, worker, num_steps = None, labels, config, worker
+  data = as_training_data(data, labels, images=images)
+  if config is None or worker is None or num_steps is None:
+    raise TypeError("run_verified needs config, worker and num_steps")
   if checkpoint_every < 1 or num_steps < 0:
     raise ValueError(f"checkpoint_every must be >= 1 and num_steps >= 0, got {checkpoint_every}, {num_steps}")
   run_dir = os.fspath(run_dir)

@@ -52,7 +52,8 @@ class ProtocolConfig:
       (Freivalds, docs/design.md section 10); drawn independently of `p`.
       Needs a layered model (`Model.layered`).
     witness_timeout_s: a witness that takes longer than this to arrive is a
-      violation (None: no deadline).
+      violation (None: no deadline); with shards, each challenged shard's
+      witness has this long.
     clip: "elementwise" (the paper), "global_norm" or "none".
     clip_value: the clip bound C.
     optimizer: SGD settings, used unless an optax transformation is passed to
@@ -87,6 +88,7 @@ class ProtocolConfig:
     if not (isinstance(self.batch_size, int) and self.batch_size > 0):
       raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
     shards_lib.check_num_shards(self.batch_size, self.num_shards)
+    object.__setattr__(self, "num_shards", int(self.num_shards))  # (A numpy int would not go to JSON.)
 
   def to_dict(self) -> dict[str, Any]:
     """JSON form; without ``num_shards`` when it is 1 (as before it existed,
@@ -239,6 +241,7 @@ class TrustedRuntime:
     model: the model both sides compute: a built-in `Model`, or any model
       with ``init(key)`` and a pure ``loss(params, batch, *, key)``
       (`ginn_jax.PureModel`, `ginn_jax.from_nnx`, `ginn_jax.from_linen`).
+    images: the classic keyword for image data (with `labels`), in place of `data`.
     data: the trusted copy of the committed training set: any pytree of
       arrays with a leading example axis (``{"tokens": ...}``,
       ``Batch(images, labels)``). The classic call
@@ -263,10 +266,11 @@ class TrustedRuntime:
   def __init__(
       self,
       model: Model,
-      data: Any,
+      data: Any = None,
       labels: np.ndarray | ProtocolConfig | None = None,
       config: ProtocolConfig | None = None,
       *,
+      images: np.ndarray | None = None,
       tolerance: verify.Tolerance | None = None,
       witness_tolerance: verify.Tolerance | None = None,
       audit_secret: bytes | None = None,
@@ -281,7 +285,7 @@ class TrustedRuntime:
         raise TypeError("config given twice (third argument and config=)")
       labels, config = None, labels
     config = ProtocolConfig() if config is None else config
-    data = as_training_data(data, labels)
+    data = as_training_data(data, labels, images=images)
     self.model = model
     self.config = config
     self.device = trusted_device()

@@ -39,13 +39,15 @@ class HonestWorker:
       most one step's witness is held at a time.
   """
 
-  def __init__(self, model: Model, data: Any, labels: np.ndarray | None = None, *,
-               device: jax.Device | None = None, witness: Literal["keep", "recompute"] = "keep"):
+  def __init__(self, model: Model, data: Any = None, labels: np.ndarray | None = None, *,
+               device: jax.Device | None = None, witness: Literal["keep", "recompute"] = "keep",
+               images: np.ndarray | None = None):
     if witness not in ("keep", "recompute"):
       raise ValueError(f"witness must be 'keep' or 'recompute', got {witness!r}")
     self.model = model
     self.device = device or worker_device()
-    self.grad_fn = DeviceGradFn(model.loss, as_training_data(data, labels), self.device)
+    data = as_training_data(data, labels, images=images)
+    self.grad_fn = DeviceGradFn(model.loss, data, self.device)
     self.witness_fn = (DeviceWitnessFn(model.module, self.grad_fn.images, self.grad_fn.labels, self.device)
                        if model.layered else None)
     self.keep = witness == "keep" and model.layered

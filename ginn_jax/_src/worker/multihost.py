@@ -189,8 +189,9 @@ class MultiHostWorker:
     self._stopped = True
     if self._in_step:
       # A failure inside a step's collectives: the followers are still in that
-      # step, and a broadcast now would not match theirs. Leave them to the
-      # heartbeat timeout of `jax.distributed` (an error there, not a hang).
+      # step, and a broadcast now would not match theirs. They wait there until
+      # process 0 exits (then the heartbeat of `jax.distributed` ends them with
+      # an error); docs/protocol.md, "Many hosts".
       return
     command = Command.HALT if halted else Command.STOP
     message = np.zeros(self._layout.nbytes, np.uint8)
