@@ -75,9 +75,10 @@ def evaluate(metric: Callable[[Params, PyTree], jax.Array], params: Params, data
   if n == 0:
     raise ValueError("evaluate needs at least one example")
   fn = jax.jit(metric)
+  host = jax.tree_util.tree_map(np.asarray, data)  # Once, not per batch.
   total = 0.0
   for i in range(0, n, batch_size):
     idx = np.arange(i, min(i + batch_size, n))
-    batch = jax.device_put(gather(jax.tree_util.tree_map(np.asarray, data), idx), dev)
+    batch = jax.device_put(gather(host, idx), dev)
     total += float(jax.device_get(fn(params, batch))) * len(idx)
   return total / n
