@@ -51,6 +51,10 @@ from ginn_jax._src.models import Model
 from ginn_jax._src import layered
 from ginn_jax._src.layered import LayeredModule
 from ginn_jax._src.types import Batch
+# Witness plans: the products of a step's own gradient program.
+from ginn_jax._src.program import UnsupportedProgram
+from ginn_jax._src.program import witness_plan
+from ginn_jax._src.program import WitnessPlan
 # Your own model: any pure loss, flax linen or flax NNX.
 from ginn_jax._src.pure import from_linen
 from ginn_jax._src.pure import from_nnx

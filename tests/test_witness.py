@@ -1,5 +1,6 @@
-"""Witness checks (Freivalds, docs/design.md section 10): layered models, the
-challenge after the commitment, the trusted check, and the attackers aimed at it."""
+"""Witness checks (Freivalds, docs/design.md sections 10 and 12): the witness
+derived from the program (generic_witness), the challenge after the commitment,
+the trusted check, and the attackers aimed at it."""
 import dataclasses
 
 import flax.linen as nn
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 
 import ginn_jax as ginn
-from ginn_jax._src import layered
-from ginn_jax._src.trusted import keys, witness as witness_lib
+from ginn_jax._src import layered, program as program_lib
+from ginn_jax._src.step import DeviceWitnessFn
+from ginn_jax._src.trusted import keys, program_check, witness as witness_lib
 
 from conftest import make_key, tree_bytes
 
@@ -41,28 +43,24 @@ def snapshot(rt):
 
 @pytest.mark.parametrize("name,shape", [("mlp", (28, 28, 1)), ("mnist_cnn", (28, 28, 1)),
                                         ("vgg11", (32, 32, 3))])
-def test_layered_gradients_equal_the_fused_ones_bitwise(name, shape):
+def test_generic_witness_gradients_equal_the_fused_ones_bitwise(name, shape):
   model = ginn.get_model(name, input_shape=shape)
-  assert model.layered
   params = jax.jit(model.init)(make_key(0))
   rng = np.random.default_rng(0)
-  x = jax.device_put(rng.random((4, *shape), dtype=np.float32), jax.devices("cpu")[0])
-  y = jax.device_put(np.arange(4, dtype=np.int32), jax.devices("cpu")[0])
+  dev = jax.devices("cpu")[0]
+  data = ginn.Batch(*jax.device_put((rng.random((4, *shape), dtype=np.float32),
+                                     np.arange(4, dtype=np.int32)), dev))
+  idx = jax.device_put(np.arange(4, dtype=np.int32), dev)
   key = make_key(1)
-  fused = jax.jit(lambda p, x, y, k: jax.value_and_grad(
-      lambda p: model.loss(p, ginn.Batch(x, y), key=k))(p))
-  with_witness = jax.jit(lambda p, x, y, k: layered.loss_grads_and_witness(model.module, p, x, y, k))
-  loss, grads = fused(params, x, y, key)
-  loss2, grads2, outputs, input_grads = with_witness(params, x, y, jax.random.clone(key))
+  loss, grads = ginn._src.step.DeviceGradFn(model.loss, data, dev)(params, idx, key)
+  loss2, grads2, products, rest = DeviceWitnessFn(model.loss, data, dev)(params, idx, jax.random.clone(key))
   assert np.asarray(loss).tobytes() == np.asarray(loss2).tobytes()
   assert tree_bytes(grads) == tree_bytes(grads2)
-  spec = witness_lib.WitnessSpec.of(model.module, params, x.shape)
-  assert [tuple(o.shape) for o in outputs] == [s for s, _ in spec.outputs]
-  assert [tuple(g.shape) for g in input_grads] == [s for s, _ in spec.input_grads]
-  assert len(input_grads) == len(outputs) - 1
-  # The logits are the last output.
-  np.testing.assert_array_equal(np.asarray(outputs[-1]), np.asarray(
-      jax.jit(lambda p, x: model.module.apply({"params": p}, x, train=True, key=key))(params, x)))
+  plan = ginn.witness_plan(model, ginn.Batch(data.images, data.labels))
+  assert rest == [] and len(products) == len(plan.witnessed) > 0
+  assert [tuple(o.shape) for o in products] == [p.out[0] for p in plan.witnessed]
+  kinds = {p.primitive for p in plan.products}
+  assert kinds == ({"dot_general"} if name == "mlp" else {"dot_general", "conv_general_dilated"})
 
 
 def test_a_custom_layered_model_passes_honest_witness_checks_and_catches_a_forgery(small_data):
@@ -107,14 +105,12 @@ class _Plain(nn.Module):
     return nn.Dense(10)(x.reshape((x.shape[0], -1)))
 
 
-def test_a_model_without_layered_form_refuses_witness_checks_but_recomputes(small_data):
+def test_generic_witness_checks_a_model_without_layered_form(small_data):
   model = ginn.Model(name="plain", module=_Plain(), input_shape=(28, 28, 1))
   assert not model.layered
-  with pytest.raises(ValueError, match="layered"):
-    ginn.TrustedRuntime(model, *small_data, config(), audit_secret=SECRET)
-  rt = ginn.TrustedRuntime(model, *small_data, config(p=1.0, p_witness=0.0), audit_secret=SECRET)
+  rt = ginn.TrustedRuntime(model, *small_data, config(), audit_secret=SECRET)
   res = ginn.train(rt, ginn.HonestWorker(model, *small_data), 3, progress=False)
-  assert res.num_verified == 3 and all(e.check == "recompute" for e in res.transcript)
+  assert res.num_verified == 3 and all(e.check == "witness" for e in res.transcript)
 
 
 # -- the honest path ----------------------------------------------------------------------
@@ -252,33 +248,31 @@ def _w(**kw):
   return lambda w: dataclasses.replace(w, **kw)
 
 
-def _nan_input_grad(w):
-  g = host(w.input_grads[0])
+def _nan_product(w):
+  g = host(w.outputs[1])
   g[0, 0, 0, 0] = np.nan
-  return dataclasses.replace(w, input_grads=[g, *w.input_grads[1:]])
+  return dataclasses.replace(w, outputs=[w.outputs[0], g, *w.outputs[2:]])
 
 
 TAMPERS = {
     # name -> (kwargs of Tamper, expected substring of the violation's leaf)
-    "grad_entry_plus_1pct": (dict(report=_bump_one_grad_entry), "(Conv_1) weight_grad"),
-    "layer_grad_times_1.001": (dict(report=_scale_layer_grad), "(Dense_0) weight_grad"),
+    "grad_entry_plus_1pct": (dict(report=_bump_one_grad_entry), "gradient ['Conv_1']['kernel']"),
+    "layer_grad_times_1.001": (dict(report=_scale_layer_grad), "gradient ['Dense_0']['kernel']"),
     "loss": (dict(report=_loss), "loss"),
     "missing_layer": (dict(witness=lambda w: dataclasses.replace(w, outputs=w.outputs[:-1])),
                       "witness.outputs"),
-    "nan": (dict(witness=_nan_input_grad), "witness.input_grads[0] (Conv_1)"),
+    "nan": (dict(witness=_nan_product), "witness.outputs[1] (product 1 (conv_general_dilated"),
     "wrong_shape": (dict(witness=lambda w: dataclasses.replace(
-        w, outputs=[host(w.outputs[0])[:-1], *w.outputs[1:]])), "witness.outputs[0] (Conv_0)"),
+        w, outputs=[host(w.outputs[0])[:-1], *w.outputs[1:]])), "witness.outputs[0] (product 0 "),
     "wrong_dtype": (dict(witness=lambda w: dataclasses.replace(
         w, outputs=[host(w.outputs[0]).astype(np.float16), *w.outputs[1:]])), "witness.outputs[0]"),
     "wrong_step": (dict(witness=_w(step=99)), "witness.step"),
     "not_a_witness": (dict(witness=lambda w: {"outputs": w.outputs}), "witness"),
     "output_scaled": (dict(witness=lambda w: dataclasses.replace(
         w, outputs=[w.outputs[0], host(w.outputs[1]) * np.float32(1.01), *w.outputs[2:]])),
-                      "(Conv_1) forward"),
-    "input_grad_scaled": (dict(witness=lambda w: dataclasses.replace(
-        w, input_grads=[w.input_grads[0], host(w.input_grads[1]) * np.float32(1.01),
-                        *w.input_grads[2:]])),
-                          "input_grad"),  # Layer 1's dY comes from it, so layer 1 fails first.
+                      "product 1 (conv_general_dilated"),
+    "extra_field": (dict(witness=lambda w: dataclasses.replace(w, input_grads=[w.outputs[0]])),
+                    "witness.input_grads"),
     "late": (dict(delay=0.3), "witness"),
 }
 
@@ -316,21 +310,29 @@ def test_tampering_is_caught_by_the_witness_check_and_not_applied(cnn, cnn_data,
 
 
 @pytest.mark.parametrize("deferred", [False, True], ids=["sync", "deferred"])
-@pytest.mark.parametrize("answer", ["honest", "poisoned", "missing_layer", "nan", "replaced_layer",
-                                    "none"])
-def test_witness_forgeries_are_caught_at_the_first_malicious_step(cnn, cnn_data, answer, deferred):
+@pytest.mark.parametrize("answer", ["honest", "poisoned", "replaced", "scaled", "moved", "stale",
+                                    "swapped", "missing", "extra", "wrong_dtype", "nan", "none"])
+def test_generic_witness_forgeries_are_caught_at_the_first_malicious_step(cnn, cnn_data, answer,
+                                                                          deferred):
   rt = ginn.TrustedRuntime(cnn, *cnn_data, config(), audit_secret=SECRET, deferred=deferred)
   attacker = ginn.WitnessForgeryWorker(cnn, *cnn_data, schedule=ginn.schedules.FromStep(3),
                                        answer=answer)
   with pytest.raises(ginn.WitnessViolation) as info:
     ginn.train(rt, attacker, 10, progress=False)
-  assert info.value.step == 3 == attacker.malicious_steps[0]
-  assert not info.value.result.verified
+  v = info.value
+  assert v.step == 3 == attacker.malicious_steps[0]
+  assert not v.result.verified
+  if answer in ("scaled", "moved", "nan", "wrong_dtype", "replaced"):  # Named at the tampered product.
+    assert "product 1 (conv_general_dilated" in v.leaf, v.leaf
+  elif answer in ("missing", "extra"):
+    assert v.leaf == "witness.outputs" and "witnessed product" in v.reason
+  elif answer in ("stale", "swapped", "poisoned", "honest"):
+    assert v.leaf.startswith(("product ", "gradient ")), v.leaf
   if not deferred:  # Its update was not applied.
     assert rt.step == 3 and rt.transcript[-1].outcome == "violation"
 
 
-def test_poisoned_witness_is_caught_at_the_first_layer_forward(cnn, cnn_data):
+def test_generic_witness_poisoned_is_caught_at_the_first_product(cnn, cnn_data):
   """The poisoned batch's own witness is consistent with its gradient; only the
   trusted batch (X_0) and labels expose it."""
   rt = ginn.TrustedRuntime(cnn, *cnn_data, config(), audit_secret=SECRET)
@@ -338,13 +340,7 @@ def test_poisoned_witness_is_caught_at_the_first_layer_forward(cnn, cnn_data):
                                        answer="poisoned")
   with pytest.raises(ginn.WitnessViolation) as info:
     ginn.train(rt, attacker, 2, progress=False)
-  assert info.value.leaf == "layer 0 (Conv_0) forward"
-
-
-def test_witness_forgery_needs_a_layered_model(small_data):
-  model = ginn.Model(name="plain", module=_Plain(), input_shape=(28, 28, 1))
-  with pytest.raises(ValueError, match="layered"):
-    ginn.WitnessForgeryWorker(model, *small_data, schedule=ginn.schedules.FromStep(0))
+  assert info.value.leaf.startswith("product 0 (conv_general_dilated"), info.value.leaf
 
 
 # -- run directories and audit ------------------------------------------------------------
@@ -382,25 +378,23 @@ def test_honest_worker_passes_2000_witness_checked_steps(cnn, mnist5k):
   assert worst < rt.witness_tolerance.rel_l2 / 2, worst
 
 
-def test_no_false_alarm_whatever_the_vectors(mlp, small_data):
-  """±1 vectors that nearly cancel a projection (e.g. all ones against the logits'
-  gradient, whose rows sum to zero: 2 in 1,024 draws for 10 classes) must not
-  turn rounding noise into an alarm. 3,000 draws on one honest witness."""
-  x, y = small_data[0][:32], small_data[1][:32]
+def test_generic_witness_no_false_alarm_whatever_the_vectors(mlp, small_data):
+  """Gaussian vectors that nearly cancel a projection must not turn rounding
+  noise into an alarm: 1,000 draws on one honest witness."""
   dev = jax.devices("cpu")[0]
+  data = ginn.Batch(*jax.device_put((small_data[0][:32], small_data[1][:32]), dev))
   params = jax.jit(mlp.init)(make_key(0))
-  x, y = jax.device_put((x, y), dev)
-  key = make_key(1)
-  loss, grads, outputs, input_grads = jax.jit(
-      lambda p, x, y, k: layered.loss_grads_and_witness(mlp.module, p, x, y, k))(params, x, y, key)
-  spec = witness_lib.WitnessSpec.of(mlp.module, params, x.shape)
   idx = jax.device_put(np.arange(32, dtype=np.int32), dev)
-  prep = witness_lib.witness_prep(mlp.module, x, y, idx, key, outputs, input_grads)
+  key = make_key(1)
+  fn = DeviceWitnessFn(mlp.loss, data, dev)
+  loss, grads, products, _ = fn(params, idx, key)
+  program = fn.program(params, 32)
+  paths = ginn._src.trusted.verify.leaf_paths(params)
   worst = 0.0
-  for i in range(3000):
+  for i in range(1000):
     seed = jax.device_put(np.array([i, 7], np.uint32), dev)
-    c = witness_lib.witness_errors(mlp.module, spec, params, grads, loss, prep, outputs,
-                                   input_grads, seed)
+    c = program_check.program_errors(program, paths, params, data, idx, key, products,
+                                     jax.tree_util.tree_leaves(grads), loss, seed)
     worst = max(worst, float(c.errors.max()))
   assert worst < ginn.DEFAULT_WITNESS_FLOOR.rel_l2 / 4, worst
 

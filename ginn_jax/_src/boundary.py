@@ -67,17 +67,18 @@ class WitnessRequest:
 
 @dataclasses.dataclass(frozen=True)
 class Witness:
-  """What a worker claims about the inside of a step (docs/design.md section 10).
+  """What a worker claims about the inside of a step (docs/design.md section 12).
 
   Attributes:
     step: the step.
-    outputs: each linear layer's pre-activation output Y_l, in layer order.
-    input_grads: the loss gradient with respect to each linear layer's input,
-      dX_l, for layers 1..L-1 (not the first).
+    outputs: the output of every witnessed product (matrix product or
+      convolution) of the step's gradient program, in the order of the run's
+      witness plan (`ginn_jax.witness_plan`).
+    input_grads: empty (kept for the message's form).
 
   Untrusted, like a report: the runtime validates every field.
   """
 
   step: Any
   outputs: Any
-  input_grads: Any
+  input_grads: Any = ()

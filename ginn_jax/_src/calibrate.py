@@ -305,7 +305,8 @@ def calibrate_tolerance(model: Model, data: Any = None, labels: np.ndarray | Pro
   Args:
     model, data, config: the run to calibrate for, as for `TrustedRuntime`
       (`data` any pytree training set, or images and labels; p is forced to 1,
-      p_witness to 1 for a layered model, to 0 otherwise; no witness deadline).
+      p_witness to 1 for a built-in (layered) model or when `config` asks for
+      witness checks, to 0 otherwise; no witness deadline).
     num_steps: honest steps to measure (parameters evolve, so errors late in
       training are sampled too).
     safety_factor: multiplier on the largest error seen.
@@ -314,8 +315,9 @@ def calibrate_tolerance(model: Model, data: Any = None, labels: np.ndarray | Pro
     worker: the honest worker to measure; default a fresh `HonestWorker` on
       the default worker device (with ``config.num_shards`` > 1 a
       `ShardedWorker`: every shard's error is measured). The witness check is
-      calibrated only when the model is layered and the worker has a
-      ``witness`` method (with shards: every shard's witness).
+      calibrated when the model is a built-in (layered) one or
+      ``config.p_witness > 0``, and the worker has a ``witness`` method (with
+      shards: every shard's witness).
     progress: show a progress bar.
     thresholds_path: the stored stealth thresholds to look the model and data
       up in (default: the ones shipped with the library).
@@ -336,7 +338,8 @@ def calibrate_tolerance(model: Model, data: Any = None, labels: np.ndarray | Pro
     from ginn_jax._src.worker.sharded import ShardedWorker
     worker = ShardedWorker(model, data, num_shards=config.num_shards)
   worker = worker or HonestWorker(model, data)
-  witnessed = model.layered and callable(getattr(worker, "witness", None))
+  witnessed = ((getattr(model, "layered", False) or config.p_witness > 0)
+               and callable(getattr(worker, "witness", None)))
   cfg = dataclasses.replace(config, p=1.0, p_witness=1.0 if witnessed else 0.0,
                             witness_timeout_s=None)
   runtime = TrustedRuntime(model, data, cfg, tolerance=verify.UNBOUNDED,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 
 from ginn_jax._src.types import Batch, GradFn, LossFn, Params, PyTree
 
@@ -100,27 +101,52 @@ def _image_field(data: PyTree, field: str) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_gather_and_witness(module):
-  from ginn_jax._src import layered
+def _jitted_gather_and_witness(program):
+  from ginn_jax._src import program as program_lib
 
-  def f(params, images, labels, indices, key):
-    return layered.loss_grads_and_witness(module, params, images[indices], labels[indices], key)
+  def f(params, data, indices, key):
+    return program_lib.loss_grads_and_products(program, params, gather(data, indices), key)
 
   return jax.jit(f)
 
 
-class DeviceWitnessFn:
-  """Like `DeviceGradFn` for a layered model, returning the witness too:
-  ``(loss, grads, outputs, input_grads)`` (docs/design.md section 10). The
-  gradient is that of the fused loss (bitwise on CPU)."""
+def batch_shapes(data: PyTree, batch_size: int) -> PyTree:
+  """ShapeDtypeStructs of a batch of `batch_size` examples of `data`."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype), data)
 
-  def __init__(self, module, images, labels, device: jax.Device):
+
+def step_program(loss_fn: LossFn, params: Params, data: PyTree, batch_size: int):
+  """The gradient program of `loss_fn` for a batch of `batch_size` examples of
+  `data` (`ginn_jax._src.program.Program`; traced once per shapes)."""
+  from ginn_jax._src import program as program_lib
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  return program_lib.program_of(loss_fn, params, batch_shapes(data, batch_size), key)
+
+
+class DeviceWitnessFn:
+  """Like `DeviceGradFn`, returning the witness too: ``(loss, grads, products,
+  ())`` with `products` the output of every witnessed product of the step's
+  program, in plan order (docs/design.md section 12), computed in the same
+  jitted function as the gradient.
+
+  Args:
+    loss_fn: the model's pure loss.
+    data: the training set (as for `DeviceGradFn`; already on `device` or put there once).
+    device: where to compute.
+  """
+
+  def __init__(self, loss_fn: LossFn, data: PyTree, device: jax.Device):
     self.device = device
-    self._fn = _jitted_gather_and_witness(module)
-    self.images = images
-    self.labels = labels
+    self.loss_fn = loss_fn
+    self.data = jax.device_put(data, device)
+
+  def program(self, params, batch_size: int):
+    return step_program(self.loss_fn, params, self.data, batch_size)
 
   def __call__(self, params: Params, indices, key: jax.Array):
     params, indices, key = jax.device_put((params, indices, key), self.device)
+    fn = _jitted_gather_and_witness(self.program(params, int(np.shape(indices)[0])))
     with jax.default_matmul_precision("highest"):
-      return self._fn(params, self.images, self.labels, indices, key)
+      loss, grads, products = fn(params, self.data, indices, key)
+    return loss, grads, list(products), []

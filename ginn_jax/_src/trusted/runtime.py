@@ -32,8 +32,9 @@ from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, Work
 from ginn_jax._src.data import as_training_data, dataset_digest, num_examples
 from ginn_jax._src.devices import trusted_device
 from ginn_jax._src.models import Model
-from ginn_jax._src.step import DeviceGradFn, DeviceWitnessFn
+from ginn_jax._src.step import DeviceGradFn, DeviceWitnessFn, step_program
 from ginn_jax._src.trusted import commit, keys, verify
+from ginn_jax._src.trusted import program_check
 from ginn_jax._src.trusted import witness as witness_lib
 from ginn_jax._src.trusted.verifier import Check, CheckResult, Verifier
 from ginn_jax._src.trusted.transforms import ClipMode, OptimizerConfig, make_update_transform
@@ -289,12 +290,6 @@ class TrustedRuntime:
     self.model = model
     self.config = config
     self.device = trusted_device()
-    if config.p_witness > 0 and not model.layered:
-      raise ValueError(
-          f"p_witness={config.p_witness}: witness checks need a layered model (a "
-          f"ginn_jax.LayeredModule: linear layers with element-wise ops between them), and "
-          f"model {model.name!r} has none; use re-computation checks (p) only, or define the "
-          "model as a LayeredModule")
     if report_digest not in commit.DIGEST_NAMES:
       raise ValueError(f"report_digest must be one of {commit.DIGEST_NAMES}, got {report_digest!r}")
     self.report_digest_name = report_digest
@@ -307,9 +302,6 @@ class TrustedRuntime:
     self.num_shards = config.num_shards
     self.tx = make_update_transform(config.clip, config.clip_value, optimizer or config.optimizer,
                                     config.num_shards)
-    if config.p_witness > 0 and not isinstance(data, Batch):
-      raise ValueError("p_witness > 0: witness checks need image classification data "
-                       "(a ginn_jax.Batch of images and labels)")
     self.dataset_digest = dataset_digest(data)
     self._keys = keys.audit_keys(audit_secret if audit_secret is not None else keys.new_audit_secret())
     self.streams = keys.seed_streams(config.seed)
@@ -326,6 +318,9 @@ class TrustedRuntime:
     self.halted: errors.IntegrityViolation | None = None
     self._phases = PhaseClock()
     self._witness_spec: witness_lib.WitnessSpec | None = None
+    self._program = None
+    if config.p_witness > 0:  # Traced now: a program the check cannot follow is refused here.
+      self.witness_plan()
     self._step_key: tuple[int, jax.Array] | None = None
     self.witness_seconds: collections.deque[float] = collections.deque(maxlen=1024)  # Latest arrivals.
     # At most one step's witness is held by the trusted side at a time (received,
@@ -471,8 +466,7 @@ class TrustedRuntime:
       stacked = [jnp.broadcast_to(g, (self.num_shards, *g.shape)) for g in jax.tree_util.tree_leaves(grads)]
       wit = seed = wshards = None
       if self.config.p_witness > 0:
-        witness_fn = DeviceWitnessFn(self.model.module, self._reference.images, self._reference.labels,
-                                     self.device)
+        witness_fn = DeviceWitnessFn(self.model.loss, self._reference.data, self.device)
         skey = shards_lib.shard_key(key, 0)
         _, _, outputs, input_grads = witness_fn(self.state.params, sub, skey)
         w, _, s = self.receive_witness(t, b"\0" * 32, sub, skey, jax.device_get(outputs),
@@ -486,8 +480,7 @@ class TrustedRuntime:
     loss, grads = self._reference(self.state.params, indices, key)
     wit = seed = None
     if self.config.p_witness > 0:
-      witness_fn = DeviceWitnessFn(self.model.module, self._reference.images, self._reference.labels,
-                                   self.device)
+      witness_fn = DeviceWitnessFn(self.model.loss, self._reference.data, self.device)
       _, _, outputs, input_grads = witness_fn(self.state.params, indices, key)
       wit, _, seed = self.receive_witness(t, b"\0" * 32, indices, key, jax.device_get(outputs),
                                           jax.device_get(input_grads))
@@ -502,13 +495,27 @@ class TrustedRuntime:
 
   # -- verification ------------------------------------------------------------
 
+  def witness_program(self):
+    """The step's gradient program, for a batch of ``batch_size / num_shards``
+    (`ginn_jax._src.program.Program`), traced on first use.
+
+    Raises:
+      UnsupportedProgram: a product sits inside control flow the check does not unroll.
+    """
+    if self._program is None:
+      self._program = step_program(self.model.loss, self.state.params, self._reference.data,
+                                   self.config.batch_size // self.num_shards)
+    return self._program
+
+  def witness_plan(self):
+    """The run's witness plan: what a witness check checks (docs/design.md section 12)."""
+    return self.witness_program().plan
+
   def witness_spec(self) -> witness_lib.WitnessSpec:
     """The form every witness of this run must have (with shards: every
     shard's witness, of a batch of ``batch_size / num_shards``)."""
     if self._witness_spec is None:
-      batch = self.config.batch_size // self.num_shards
-      self._witness_spec = witness_lib.WitnessSpec.of(
-          self.model.module, self.state.params, (batch, *self.model.input_shape))
+      self._witness_spec = witness_lib.WitnessSpec.of_plan(self.witness_plan())
     return self._witness_spec
 
   def _challenge(self, entry: TranscriptEntry, report_digest: bytes, answer,
@@ -618,17 +625,15 @@ class TrustedRuntime:
   def receive_witness(self, step: int, report_digest: bytes, indices, layer_key, outputs,
                       input_grads, shard: int | None = None):
     """Moves a validated witness to the trusted device (if it is not there
-    yet), starts the part of its check that needs no secret vectors, and
-    meanwhile hashes it; then derives the vectors' seed from the digest.
+    yet) and hashes it; then derives the vectors' seed from the digest.
 
     Returns:
       ``(witness, digest, seed)``: what a witness `Check` carries, the
       witness digest and the seed (on the trusted device).
     """
-    moved = jax.device_put((outputs, input_grads), self.device)
-    idx = jax.device_put(np.asarray(indices), self.device)
-    prep = witness_lib.witness_prep(self.model.module, self._reference.images,
-                                    self._reference.labels, idx, layer_key, *moved)  # Async.
+    moved = jax.device_put((list(outputs), list(input_grads)), self.device)
+    idx = jax.device_put(np.asarray(indices, np.int32), self.device)
+    prep = (idx, layer_key)
     wdigest = witness_lib.witness_digest(step, report_digest, *moved, shard=shard)  # The trusted copies.
     seed = witness_lib.freivalds_seed(self._keys.freivalds_key, step, wdigest)  # After the digest.
     return (*moved, prep), wdigest, jax.device_put(seed, self.device)
@@ -669,8 +674,7 @@ class TrustedRuntime:
                                                           check.witness_seed):
           grads = jax.tree_util.tree_unflatten(self._treedef, shards_lib.shard_row(check.reported, s))
           row_loss = jax.device_put(np.asarray(check.loss[s]), self.device)
-          out.append(witness_lib.witness_errors(self.model.module, self.witness_spec(), check.params,
-                                                grads, row_loss, prep, outputs, input_grads, seed))
+          out.append(self._witness_errors(check.params, prep, outputs, grads, row_loss, seed))
         witness = verify.ShardComparisons(shards=tuple(check.witness_shards), comparisons=tuple(out))
       return comparison, witness
     reported_loss = jax.device_put(np.asarray(check.loss), self.device)
@@ -680,12 +684,18 @@ class TrustedRuntime:
                                   jax.tree_util.tree_leaves(ref_grads), ref_loss, self._paths,
                                   tolerance=self.tolerance)
     if check.witness is not None:
-      grads = jax.tree_util.tree_unflatten(self._treedef, check.reported)
-      outputs, input_grads, prep = check.witness
-      witness = witness_lib.witness_errors(
-          self.model.module, self.witness_spec(), check.params, grads, reported_loss, prep,
-          outputs, input_grads, check.witness_seed)
+      outputs, _, prep = check.witness
+      witness = self._witness_errors(check.params, prep, outputs, check.reported, reported_loss,
+                                     check.witness_seed)
     return comparison, witness
+
+  def _witness_errors(self, params, prep, products, reported, loss, seed) -> verify.Comparison:
+    """The witness check of one step (or shard): the program evaluated with
+    the claimed products, each after its Freivalds check."""
+    indices, key = prep
+    return program_check.program_errors(
+        self.witness_program(), self._paths, params, self._reference.data, indices, key, products,
+        jax.tree_util.tree_leaves(reported), loss, seed)
 
   def _resolve(self, entry: TranscriptEntry, result: CheckResult) -> TranscriptEntry:
     """The entry with the checks' outcome; records and raises on a violation."""
@@ -789,6 +799,7 @@ class TrustedRuntime:
         "witness_tolerance": self.witness_tolerance.to_dict(),
         "report_digest": self.report_digest_name,
         "witness_digest": witness_lib.DIGEST_NAME,
+        **({"witness_plan": self.witness_plan().summary()} if self.config.p_witness > 0 else {}),
         "dataset_digest": self.dataset_digest,
         "num_examples": self.schedule.num_examples,
         "jax_version": jax.__version__,

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +46,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ginn_jax._src import layered
+from ginn_jax._src import layered, program as program_lib
 from ginn_jax._src.boundary import Witness, WitnessRequest
 from ginn_jax._src.devices import worker_device
 from ginn_jax._src.models import Model
+from ginn_jax._src.step import gather
 from ginn_jax._src.types import Batch, Params
 from ginn_jax._src.worker.malicious import Backdoor, MaliciousWorker, Schedule
 
@@ -566,10 +567,15 @@ class ToleranceAwareWorker(MaliciousWorker):
 # -- forged witnesses ----------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _poisoned_witness(module, backdoor, params, images, labels, indices, key):
-  batch = backdoor.poison(Batch(images[indices], labels[indices]))
-  return layered.loss_grads_and_witness(module, params, batch.images, batch.labels, key)
+@functools.lru_cache(maxsize=16)
+def _poisoned_witness_fn(program, backdoor):
+  """The step on the poisoned batch, with the witness of that batch (jitted)."""
+
+  def f(params, data, indices, key):
+    batch = backdoor.poison(gather(data, indices))
+    return program_lib.loss_grads_and_products(program, params, batch, key)
+
+  return jax.jit(f)
 
 
 @jax.jit
@@ -577,72 +583,129 @@ def _with_nan(x):
   return x.at[(0,) * x.ndim].set(jnp.nan)
 
 
-WitnessAnswer = Literal["honest", "poisoned", "missing_layer", "nan", "replaced_layer", "none"]
+@jax.jit
+def _moved(x):
+  """One entry moved: the first entry's value goes to the last and back."""
+  flat = x.ravel()
+  return flat.at[0].set(flat[-1]).at[-1].set(flat[0]).reshape(x.shape)
+
+
+WitnessAnswer = Literal["honest", "poisoned", "replaced", "scaled", "moved", "stale", "swapped",
+                        "missing", "extra", "wrong_dtype", "nan", "none",
+                        "missing_layer", "replaced_layer"]
+_ALIASES = {"missing_layer": "missing", "replaced_layer": "replaced"}
+# Answers that forge the honest witness while the report is honest: the check must name the product.
+_FORGES_HONEST = ("scaled", "moved", "stale", "swapped", "missing", "extra", "wrong_dtype", "nan")
 
 
 class WitnessForgeryWorker(MaliciousWorker):
-  """Reports a poisoned-batch gradient on scheduled steps and answers the
-  witness challenge with a forgery (docs/design.md section 10).
+  """On scheduled steps, answers the witness challenge with a forgery
+  (docs/design.md section 12); the witness is the output of every witnessed
+  product of the step's program, in plan order.
 
-  `answer` says how:
+  `answer` says how. With a poisoned report (the gradient of the backdoored batch):
 
   * "honest": the honest witness of the step (consistent with the trusted
     batch, not with the reported gradient);
   * "poisoned": the witness of the poisoned batch, consistent with the
     reported gradient (but not with the trusted batch and labels);
-  * "missing_layer": the poisoned witness without its last layer's output;
-  * "nan": the poisoned witness with a NaN in one layer's output;
-  * "replaced_layer": the honest witness with one layer's output replaced by
-    the poisoned batch's (`layer`, default 1);
+  * "replaced": the honest witness with product `product` replaced by the
+    poisoned batch's.
+
+  With the honest report and a forged honest witness (each must be caught and
+  named at product `product`, or at the witness's form):
+
+  * "scaled": product `product` scaled by 1.001;
+  * "moved": one entry of product `product` swapped with another;
+  * "stale": the previous scheduled step's witness (or, at the first, that
+    of the step before), relabelled as this step's;
+  * "swapped": products `product` and the next one of the same shape swapped
+    (the next product, if no other has that shape);
+  * "missing" / "extra": the last product left out / one product more;
+  * "wrong_dtype": product `product` in bfloat16;
+  * "nan": product `product` with a NaN;
   * "none": raises instead of answering.
 
+  ("missing_layer" and "replaced_layer" are the old names of "missing" and
+  "replaced"; `layer` that of `product`.)
+
   Args:
-    model, images, labels, schedule, device: as for `MaliciousWorker` (the
-      model must be layered).
+    model, images, labels, schedule, device: as for `MaliciousWorker`.
     backdoor: the poisoning.
     answer: the forgery, as above.
-    layer: the layer whose output "nan" and "replaced_layer" tamper with.
+    product: the witnessed product (its index in the witness) it tampers with.
   """
 
-  def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
+  def __init__(self, model: Model, images: np.ndarray = None, labels: np.ndarray = None, *,
                schedule: Schedule, backdoor: Backdoor = Backdoor(), answer: WitnessAnswer = "poisoned",
-               layer: int = 1, device: jax.Device | None = None,
-               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
-    if not model.layered:
-      raise ValueError(f"model {model.name!r} has no layered form, so it has no witness to forge")
+               product: int = 1, layer: int | None = None, device: jax.Device | None = None,
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None,
+               data: Any = None):
     if answer not in WitnessAnswer.__args__:
       raise ValueError(f"answer must be one of {WitnessAnswer.__args__}, got {answer!r}")
     if num_shards != 1:
       raise ValueError("WitnessForgeryWorker forges the witness of a whole step; it has no "
                        "per-shard form (num_shards must be 1)")
+    if data is not None:
+      images = data
     super().__init__(model, images, labels, schedule=schedule, device=device,
                      num_shards=num_shards, shards=shards, mesh=mesh)
-    self.backdoor, self.answer, self.layer = backdoor, answer, layer
-    self._poisoned: Witness | None = None
+    self.backdoor, self.answer = backdoor, _ALIASES.get(answer, answer)
+    self.product = product if layer is None else layer
+    self._forged: Witness | None = None
+    self._previous: list | None = None
+
+  def _honest_witness(self, params, indices, key):
+    return self.honest.witness_fn(params, indices, key)
 
   def attack(self, step: int, params: Params, indices: jax.Array,
              key: jax.Array) -> tuple[jax.Array, Params]:
-    loss, grads, outputs, input_grads = _poisoned_witness(
-        self.model.module, self.backdoor, params, self.images, self.labels, indices, key)
-    self._poisoned = Witness(step=step, outputs=list(outputs), input_grads=list(input_grads))
+    if self.answer in _FORGES_HONEST:
+      loss, grads, products, _ = self._honest_witness(params, indices, key)
+      self._forged = Witness(step=step, outputs=self._forge(list(products), params, indices, key))
+      self._previous = list(products)
+      return loss, grads
+    program = self.honest.witness_fn.program(params, int(indices.shape[0]))
+    loss, grads, products = _poisoned_witness_fn(program, self.backdoor)(params, self.data, indices, key)
+    products = list(products)
+    if self.answer == "honest":
+      products = self._honest_witness(params, indices, key)[2]
+    elif self.answer == "replaced":
+      honest = self._honest_witness(params, indices, key)[2]
+      honest[self.product] = products[self.product]
+      products = honest
+    self._forged = Witness(step=step, outputs=products)
     return loss, grads
 
+  def _forge(self, products: list, params, indices, key) -> list:
+    i = self.product
+    if self.answer == "scaled":
+      products[i] = products[i] * jnp.asarray(1.001, products[i].dtype)
+    elif self.answer == "moved":
+      products[i] = _moved(products[i])
+    elif self.answer == "stale":
+      if self._previous is None:  # The first attack: the witness of the step before.
+        step_key = jax.random.fold_in(key, 1)
+        self._previous = self._honest_witness(params, jnp.roll(indices, 1), step_key)[2]
+      products = list(self._previous)
+    elif self.answer == "swapped":
+      same = [j for j in range(len(products)) if j != i and products[j].shape == products[i].shape]
+      j = same[0] if same else (i + 1) % len(products)
+      products[i], products[j] = products[j], products[i]
+    elif self.answer == "missing":
+      products = products[:-1]
+    elif self.answer == "extra":
+      products = [*products, products[-1]]
+    elif self.answer == "wrong_dtype":
+      products[i] = products[i].astype(jnp.bfloat16)
+    elif self.answer == "nan":
+      products[i] = _with_nan(products[i])
+    return products
+
   def witness(self, request: WitnessRequest) -> Witness:
-    poisoned, self._poisoned = self._poisoned, None
-    if poisoned is None or poisoned.step != request.step:  # An honest step: answer honestly.
+    forged, self._forged = self._forged, None
+    if forged is None or forged.step != request.step:  # An honest step: answer honestly.
       return self.honest.witness(request)
     if self.answer == "none":
       raise RuntimeError("no witness kept")
-    if self.answer == "honest":
-      return self.honest.witness(request)
-    outputs, input_grads = list(poisoned.outputs), list(poisoned.input_grads)
-    if self.answer == "missing_layer":
-      outputs = outputs[:-1]
-    elif self.answer == "nan":
-      outputs[self.layer] = _with_nan(outputs[self.layer])
-    elif self.answer == "replaced_layer":
-      honest = self.honest.witness(request)
-      outputs = list(honest.outputs)
-      outputs[self.layer] = poisoned.outputs[self.layer]
-      input_grads = list(honest.input_grads)
-    return Witness(step=request.step, outputs=outputs, input_grads=input_grads)
+    return forged

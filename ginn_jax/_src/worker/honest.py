@@ -32,7 +32,8 @@ class HonestWorker:
     data: the worker's copy of the training set (any pytree of arrays with a
       leading example axis, or images and labels), put on `device` once.
     device: where to compute; default `ginn_jax.worker_device()`.
-    witness: for a layered model, "keep" computes each step's witness with its
+    witness: "keep" computes each step's witness (the output of every product
+      of the step's program, docs/design.md section 12) with its
       gradient (one pass, the same gradient) and keeps the last step's on the
       device until the next step; "recompute" computes the plain gradient and,
       when challenged, the witness again from the work order. Either way at
@@ -48,9 +49,8 @@ class HonestWorker:
     self.device = device or worker_device()
     data = as_training_data(data, labels, images=images)
     self.grad_fn = DeviceGradFn(model.loss, data, self.device)
-    self.witness_fn = (DeviceWitnessFn(model.module, self.grad_fn.images, self.grad_fn.labels, self.device)
-                       if model.layered else None)
-    self.keep = witness == "keep" and model.layered
+    self.witness_fn = DeviceWitnessFn(model.loss, self.grad_fn.data, self.device)
+    self.keep = witness == "keep"
     self._kept: Witness | None = None
 
   def __call__(self, order: WorkOrder) -> GradientReport:
@@ -66,10 +66,8 @@ class HonestWorker:
     """The witness of the requested step: the kept one, or computed again.
 
     Raises:
-      ValueError: the model has no layered form.
+      UnsupportedProgram: the model's program has a product the check cannot follow.
     """
-    if self.witness_fn is None:
-      raise ValueError(f"model {self.model.name!r} has no layered form, so it has no witness")
     kept, self._kept = self._kept, None
     if kept is not None and kept.step == request.step:
       return kept

@@ -147,11 +147,10 @@ class ShardedWorker:
     self._fn = _sharded_grad(getattr(loss, "__self__", None), getattr(loss, "__func__", loss),
                              self.mesh, self.num_shards)
     self.witness_fn = None
-    if model.layered and isinstance(self.data, Batch) and self.device.process_index == jax.process_index():
+    if self.device.process_index == jax.process_index():
       # The first device's copy of the replicated training set (no second copy).
       local = lambda a: next(sh.data for sh in a.addressable_shards if sh.device == self.device)  # noqa: E731
-      self.witness_fn = DeviceWitnessFn(model.module, local(self.data.images), local(self.data.labels),
-                                        self.device)
+      self.witness_fn = DeviceWitnessFn(model.loss, jax.tree_util.tree_map(local, self.data), self.device)
 
 
   def compute(self, params, batch_indices, layer_key) -> tuple[jax.Array, object]:
@@ -178,14 +177,14 @@ class ShardedWorker:
     computed again on `device` from the order.
 
     Raises:
-      ValueError: the model has no layered form (or the data are not images
-        and labels), or a sharded request without a shard.
+      ValueError: the mesh's first device is not in this process, or a
+        sharded request without a shard.
     """
     if self.honest is not None:
       return self.honest.witness(request)
     if self.witness_fn is None:
-      raise ValueError(f"model {self.model.name!r} has no witness on this worker (it needs a layered "
-                       "model, image data and the mesh's first device in this process)")
+      raise ValueError(f"model {self.model.name!r} has no witness on this worker (the mesh's first "
+                       "device is not in this process)")
     s = request.shard
     if s is None or not 0 <= s < self.num_shards:
       raise ValueError(f"a witness request of a {self.num_shards}-shard run must name a shard, got {s!r}")
