@@ -327,7 +327,7 @@ def test_generic_witness_forgeries_are_caught_at_the_first_malicious_step(cnn, c
   elif answer in ("missing", "extra"):
     assert v.leaf == "witness.outputs" and "witnessed product" in v.reason
   elif answer in ("stale", "swapped", "poisoned", "honest"):
-    assert v.leaf.startswith(("product ", "gradient ")), v.leaf
+    assert "product " in v.leaf or v.leaf.startswith("gradient "), v.leaf
   if not deferred:  # Its update was not applied.
     assert rt.step == 3 and rt.transcript[-1].outcome == "violation"
 

@@ -584,10 +584,27 @@ def _with_nan(x):
 
 
 @jax.jit
+def _scaled(x):
+  return x * jnp.asarray(1.001, x.dtype)
+
+
+@jax.jit
+def _bf16(x):
+  return x.astype(jnp.bfloat16)
+
+
+@jax.jit
+def _step_before(indices, key):
+  """Another batch and key (the witness of "a step before", for a stale answer)."""
+  return jnp.roll(indices, 1), jax.random.fold_in(key, 1)
+
+
+@jax.jit
 def _moved(x):
-  """One entry moved: the first entry's value goes to the last and back."""
+  """One entry moved: the largest entry (by magnitude) swapped with the smallest."""
   flat = x.ravel()
-  return flat.at[0].set(flat[-1]).at[-1].set(flat[0]).reshape(x.shape)
+  a, b = jnp.argmax(jnp.abs(flat)), jnp.argmin(jnp.abs(flat))
+  return flat.at[a].set(flat[b]).at[b].set(flat[a]).reshape(x.shape)
 
 
 WitnessAnswer = Literal["honest", "poisoned", "replaced", "scaled", "moved", "stale", "swapped",
@@ -616,7 +633,7 @@ class WitnessForgeryWorker(MaliciousWorker):
   named at product `product`, or at the witness's form):
 
   * "scaled": product `product` scaled by 1.001;
-  * "moved": one entry of product `product` swapped with another;
+  * "moved": the largest entry of product `product` swapped with its smallest;
   * "stale": the previous scheduled step's witness (or, at the first, that
     of the step before), relabelled as this step's;
   * "swapped": products `product` and the next one of the same shape swapped
@@ -680,13 +697,12 @@ class WitnessForgeryWorker(MaliciousWorker):
   def _forge(self, products: list, params, indices, key) -> list:
     i = self.product
     if self.answer == "scaled":
-      products[i] = products[i] * jnp.asarray(1.001, products[i].dtype)
+      products[i] = _scaled(products[i])
     elif self.answer == "moved":
       products[i] = _moved(products[i])
     elif self.answer == "stale":
       if self._previous is None:  # The first attack: the witness of the step before.
-        step_key = jax.random.fold_in(key, 1)
-        self._previous = self._honest_witness(params, jnp.roll(indices, 1), step_key)[2]
+        self._previous = self._honest_witness(params, *_step_before(indices, key))[2]
       products = list(self._previous)
     elif self.answer == "swapped":
       same = [j for j in range(len(products)) if j != i and products[j].shape == products[i].shape]
@@ -697,7 +713,7 @@ class WitnessForgeryWorker(MaliciousWorker):
     elif self.answer == "extra":
       products = [*products, products[-1]]
     elif self.answer == "wrong_dtype":
-      products[i] = products[i].astype(jnp.bfloat16)
+      products[i] = _bf16(products[i])
     elif self.answer == "nan":
       products[i] = _with_nan(products[i])
     return products
