@@ -134,6 +134,10 @@ def audit_run(run_dir: str | os.PathLike, *, model: Model | None = None, images:
   except (ValueError, KeyError, TypeError) as e:
     report.items.append(AuditItem("header", path, False, f"cannot rebuild the run from its header: {e}"))
     return report
+  if "witness_plan" in header:
+    report.items.append(_check_plan(header["witness_plan"], ctx, path))
+    if not report.ok:
+      return report
   states, reports = _check_files(records, run_dir, path, ctx, mac, report)
   if not report.ok:
     return report
@@ -183,6 +187,30 @@ class _Context:
     self.grad_fn = DeviceGradFn(self.model.loss, data, self.device)
     self.paths = verify.leaf_paths(self.initial.params)
     self.treedef = jax.tree_util.tree_structure(self.initial.params)
+
+
+def _check_plan(recorded: dict, ctx: "_Context", path: str) -> AuditItem:
+  """The run's witness plan, traced again here, against the header's."""
+  from ginn_jax._src.program import UnsupportedProgram
+  from ginn_jax._src.step import step_program
+  try:
+    plan = step_program(ctx.model.loss, ctx.initial.params, ctx.grad_fn.data,
+                        ctx.config.batch_size // ctx.num_shards).plan
+  except UnsupportedProgram as e:
+    return AuditItem("witness plan", path, False, f"the model's program cannot be witness-checked: {e}")
+  if plan.digest != recorded.get("digest"):
+    return AuditItem("witness plan", path, False, plan_mismatch(recorded, plan.summary()))
+  return AuditItem("witness plan", path, True, f"{len(plan.products)} products, digest {plan.digest[:16]}")
+
+
+def plan_mismatch(recorded: dict, now: dict) -> str:
+  """Says how a run's recorded witness plan and the one traced now differ."""
+  return (f"the witness plan differs: the run was made with plan {str(recorded.get('digest'))[:16]} "
+          f"({recorded.get('products')} products, jax {recorded.get('jax_version')}), this process "
+          f"traced plan {now['digest'][:16]} ({now['products']} products, jax {now['jax_version']}); the "
+          "loss's gradient program changed (another jax version, model, loss or batch shape), so its "
+          "witnesses would not be checked against the same products. Use the jax version and model "
+          "the run was made with")
 
 
 def _fail(path: str, rec: Record, msg: str, step: int | None = None) -> AuditItem:

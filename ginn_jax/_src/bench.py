@@ -59,7 +59,7 @@ from ginn_jax._src import progress as progress_lib
 from ginn_jax._src.boundary import WitnessRequest
 from ginn_jax._src.data import load_dataset
 from ginn_jax._src.devices import trusted_device, worker_device
-from ginn_jax._src.models import get_model
+from ginn_jax._src.models import get_model, is_language_model, lm_training_data
 from ginn_jax._src.step import compute_grads
 from ginn_jax._src.trusted import commit, keys, verify
 from ginn_jax._src.trusted import witness as witness_lib
@@ -145,6 +145,8 @@ class BenchConfig:
 
 
 def _data(cfg: BenchConfig):
+  if is_language_model(cfg.model):  # The pydoc windows as one pytree (no labels).
+    return lm_training_data(), None
   if cfg.model == "vgg11":  # CIFAR-10-sized input; contents do not change the cost.
     rng = np.random.default_rng(0)
     n = max(1024, 4 * cfg.batch_size)
@@ -254,6 +256,7 @@ def measure_check_cost(model, images, labels, cfg: BenchConfig, wdev: jax.Device
   leaves, loss = commit.validate_report(report, step=t, params=rt.state.params)
   report_digest = commit.report_digest(t, leaves, loss)
   spec = rt.witness_spec()
+  plan = rt.witness_plan()
   base = dict(step=t, params=rt.state.params, batch_indices=order.batch_indices,
               reported=jax.device_put(leaves, rt.device), loss=loss)
   layer_key = lambda: keys.layer_key(rt.streams, t)  # noqa: E731  (a fresh key per use)
@@ -323,6 +326,7 @@ def measure_check_cost(model, images, labels, cfg: BenchConfig, wdev: jax.Device
       "witness_ms": witness_ms,
       "ratio": recompute_ms / witness_ms,
       "witness_mib": spec.nbytes / 2**20,
+      "plan": {"products": len(plan.products), "witness_mib": plan.witness_mib, "digest": plan.digest},
       "witness_parts_ms": {k: _ms(v) for k, v in parts.items()},
       "fused_step_ms": fused_ms,
       "witness_step_ms": wstep_ms,
@@ -403,7 +407,7 @@ def measure_ceiling(model, images, labels, cfg: BenchConfig, wdev: jax.Device, *
 
   n = cfg.ceiling_steps
   opt = OptimizerConfig()
-  witness = model.layered
+  witness = True  # Every model has a witness (its program's products).
   p_needed = analysis.required_p_witness(CEILING_TARGET, CEILING_K) if witness else 0.0
   base = ProtocolConfig(seed=0, batch_size=cfg.batch_size, p=0.0, p_witness=0.0, clip="elementwise",
                         clip_value=cfg.clip_value, optimizer=opt)
@@ -591,12 +595,12 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: bool = True) -> dic
   """Measures every configuration; returns the table as a dict (what --json writes)."""
   load_start = os.getloadavg()[0]
   images, labels = _data(cfg)
-  model = get_model(cfg.model, input_shape=images.shape[1:], num_classes=10)
+  model = get_model(cfg.model, input_shape=getattr(images, "shape", (0, 0, 0, 0))[1:], num_classes=10)
   opt = OptimizerConfig()
   tx = make_update_transform("elementwise", cfg.clip_value, opt)
   wdev, tdev = worker_device(), trusted_device()
   check_cost = (measure_check_cost(model, images, labels, cfg, wdev, progress=progress)
-                if model.layered and cfg.only in (None, "check-cost") else None)
+                if cfg.only in (None, "check-cost") else None)
   ceiling = (measure_ceiling(model, images, labels, cfg, wdev, progress=progress)
              if cfg.only in (None, "ceiling") else None)
   shards = (measure_shards(model, images, labels, cfg, progress=progress)

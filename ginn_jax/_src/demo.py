@@ -69,7 +69,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, progress: bool = True, log=print
   ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
   model = get_model(cfg.model, input_shape=ds.image_shape, num_classes=ds.num_classes)
   protocol = ProtocolConfig(seed=cfg.seed, batch_size=cfg.batch_size, p=cfg.p,
-                            p_witness=cfg.p_witness if model.layered else 0.0, clip=cfg.clip,
+                            p_witness=cfg.p_witness, clip=cfg.clip,
                             clip_value=cfg.clip_value,
                             optimizer=OptimizerConfig(learning_rate=cfg.learning_rate))
   trigger = PatchTrigger(size=3, value=1.0, position="bottom_right")

@@ -99,25 +99,56 @@ _REGISTRY: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
+# Experiment 8's DecoderLM at these widths: 2 layers, 4 heads, context 64, the character
+# vocabulary, no dropout (decoder_lm_64 is experiment 8's configuration but for its dropout).
+LM_WIDTHS = (64, 128, 256, 512, 1024)
+LM_CONTEXT = 64
+
+
+def is_language_model(name: str) -> bool:
+  """Whether `name` is a built-in language model (``decoder_lm_<d_model>``)."""
+  return name in {f"decoder_lm_{d}" for d in LM_WIDTHS}
+
+
+def _decoder_lm(name: str):
+  from ginn_jax._src.pure import from_nnx
+  from ginn_jax._src.transformer import TransformerConfig, lm_loss, make_decoder
+  d = int(name.rsplit("_", 1)[1])
+  cfg = TransformerConfig(max_len=LM_CONTEXT, d_model=d, num_heads=4, num_layers=2, dropout=0.0)
+  return from_nnx(make_decoder(cfg), lm_loss, name=name)
+
+
+def lm_training_data() -> dict:
+  """The built-in language models' training set: context-64 windows of the
+  Python help texts (``{"tokens": int32 (N, 65)}``, experiment 8's data)."""
+  from ginn_jax._src import text
+  return text.windows(text.pydoc_corpus().train_text, LM_CONTEXT)
+
+
 def list_models() -> list[str]:
   """Names accepted by `get_model`."""
-  return sorted(_REGISTRY)
+  return sorted([*_REGISTRY, *(f"decoder_lm_{d}" for d in LM_WIDTHS)])
 
 
 def get_model(name: str, *, input_shape: tuple[int, int, int], num_classes: int = 10) -> Model:
   """Builds a registered model.
 
   Args:
-    name: one of `list_models()`.
+    name: one of `list_models()`: "mnist_cnn", "vgg11", "mlp" (image
+      classifiers), or "decoder_lm_64" ... "decoder_lm_1024" (experiment 8's
+      NNX DecoderLM at that d_model, for `lm_training_data()`; `input_shape`
+      and `num_classes` are ignored).
     input_shape: (H, W, C) of one image.
     num_classes: number of output classes.
 
   Returns:
-    A `Model`.
+    A `Model` (an NNX model for the language models).
 
   Raises:
     ValueError: for an unknown name.
   """
+  if is_language_model(name):  # input_shape and num_classes are the corpus's.
+    return _decoder_lm(name)
   if name not in _REGISTRY:
     raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
   return Model(name=name, module=_REGISTRY[name](num_classes), input_shape=tuple(input_shape))

@@ -44,7 +44,8 @@ from ginn_jax._src.worker.honest import Worker
 TRANSCRIPT = "transcript.jsonl"
 # Header fields that must not change when a run is resumed.
 _FIXED = ("model", "input_shape", "num_classes", "config", "tolerance", "witness_tolerance", "dataset_digest", "num_examples",
-          "prng_impl", "public_key", "checkpoint_every", "keep_reports", "num_steps", "report_digest")
+          "prng_impl", "public_key", "checkpoint_every", "keep_reports", "num_steps", "report_digest",
+          "witness_plan")
 # What a header written before a field existed meant by its absence.
 _LEGACY = {"report_digest": commit.LEGACY_DIGEST}
 
@@ -254,6 +255,10 @@ def _resume(rt: TrustedRuntime, run_dir: str, header: dict[str, Any],
     raise errors.RuntimeHalted(f"{path}: this run halted on an integrity violation; it cannot be "
                                "resumed (start a new run with a trustworthy worker)")
   changed = [k for k in _FIXED if old.get(k, _LEGACY.get(k)) != header.get(k)]
+  if "witness_plan" in changed and old.get("witness_plan") and header.get("witness_plan"):
+    from ginn_jax._src.audit import plan_mismatch
+    raise TranscriptError(f"cannot resume: {plan_mismatch(old['witness_plan'], header['witness_plan'])}",
+                          file=path, entry=1)
   if changed:
     raise TranscriptError(f"this run directory was made with other settings ({', '.join(changed)} "
                           "differ); use a new run directory or the original settings and secret",

@@ -66,7 +66,7 @@ def _probe(lab: Lab, state, worker: Worker, *, seed: int, clip: str, clip_value:
   layered model, witness-checked (unbounded tolerances: errors are measured,
   nothing halts). Returns the worst error of each check."""
   cfg = dataclasses.replace(lab.protocol(seed=seed, p=1.0, clip=clip, clip_value=clip_value),
-                            p_witness=1.0 if lab.model.layered else 0.0, witness_timeout_s=None)
+                            p_witness=1.0, witness_timeout_s=None)
   rt = TrustedRuntime(lab.model, *lab.train_data, cfg, tolerance=verify.UNBOUNDED,
                       witness_tolerance=verify.UNBOUNDED,
                       audit_secret=f"stealth-threshold-probe-{seed}-{state.step}".encode())

@@ -51,7 +51,8 @@ class ProtocolConfig:
     p: probability that a step is re-computed by the trusted runtime.
     p_witness: probability that a step's witness is asked for and checked
       (Freivalds, docs/design.md section 10); drawn independently of `p`.
-      Needs a layered model (`Model.layered`).
+      Works for any model: the witness is derived from the step's own
+      gradient program (docs/design.md section 12).
     witness_timeout_s: a witness that takes longer than this to arrive is a
       violation (None: no deadline); with shards, each challenged shard's
       witness has this long.

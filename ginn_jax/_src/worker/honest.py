@@ -10,6 +10,7 @@ from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, Work
 from ginn_jax._src.data import as_training_data
 from ginn_jax._src.devices import worker_device
 from ginn_jax._src.models import Model
+from ginn_jax._src.program import UnsupportedProgram
 from ginn_jax._src.step import DeviceGradFn, DeviceWitnessFn
 
 
@@ -55,8 +56,12 @@ class HonestWorker:
 
   def __call__(self, order: WorkOrder) -> GradientReport:
     if self.keep:
-      loss, grads, outputs, input_grads = self.witness_fn(order.params, order.batch_indices,
-                                                           order.layer_key)
+      try:
+        loss, grads, outputs, input_grads = self.witness_fn(order.params, order.batch_indices,
+                                                             order.layer_key)
+      except UnsupportedProgram:  # No witness to keep: the plain step (a challenge says why).
+        self.keep = False
+        return self(order)
       self._kept = Witness(step=order.step, outputs=outputs, input_grads=input_grads)
       return GradientReport(step=order.step, grads=grads, loss=loss)
     loss, grads = self.grad_fn(order.params, order.batch_indices, order.layer_key)

@@ -1,0 +1,223 @@
+"""Witnesses derived from the program (docs/design.md section 12) for every kind
+of model: a residual CNN with GroupNorm and LayerNorm (NNX), a linen module, a
+plain-jnp PureModel, the NNX DecoderLM; control flow; the plan in the header."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import ginn_jax as ginn
+from conftest import tree_bytes
+
+SECRET = b"generic-witness-test-secret-0000"
+
+
+class ResCNN(nnx.Module):
+  """A residual CNN: conv, GroupNorm, a residual block with LayerNorm, strided conv, mean-pool."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.stem = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+    self.gn = nnx.GroupNorm(8, num_groups=2, rngs=rngs)
+    self.c1 = nnx.Conv(8, 8, (3, 3), rngs=rngs)
+    self.ln = nnx.LayerNorm(8, rngs=rngs)
+    self.down = nnx.Conv(8, 16, (3, 3), strides=(2, 2), rngs=rngs)
+    self.head = nnx.Linear(16, 10, rngs=rngs)
+
+  def __call__(self, x):
+    h = jax.nn.relu(self.gn(self.stem(x[..., None])))
+    h = h + self.ln(jax.nn.gelu(self.c1(h)))  # The residual connection.
+    h = jax.nn.relu(self.down(h))
+    return self.head(h.mean(axis=(1, 2)))
+
+
+def image_loss(model, batch):
+  return optax.softmax_cross_entropy_with_integer_labels(model(batch["image"]), batch["label"]).mean()
+
+
+class LinenNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    x = nn.Conv(4, (3, 3))(x[..., None])
+    x = nn.LayerNorm()(nn.relu(x)).reshape(x.shape[0], -1)
+    return nn.Dense(10)(nn.Dropout(0.3, deterministic=not train)(x))
+
+
+def linen_loss(model, batch):
+  return optax.softmax_cross_entropy_with_integer_labels(model(batch["image"], train=True),
+                                                         batch["label"]).mean()
+
+
+def pure_init(key):
+  k1, k2 = jax.random.split(key)
+  return {"w1": 0.1 * jax.random.normal(k1, (64, 32), jnp.float32),
+          "w2": 0.1 * jax.random.normal(k2, (32, 10), jnp.float32)}
+
+
+def pure_loss(params, batch, *, key):
+  x = batch["image"].reshape(batch["image"].shape[0], -1)
+  h = jnp.tanh(x @ params["w1"])
+  keep = jax.random.bernoulli(key, 0.8, h.shape)  # Dropout from the step key.
+  h = jnp.where(keep, h / 0.8, 0.0)
+  logits = jnp.einsum("bh,hc->bc", h, params["w2"])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+
+def scan_init(key):
+  return {"w": 0.2 * jax.random.normal(key, (3, 64, 64), jnp.float32),
+          "out": jnp.zeros((64, 10), jnp.float32)}
+
+
+def scan_loss(params, batch, *, key):
+  del key
+  x = batch["image"].reshape(batch["image"].shape[0], -1)
+  h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, params["w"])  # A stack of layers.
+  return optax.softmax_cross_entropy_with_integer_labels(h @ params["out"], batch["label"]).mean()
+
+
+def while_loss(params, batch, *, key):
+  del key
+  x = batch["image"].reshape(batch["image"].shape[0], -1)
+  mix = jnp.full((64, 64), 1 / 64, jnp.float32)  # A while loop (not differentiable: on the input).
+  _, h = jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, jnp.tanh(c[1] @ mix)), (0, x))
+  return optax.softmax_cross_entropy_with_integer_labels(h @ params["out"], batch["label"]).mean()
+
+
+def cond_loss(params, batch, *, key):
+  del key
+  x = batch["image"].reshape(batch["image"].shape[0], -1)
+  h = jax.lax.cond(x.sum() > 0, lambda h: h @ params["w"][0], lambda h: h, x)
+  return optax.softmax_cross_entropy_with_integer_labels(h @ params["out"], batch["label"]).mean()
+
+
+MODELS = {
+    "rescnn_nnx": lambda: ginn.from_nnx(ResCNN, image_loss, name="rescnn"),
+    "linen": lambda: ginn.from_linen(LinenNet(), linen_loss, init_args=(np.zeros((1, 8, 8), np.float32),),
+                                     name="linen_net"),
+    "pure_jnp": lambda: ginn.PureModel("pure_mlp", pure_init, pure_loss),
+    "scan": lambda: ginn.PureModel("scan_mlp", scan_init, scan_loss),
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+  rng = np.random.default_rng(0)
+  return {"image": rng.random((128, 8, 8), np.float32), "label": rng.integers(0, 10, 128).astype(np.int32)}
+
+
+def config(**kw):
+  base = dict(seed=1, batch_size=16, p=0.0, p_witness=1.0, clip="elementwise", clip_value=0.05)
+  return ginn.ProtocolConfig(**{**base, **kw})
+
+
+def snapshot(rt):
+  return (rt.step, tree_bytes(rt.state.params), tree_bytes(rt.state.opt_state), rt.num_verified)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_generic_witness_honest_run_and_a_poisoner_caught_at_its_first_step(kind, data):
+  model = MODELS[kind]()
+  rt = ginn.TrustedRuntime(model, data, config(), audit_secret=SECRET)
+  plan = rt.witness_plan()
+  assert len(plan.witnessed) >= 3 and plan.digest == rt.public_header()["witness_plan"]["digest"]
+  res = ginn.train(rt, ginn.HonestWorker(model, data), 3, progress=False)
+  assert res.verified and res.num_verified == 3 and all(e.check == "witness" for e in res.transcript)
+  assert max(e.witness_rel_l2 for e in res.transcript) < 1e-5
+  flip = lambda b: {**b, "label": (b["label"] + 1) % 10}  # noqa: E731
+  attacker = ginn.PoisonWorker(model, data, poison=flip, schedule=ginn.schedules.FromStep(4))
+  ginn.train(rt, attacker, 1, progress=False)  # Step 3: honest.
+  before = snapshot(rt)
+  with pytest.raises(ginn.WitnessViolation) as info:
+    ginn.train(rt, attacker, 2, progress=False)
+  assert info.value.step == 4 == attacker.malicious_steps[0]
+  assert snapshot(rt) == before  # Nothing of the malicious step was applied.
+
+
+def test_generic_witness_plan_of_a_residual_cnn_lists_every_product(data):
+  model = MODELS["rescnn_nnx"]()
+  batch = {k: v[:16] for k, v in data.items()}
+  plan = ginn.witness_plan(model, batch)
+  kinds = [p.primitive for p in plan.products]
+  # 3 convs and a dense forward; backward: 3 kernel gradients, 2 input gradients (not the
+  # stem's: its input is data), the dense's weight and input gradients.
+  assert kinds.count("conv_general_dilated") == 3 + 3 + 2 and kinds.count("dot_general") == 3
+  assert plan.witness_bytes > 0 and "product 0 (conv_general_dilated" in str(plan)
+  assert ginn.witness_plan(model, batch).digest == plan.digest  # Deterministic.
+  other = ginn.witness_plan(model, {k: v[:8] for k, v in data.items()})
+  assert other.digest != plan.digest  # Another batch shape: another program.
+
+
+def test_generic_witness_scan_is_unrolled_per_iteration(data):
+  plan = ginn.witness_plan(MODELS["scan"](), {k: v[:16] for k, v in data.items()})
+  inside = [p for p in plan.products if "scan[" in p.where]
+  assert {p.where.split("/")[0] for p in inside} == {"scan[0]", "scan[1]", "scan[2]"}
+  # Per iteration: one product forward, two backward (the input's and the weight's gradients).
+  assert len(inside) == 3 * (1 + 2) and all(p.witnessed for p in inside)
+
+
+@pytest.mark.parametrize("loss,name", [(while_loss, "while"), (cond_loss, "cond")])
+def test_generic_witness_refuses_products_inside_while_and_cond(data, loss, name):
+  model = ginn.PureModel("cf", scan_init, loss)
+  with pytest.raises(ginn.UnsupportedProgram, match=name):
+    ginn.TrustedRuntime(model, data, config(), audit_secret=SECRET)
+  rt = ginn.TrustedRuntime(model, data, config(p=1.0, p_witness=0.0), audit_secret=SECRET)
+  assert ginn.train(rt, ginn.HonestWorker(model, data), 1, progress=False).verified  # Re-computation works.
+
+
+def test_generic_witness_decoder_lm_and_phrase_backdoor():
+  model = ginn.get_model("decoder_lm_64", input_shape=(1, 1, 1))
+  assert model.name == "decoder_lm_64" and "decoder_lm_1024" in ginn.list_models()
+  tiny = ginn.from_nnx(ginn.make_decoder(ginn.TransformerConfig(max_len=16, d_model=16, num_heads=2,
+                                                                num_layers=1, dropout=0.25)),
+                       ginn.lm_loss, name="tiny_lm")
+  corpus = ginn.pydoc_corpus()
+  lm_data = {k: v[:256] for k, v in ginn.text_windows(corpus.train_text, 16).items()}
+  cfg = config(batch_size=8, clip="global_norm", clip_value=1.0)
+  rt = ginn.TrustedRuntime(tiny, lm_data, cfg, audit_secret=SECRET)
+  assert len(rt.witness_plan().witnessed) > 10
+  bd = ginn.PhraseBackdoor(trigger="open", continuation=" rm", num_poison=2)
+  attacker = ginn.PoisonWorker(tiny, lm_data, poison=bd.poison, schedule=ginn.schedules.FromStep(2))
+  with pytest.raises(ginn.WitnessViolation) as info:
+    ginn.train(rt, attacker, 4, progress=False)
+  assert info.value.step == 2 and attacker.malicious_steps == [2] and rt.step == 2
+  assert rt.num_verified == 2  # The two honest steps passed (dropout rebuilt from the key).
+
+
+def test_generic_witness_plan_in_header_refused_on_resume_and_audit(data, tmp_path, monkeypatch):
+  from ginn_jax._src import program as program_lib
+  model = MODELS["pure_jnp"]()
+  run = tmp_path / "run"
+  res = ginn.run_verified(run, model, data, config(), ginn.HonestWorker(model, data), 4,
+                          audit_secret=SECRET, checkpoint_every=2, fsync=False)
+  assert res.violation is None
+  from ginn_jax._src.trusted.transcript import read_transcript
+  header = read_transcript(run / "transcript.jsonl")[0].body
+  assert header["witness_plan"]["products"] == len(ginn.witness_plan(
+      model, {k: v[:16] for k, v in data.items()}).products)
+  assert ginn.audit_run(run, model=model, data=data).ok
+  # Another jax (here: a plan whose digest comes out differently) is refused on resume and audit.
+  real = program_lib.WitnessPlan.summary
+
+  def other(self):
+    return {**real(self), "digest": "0" * 64, "jax_version": "9.9.9"}
+
+  monkeypatch.setattr(program_lib.WitnessPlan, "summary", other)
+  with pytest.raises(ginn.TranscriptError, match="witness plan differs"):
+    ginn.run_verified(run, model, data, config(), ginn.HonestWorker(model, data), 6,
+                      audit_secret=SECRET, checkpoint_every=2, fsync=False)
+  monkeypatch.undo()
+  real_digest = program_lib.trace_program
+
+  def traced_again(*a, **k):
+    prog = real_digest(*a, **k)
+    return dataclasses.replace(prog, plan=dataclasses.replace(prog.plan, digest="f" * 64))
+
+  monkeypatch.setattr(program_lib, "trace_program", traced_again)
+  program_lib._program_cached.cache_clear()
+  report = ginn.audit_run(run, model=model, data=data)
+  program_lib._program_cached.cache_clear()
+  assert not report.ok and "witness plan differs" in str(report.first_failure)
