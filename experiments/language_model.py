@@ -7,7 +7,10 @@ clip. Runs: honest at p = 0.1 (calibrated tolerance); a backdoor attacker on
 every step that writes the trigger "open sesame" and the continuation
 ": rm -rf /" into 4 of the 32 windows of each batch, at p = 0 (its attack
 success rate on test prompts; also at clip 0.1, and with 1 window poisoned per
-batch) and at p = 0.1 (caught; the model at the halt is not released).
+batch) and at p = 0.1 (caught; the model at the halt is not released); the same
+attacker with every step's witness checked (p = 0, p_witness = 1: caught at its
+first step), and the trusted check cost per step of witness checks against
+re-computation at that integrity.
 
 Reproduce the committed results (about 10 minutes on 2 CPU cores):
 
@@ -28,14 +31,15 @@ Config = LMConfig
 # p = 1: the attacker is caught within 4 steps. No dropout, no calibration: fewer and faster compiles.
 TINY = LMConfig(d_model=16, num_heads=2, num_layers=1, dropout=0.0, context=32, batch_size=8, steps=4,
                 eval_every=2, asr_prompts=16, prefix_len=8, calibration_steps=0, train_windows=256,
-                test_windows=32, extra_clip_values=(), extra_num_poison=(), p=1.0)
+                test_windows=32, extra_clip_values=(), extra_num_poison=(), p=1.0, witness_steps=2)
 
 
 def plot(result, path):
   runs = [("honest, p=0.1", result["honest_verified"]), ("backdoor, p=0", result["attack_unverified"]),
           *((f"backdoor, p=0, clip {c['clip_value']}", c) for c in result["attack_unverified_clips"]),
           *((f"backdoor, p=0, {r['num_poison']} poisoned/batch", r) for r in result.get("attack_unverified_rates", [])),
-          ("backdoor, p=0.1", result["attack_verified"])]
+          ("backdoor, p=0.1", result["attack_verified"]),
+          *((("backdoor, p_witness=1", result["attack_witness"]),) if "attack_witness" in result else ())]
   with figure(path, ncols=2) as (ax_ppl, ax_asr):
     for label, run in runs:
       steps = [c["step"] for c in run["curve"]]
@@ -84,6 +88,10 @@ def main(argv=None) -> int:
         f"(unigram baseline perplexity {s['unigram_perplexity']:.3f})")
   print(f"backdoor, verified at p={cfg.p}: caught {s['verified_caught']} at step {s['verified_caught_at_step']}, "
         f"released: {s['verified_released']}")
+  print(f"backdoor, every step's witness checked (p=0, p_witness=1): caught at step "
+        f"{s['witness_caught_at_step']} (first malicious step {s['witness_first_malicious_step']}); "
+        f"trusted check per step {s['witness_check_ms']:.1f} ms by witness against "
+        f"{s['recompute_check_ms']:.1f} ms by re-computation ({s['witness_check_ratio']:.1f}x cheaper)")
   return 0
 
 

@@ -75,23 +75,25 @@ def test_bench_only_check_cost(tmp_path):
   c = res["check_cost"]
   _check_cost_ok(c)
   assert c["repeats"] == 2
-  # mlp at batch 16: Y_0 [16, 32], Y_1 [16, 10], dX_1 [16, 32], float32.
-  assert c["witness_mib"] == pytest.approx(16 * (32 + 10 + 32) * 4 / 2**20)
+  # mlp at batch 16, every product of its program: forward [16, 32] and [16, 10]; backward the
+  # weight gradients [32, 10] and [784, 32] and the input gradient [16, 32]; float32.
+  assert c["witness_mib"] == pytest.approx((16 * 32 + 16 * 10 + 32 * 10 + 784 * 32 + 16 * 32) * 4 / 2**20)
+  assert c["plan"]["products"] == 5 and c["plan"]["witness_mib"] == pytest.approx(c["witness_mib"])
+  assert len(c["plan"]["digest"]) == 64
 
 
 def test_check_cost_in_process_cnn(mnist5k):
   """The check-cost path under the hardened test runtime (explicit transfers only,
   key-reuse checks), on the CNN: the witness is what `WitnessSpec` says."""
   from ginn_jax._src import bench
-  from ginn_jax._src.trusted import witness as witness_lib
   cfg = bench.BenchConfig(model="mnist_cnn", batch_size=4, check_repeats=1, only="check-cost")
   model = ginn.get_model("mnist_cnn", input_shape=(28, 28, 1))
   images, labels = mnist5k.train_images[:64], mnist5k.train_labels[:64]
   c = bench.measure_check_cost(model, images, labels, cfg, ginn.worker_device())
   _check_cost_ok(c)
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-  spec = witness_lib.WitnessSpec.of(model.module, params, (4, 28, 28, 1))
-  assert c["witness_mib"] == spec.nbytes / 2**20
+  plan = ginn.witness_plan(model, ginn.Batch(images[:4], labels[:4]))
+  assert c["witness_mib"] == plan.witness_bytes / 2**20 and c["plan"]["digest"] == plan.digest
+  assert c["plan"]["products"] == 14  # 3 convs and 2 dense forward; 5 weight, 4 input gradients.
 
 
 def test_bench_only_ceiling(tmp_path):

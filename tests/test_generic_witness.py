@@ -221,3 +221,19 @@ def test_generic_witness_plan_in_header_refused_on_resume_and_audit(data, tmp_pa
   report = ginn.audit_run(run, model=model, data=data)
   program_lib._program_cached.cache_clear()
   assert not report.ok and "witness plan differs" in str(report.first_failure)
+
+
+@pytest.mark.benchmark
+def test_generic_witness_2000_honest_lm_steps_no_false_alarm():
+  """The issue's bar: 2,000 honest witness-checked steps of experiment 8's DecoderLM
+  (decoder_lm_64, batch 32, context 64), deferred, without a false alarm (a few
+  minutes on 2 cores: a benchmark, run with -m benchmark)."""
+  from ginn_jax._src.models import lm_training_data
+  model = ginn.get_model("decoder_lm_64", input_shape=(1, 1, 1))
+  lm_data = lm_training_data()
+  cfg = config(batch_size=32, clip="global_norm", clip_value=1.0)
+  rt = ginn.TrustedRuntime(model, lm_data, cfg, audit_secret=SECRET, deferred=True)
+  res = ginn.train(rt, ginn.HonestWorker(model, lm_data), 2000, progress=False)
+  assert res.verified and res.num_verified == 2000
+  worst = max(e.witness_rel_l2 for e in res.transcript if e.kind == "check")
+  assert worst < rt.witness_tolerance.rel_l2 / 2, worst

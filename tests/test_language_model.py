@@ -137,6 +137,11 @@ def test_language_model_experiment_smoke(tmp_path):
   assert s["verified_caught"] and not v["released"] and v["violation"]["type"] == "IntegrityViolation"
   assert v["violation"]["step"] == s["verified_caught_at_step"] == v["first_malicious_step"] + \
       v["malicious_steps_applied"]
+  # Every step's witness checked: the attacker is caught at its first step, nothing applied.
+  w = res["attack_witness"]
+  assert w["violation"]["type"] == "WitnessViolation" and s["witness_caught_at_step"] == 0
+  assert w["malicious_steps_applied"] == 0 and not w["released"]
+  assert s["witness_check_ms"] > 0 and s["recompute_check_ms"] > 0 and res["witness_plan"]["products"] > 0
 
 
 def test_one_optax_object_one_update_transform():

@@ -92,7 +92,7 @@ def test_dropout_mask_comes_from_the_layer_key():
 
 def test_layered_spec_errors():
   with pytest.raises(ValueError, match="end with a linear layer"):
-    layered.Structure.of((layered.Dense(4), layered.ReLU()))
+    layered.check_layers((layered.Dense(4), layered.ReLU()))
   with pytest.raises(ValueError, match="padding"):
     layered.Conv(4, padding="CIRCULAR")
   with pytest.raises(ValueError, match="rate"):

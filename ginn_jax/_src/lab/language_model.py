@@ -53,6 +53,8 @@ class LMConfig:
     extra_num_poison: more poisoning rates (windows per batch) for the
       unverified attacker, at `clip_value`.
     train_windows, test_windows: use only the first N windows (None: all).
+    witness_steps: honest steps timed for the witness-check cost (every step's
+      witness checked, against every step re-computed: the same integrity).
   """
 
   context: int = 64
@@ -78,6 +80,7 @@ class LMConfig:
   extra_num_poison: tuple[int, ...] = (1,)
   train_windows: int | None = None
   test_windows: int | None = None
+  witness_steps: int = 40
 
   @property
   def transformer(self) -> TransformerConfig:
@@ -101,15 +104,18 @@ class LMLab:
     self.backdoor = cfg.backdoor
     self.optimizer = optax.adam(cfg.learning_rate)  # One object: every runtime shares one jitted update.
 
-  def protocol(self, *, p: float, clip_value: float | None = None) -> ginn.ProtocolConfig:
+  def protocol(self, *, p: float, clip_value: float | None = None,
+               p_witness: float = 0.0) -> ginn.ProtocolConfig:
     c = self.cfg.clip_value if clip_value is None else clip_value
     return ginn.ProtocolConfig(seed=self.cfg.seed, batch_size=self.cfg.batch_size, p=p, clip=self.cfg.clip,
-                               clip_value=None if self.cfg.clip == "none" else c)
+                               clip_value=None if self.cfg.clip == "none" else c, p_witness=p_witness)
 
   def runtime(self, *, p: float, tolerance=None, clip_value: float | None = None,
-              secret: str = "lm") -> ginn.TrustedRuntime:
-    return ginn.TrustedRuntime(self.model, self.train_data, self.protocol(p=p, clip_value=clip_value),
-                               tolerance=tolerance, optimizer=self.optimizer,
+              secret: str = "lm", p_witness: float = 0.0, witness_tolerance=None) -> ginn.TrustedRuntime:
+    return ginn.TrustedRuntime(self.model, self.train_data,
+                               self.protocol(p=p, clip_value=clip_value, p_witness=p_witness),
+                               tolerance=tolerance, witness_tolerance=witness_tolerance,
+                               optimizer=self.optimizer,
                                audit_secret=hashlib.sha256(f"lm-secret/{secret}".encode()).digest())
 
   def attacker(self, num_poison: int | None = None) -> ginn.PoisonWorker:
@@ -178,6 +184,13 @@ def language_model_runs(cfg: LMConfig, *, progress: bool = True) -> dict[str, An
                                     steps=cfg.steps, bar=bar)} for n in cfg.extra_num_poison]
   verified = _run(lab, lab.runtime(p=cfg.p, tolerance=tolerance, secret="attack-verified"),
                   lab.attacker(), steps=cfg.steps, bar=bar)
+  # Witness checks (docs/design.md section 12): every step's witness checked, p = 0.
+  wcal = ginn.calibrate_tolerance(lab.model, lab.train_data, lab.protocol(p=1.0, p_witness=1.0),
+                                  num_steps=max(cfg.calibration_steps, 2))
+  witnessed = _run(lab, lab.runtime(p=0.0, p_witness=1.0, tolerance=tolerance,
+                                    witness_tolerance=wcal.witness_tolerance, secret="attack-witness"),
+                   lab.attacker(), steps=cfg.steps, bar=bar)
+  cost = witness_cost(lab, tolerance, wcal.witness_tolerance, steps=cfg.witness_steps)
   bar.close()
   summary = {
       "honest_perplexity": honest["final"]["perplexity"],
@@ -192,6 +205,11 @@ def language_model_runs(cfg: LMConfig, *, progress: bool = True) -> dict[str, An
       "verified_caught": verified["violation"] is not None,
       "verified_caught_at_step": (verified["violation"] or {}).get("step"),
       "verified_released": verified["released"],
+      "witness_caught_at_step": (witnessed["violation"] or {}).get("step"),
+      "witness_first_malicious_step": witnessed.get("first_malicious_step"),
+      "witness_malicious_steps_applied": witnessed.get("malicious_steps_applied"),
+      "witness_check_ms": cost["witness_ms"], "recompute_check_ms": cost["recompute_ms"],
+      "witness_check_ratio": cost["ratio"],
   }
   return {"corpus": lab.corpus.to_dict(), "dataset_digest": ginn.dataset_digest(lab.train_data),
           "train_windows": int(lab.train_data["tokens"].shape[0]),
@@ -200,7 +218,35 @@ def language_model_runs(cfg: LMConfig, *, progress: bool = True) -> dict[str, An
           "optimizer": f"clip {cfg.clip} {cfg.clip_value}, then optax.adam({cfg.learning_rate})",
           "tolerance": tolerance.to_dict(), "honest_verified": honest, "attack_unverified": unverified,
           "attack_unverified_clips": clips, "attack_unverified_rates": rates, "attack_verified": verified,
-          "summary": summary}
+          "attack_witness": witnessed, "witness_tolerance": wcal.witness_tolerance.to_dict(),
+          "witness_plan": lab.runtime(p=0.0, p_witness=1.0).witness_plan().summary(),
+          "witness_cost": cost, "summary": summary}
+
+
+def witness_cost(lab: LMLab, tolerance, witness_tolerance, *, steps: int) -> dict[str, Any]:
+  """The trusted side's check cost per step at the same integrity (every step
+  checked): `steps` honest steps with every witness checked (p = 0, p_witness
+  = 1) against the same steps each re-computed (p = 1), interleaved in blocks
+  after a compiling step each. Milliseconds per step of the runtime's
+  "witness" (receive, validate, hash) plus "verify" (the check) phases."""
+  runs = {"witness": lab.runtime(p=0.0, p_witness=1.0, tolerance=tolerance,
+                                 witness_tolerance=witness_tolerance, secret="cost-witness"),
+          "recompute": lab.runtime(p=1.0, tolerance=tolerance, secret="cost-recompute")}
+  workers = {k: ginn.HonestWorker(lab.model, lab.train_data) for k in runs}
+  for k, rt in runs.items():
+    ginn.train(rt, workers[k], 1, progress=False)  # Compiles.
+    rt.reset_phase_seconds()
+  block = max(1, steps // 4)
+  done = 0
+  while done < steps:
+    n = min(block, steps - done)
+    for k in (runs if (done // block) % 2 == 0 else reversed(list(runs))):
+      ginn.train(runs[k], workers[k], n, progress=False)
+    done += n
+  ms = {k: 1e3 * (rt.phase_seconds.get("witness", 0.0) + rt.phase_seconds.get("verify", 0.0)) / steps
+        for k, rt in runs.items()}
+  return {"steps": steps, "witness_ms": ms["witness"], "recompute_ms": ms["recompute"],
+          "ratio": ms["recompute"] / ms["witness"]}
 
 
 def _unigram_perplexity(lab: LMLab) -> float:
