@@ -149,7 +149,7 @@ def test_witness_worker_that_recomputes_gives_the_same_run(cnn, cnn_data):
 
 def test_the_worker_keeps_at_most_one_witness(cnn, cnn_data):
   rt = ginn.TrustedRuntime(cnn, *cnn_data, config(p_witness=0.0), audit_secret=SECRET)
-  w = ginn.HonestWorker(cnn, *cnn_data)
+  w = ginn.HonestWorker(cnn, *cnn_data, witness="keep")
   order = rt.next_order()
   rt.submit(w(order))
   first = w._kept

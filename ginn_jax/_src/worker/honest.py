@@ -34,24 +34,30 @@ class HonestWorker:
       leading example axis, or images and labels), put on `device` once.
     device: where to compute; default `ginn_jax.worker_device()`.
     witness: "keep" computes each step's witness (the output of every product
-      of the step's program, docs/design.md section 12) with its
-      gradient (one pass, the same gradient) and keeps the last step's on the
-      device until the next step; "recompute" computes the plain gradient and,
-      when challenged, the witness again from the work order. Either way at
-      most one step's witness is held at a time.
+      of the step's program, docs/design.md section 12) with its gradient, in
+      one pass, and keeps the last step's on the device until the next step;
+      "recompute" computes the plain gradient and, when challenged, the
+      witness again from the work order; "auto" (the default) is "recompute"
+      until the first challenge and "keep" from then on (a run without
+      witness checks computes nothing for them). Either way at most one step's
+      witness is held at a time. The witness pass's gradient is that of the
+      same program with its products as outputs, which XLA may round
+      differently from the plain pass (about 1e-8 relative on CPU), well
+      inside any re-computation tolerance.
   """
 
   def __init__(self, model: Model, data: Any = None, labels: np.ndarray | None = None, *,
-               device: jax.Device | None = None, witness: Literal["keep", "recompute"] = "keep",
+               device: jax.Device | None = None, witness: Literal["auto", "keep", "recompute"] = "auto",
                images: np.ndarray | None = None):
-    if witness not in ("keep", "recompute"):
-      raise ValueError(f"witness must be 'keep' or 'recompute', got {witness!r}")
+    if witness not in ("auto", "keep", "recompute"):
+      raise ValueError(f"witness must be 'auto', 'keep' or 'recompute', got {witness!r}")
     self.model = model
     self.device = device or worker_device()
     data = as_training_data(data, labels, images=images)
     self.grad_fn = DeviceGradFn(model.loss, data, self.device)
     self.witness_fn = DeviceWitnessFn(model.loss, self.grad_fn.data, self.device)
     self.keep = witness == "keep"
+    self._auto = witness == "auto"
     self._kept: Witness | None = None
 
   def __call__(self, order: WorkOrder) -> GradientReport:
@@ -73,6 +79,8 @@ class HonestWorker:
     Raises:
       UnsupportedProgram: the model's program has a product the check cannot follow.
     """
+    if self._auto:  # Challenged once: witness checks are on, keep from now on.
+      self.keep, self._auto = True, False
     kept, self._kept = self._kept, None
     if kept is not None and kept.step == request.step:
       return kept
