@@ -39,6 +39,11 @@ from jax.extend import core as jex_core
 from ginn_jax._src.errors import GinnError
 
 PRODUCTS = ("dot_general", "conv_general_dilated")
+# A matrix product that sums over at most this many terms per output is re-computed, not
+# witnessed: its K multiply-adds per output cost the trusted side less than receiving,
+# hashing and projecting a claimed output (about 24 bytes of memory traffic per element)
+# and its operands (attention over a short context, small heads). Measured on CPU.
+RECOMPUTE_CONTRACTION = 64
 PLAN_VERSION = 1
 # Calls inlined: (primitive name, parameter holding the callee).
 _CALLS = {
@@ -264,8 +269,9 @@ def _free_size(shape, contract, batch) -> int:
 
 def product_rule(eqn) -> str:
   """How a product is checked: "freivalds", or "recompute" when it has no float
-  output or a side with a single free element (then computing it costs no
-  more than reading its operands)."""
+  output, a side with a single free element (then computing it costs no more
+  than reading its operands), or (a matrix product) at most
+  `RECOMPUTE_CONTRACTION` terms per output."""
   out = eqn.outvars[0].aval
   if not jnp.issubdtype(out.dtype, jnp.floating):
     return "recompute"
@@ -273,6 +279,8 @@ def product_rule(eqn) -> str:
   if eqn.primitive.name == "dot_general":
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     if _free_size(lhs.shape, lc, lb) == 1 or _free_size(rhs.shape, rc, rb) == 1:
+      return "recompute"
+    if math.prod(lhs.shape[i] for i in lc) <= RECOMPUTE_CONTRACTION:
       return "recompute"
     return "freivalds"
   if eqn.params["batch_group_count"] != 1:
