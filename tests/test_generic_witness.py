@@ -237,3 +237,15 @@ def test_generic_witness_2000_honest_lm_steps_no_false_alarm():
   assert res.verified and res.num_verified == 2000
   worst = max(e.witness_rel_l2 for e in res.transcript if e.kind == "check")
   assert worst < rt.witness_tolerance.rel_l2 / 2, worst
+
+
+def test_generic_witness_cli_trains_a_builtin_language_model():
+  import json
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-m", "ginn_jax", "train", "--model", "decoder_lm_64", "--steps", "2",
+                        "--p", "0", "--p-witness", "1", "--batch-size", "8", "--clip", "global_norm",
+                        "--clip-value", "1", "--no-progress"], capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr
+  res = json.loads(out.stdout)
+  assert res["verified"] and res["num_verified"] == 2 and res["test_perplexity"] > 1.0

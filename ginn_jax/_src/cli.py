@@ -12,6 +12,10 @@ from ginn_jax._src.models import list_models
 
 def _demo(args) -> int:
   from ginn_jax._src.demo import DemoConfig, run_demo, write_json
+  from ginn_jax._src.models import is_language_model
+  if is_language_model(args.model):
+    raise SystemExit(f"ginn demo: its BadNets attack needs an image model, not {args.model}; train a "
+                     f"language model with `ginn train --model {args.model}`")
 
   cfg = DemoConfig(steps=args.steps, attack_start=args.attack_start, p=args.p,
                    p_witness=args.p_witness, clip=args.clip,
@@ -52,8 +56,15 @@ def _train(args) -> int:
     return _train_multihost(args)
   import ginn_jax as ginn
 
-  ds = ginn.load_dataset(args.dataset, data_dir=args.data_dir)
-  model = ginn.get_model(args.model, input_shape=ds.image_shape, num_classes=ds.num_classes)
+  from ginn_jax._src.models import is_language_model, lm_training_data
+  if is_language_model(args.model):  # The built-in LMs train on the Python help texts.
+    ds = None
+    model = ginn.get_model(args.model, input_shape=(1, 1, 1))
+    train_data = lm_training_data()
+  else:
+    ds = ginn.load_dataset(args.dataset, data_dir=args.data_dir)
+    model = ginn.get_model(args.model, input_shape=ds.image_shape, num_classes=ds.num_classes)
+    train_data = ds.train
   cfg = ginn.ProtocolConfig(seed=args.seed, batch_size=args.batch_size, p=args.p,
                             p_witness=args.p_witness, clip=args.clip, clip_value=args.clip_value,
                             optimizer=ginn.OptimizerConfig(learning_rate=args.lr),
@@ -61,16 +72,20 @@ def _train(args) -> int:
   tol = ginn.Tolerance.from_dict(json.loads(args.tolerance)) if args.tolerance else None
   wtol = ginn.Tolerance.from_dict(json.loads(args.witness_tolerance)) if args.witness_tolerance else None
   if tol is None or (wtol is None and cfg.p_witness > 0):
-    cal = ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg)
+    cal = ginn.calibrate_tolerance(model, train_data, cfg)
     tol = tol or cal.tolerance
     wtol = wtol or cal.witness_tolerance
-  rt = ginn.TrustedRuntime(model, ds.train_images, ds.train_labels, cfg, tolerance=tol,
-                           witness_tolerance=wtol)
-  worker = (ginn.ShardedWorker(model, ds.train_images, ds.train_labels, num_shards=cfg.num_shards)
-            if cfg.num_shards > 1 else ginn.HonestWorker(model, ds.train_images, ds.train_labels))
+  rt = ginn.TrustedRuntime(model, train_data, cfg, tolerance=tol, witness_tolerance=wtol)
+  worker = (ginn.ShardedWorker(model, train_data, num_shards=cfg.num_shards)
+            if cfg.num_shards > 1 else ginn.HonestWorker(model, train_data))
   res = ginn.train(rt, worker, args.steps, progress=not args.no_progress)
-  acc = ginn.accuracy(model, res.params, ds.test_images, ds.test_labels)
-  out = {**res.summary(), "clean_accuracy": acc, "tolerance": tol.to_dict(),
+  if ds is None:
+    from ginn_jax._src import text
+    test = text.windows(text.pydoc_corpus().test_text, train_data["tokens"].shape[1] - 1)
+    metric = {"test_perplexity": ginn.perplexity(model.merge(res.params), test)}
+  else:
+    metric = {"clean_accuracy": ginn.accuracy(model, res.params, ds.test_images, ds.test_labels)}
+  out = {**res.summary(), **metric, "tolerance": tol.to_dict(),
          "p_witness": cfg.p_witness, "witness_tolerance": rt.witness_tolerance.to_dict(),
          "dataset_digest": rt.dataset_digest}
   print(json.dumps(out, indent=2))
@@ -318,7 +333,8 @@ def _bench(args) -> int:
 def _add_training_args(p: argparse.ArgumentParser, *, steps: int) -> None:
   p.add_argument("--dataset", default="mnist5k", help="mnist5k (default, offline), digits, or a TFDS name")
   p.add_argument("--data-dir", default=None, help="local TFDS data_dir for full datasets")
-  p.add_argument("--model", default="mnist_cnn", help="mnist_cnn, vgg11 or mlp")
+  p.add_argument("--model", default="mnist_cnn", choices=list_models(),
+                 help="mnist_cnn, vgg11, mlp, or decoder_lm_<d_model> (on the Python help texts)")
   p.add_argument("--steps", type=int, default=steps)
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--p", type=float, default=0.1, help="verification probability per step")
