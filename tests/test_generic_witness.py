@@ -249,3 +249,49 @@ def test_generic_witness_cli_trains_a_builtin_language_model():
   assert out.returncode == 0, out.stderr
   res = json.loads(out.stdout)
   assert res["verified"] and res["num_verified"] == 2 and res["test_perplexity"] > 1.0
+
+
+@pytest.mark.parametrize("strides,padding,dilation,groups", [
+    ((1, 1), "SAME", (1, 1), 1), ((2, 2), "SAME", (1, 1), 1), ((1, 1), "VALID", (2, 2), 1),
+    ((2, 1), ((2, 0), (1, 3)), (1, 1), 1), ((1, 1), "SAME", (1, 1), 2)], ids=str)
+def test_generic_witness_conv_rules_match_the_convolution(strides, padding, dilation, groups):
+  """Every convolution of a conv layer's step (forward, input and kernel gradients) under strides,
+  asymmetric padding, dilation and groups: honest claims pass, a claim scaled by 1.001 does not."""
+  from ginn_jax._src.step import DeviceWitnessFn
+  from ginn_jax._src.trusted import program_check, verify
+
+  def init(key):
+    k1, k2 = jax.random.split(key)
+    return {"k1": 0.3 * jax.random.normal(k1, (3, 3, 4, 4), jnp.float32),
+            "k2": 0.3 * jax.random.normal(k2, (3, 3, 4 // groups, 6), jnp.float32)}
+
+  def loss(params, batch, *, key):
+    del key
+    x = jnp.tanh(jax.lax.conv_general_dilated(batch["x"], params["k1"], (1, 1), "SAME",
+                                              dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    y = jax.lax.conv_general_dilated(x, params["k2"], strides, padding, rhs_dilation=dilation,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+    return jnp.mean(jnp.tanh(y) ** 2)
+
+  dev = jax.devices("cpu")[0]
+  model = ginn.PureModel("conv", init, loss)
+  rng = np.random.default_rng(0)
+  data = jax.device_put({"x": rng.standard_normal((8, 9, 10, 4)).astype(np.float32)}, dev)
+  params = jax.device_put(jax.jit(lambda: init(jax.random.key(0)))(), dev)
+  idx = jax.device_put(np.arange(4, dtype=np.int32), dev)
+  key = jax.jit(lambda: jax.random.key(1))()
+  fn = DeviceWitnessFn(model.loss, data, dev)
+  loss_v, grads, products, _ = fn(params, idx, key)
+  program = fn.program(params, 4)
+  convs = [i for i, p in enumerate(program.plan.witnessed) if p.primitive == "conv_general_dilated"]
+  assert len(convs) >= 3  # The second layer's forward, input gradient and kernel gradient at least.
+  paths = verify.leaf_paths(params)
+  seed = jax.device_put(np.array([5, 6], np.uint32), dev)
+  leaves = jax.tree_util.tree_leaves(grads)
+  honest = program_check.program_errors(program, paths, params, data, idx, key, products, leaves, loss_v, seed)
+  assert honest.errors.max() < 1e-5, honest.errors.max()
+  for i in convs:
+    bad = list(products)
+    bad[i] = jax.jit(lambda a: a * 1.001)(bad[i])
+    c = program_check.program_errors(program, paths, params, data, idx, key, bad, leaves, loss_v, seed)
+    assert c.errors[i, 0] > 5e-4, (i, c.errors[i])

@@ -85,25 +85,33 @@ def dot_general_check(eqn, a, b, c, key):
 
 def _conv_projected(eqn, lhs, rhs, r):
   """The convolution of `lhs` with `rhs` projected on its output features by
-  `r`: [N, *out_spatial] (canonical order)."""
+  `r`: [N, *out_spatial] (canonical order). The large operands are read in
+  their own layout (no transposed copies)."""
   p = eqn.params
   dn = p["dimension_numbers"]
   nsp = lhs.ndim - 2
-  rhs_c = jnp.transpose(rhs, dn.rhs_spec)  # [O, I, *k]
   G = p["feature_group_count"]
-  O, I, k = rhs_c.shape[0], rhs_c.shape[1], rhs_c.shape[2:]
   s, ld, rd = p["window_strides"], p["lhs_dilation"], p["rhs_dilation"]
   pads = p["padding"]
-  lhs_c = jnp.transpose(lhs, dn.lhs_spec)  # [N, C, *S]
-  S = lhs_c.shape[2:]
+  lf = dn.lhs_spec[1]
+  S = tuple(lhs.shape[d] for d in dn.lhs_spec[2:])
+  k = tuple(rhs.shape[d] for d in dn.rhs_spec[2:])
+  O, I = rhs.shape[dn.rhs_spec[0]], rhs.shape[dn.rhs_spec[1]]
   P = tuple(lo + hi + (n - 1) * d + 1 if n else lo + hi for (lo, hi), n, d in zip(pads, S, ld))
   So = tuple((pp - ((kk - 1) * dd + 1)) // ss + 1 for pp, kk, dd, ss in zip(P, k, rd, s))
   T, nO = math.prod(k), math.prod(So)
   pad_sp = [(lo, hi, d - 1) for (lo, hi), d in zip(pads, ld)]
-  zero = jnp.zeros((), lhs_c.dtype)
+  zero = jnp.zeros((), lhs.dtype)
+  if G == 1 and (T <= _SMALL or nO <= _SMALL):
+    # rhs projected on its output features, read in place: [I, *k].
+    rr = jnp.tensordot(rhs, r, axes=([dn.rhs_spec[0]], [0]), precision=_HI)
+    rest = [d for d in range(rhs.ndim) if d != dn.rhs_spec[0]]
+    rr = jnp.transpose(rr, [rest.index(dn.rhs_spec[1])] + [rest.index(d) for d in dn.rhs_spec[2:]])
   if G == 1 and T <= _SMALL and T <= nO:  # Few taps: one product with T columns, then shifted adds.
-    rr = jnp.tensordot(r, rhs_c, axes=(0, 0), precision=_HI).reshape(I, T)
-    z = _dot(lhs_c, rr, ((1,), (0,)))  # [N, *S, T]
+    z = jnp.tensordot(lhs, rr.reshape(I, T), axes=([lf], [0]), precision=_HI)  # lhs dims but C, then T
+    rest = [d for d in range(lhs.ndim) if d != lf]
+    z = jnp.transpose(z, [rest.index(dn.lhs_spec[0])] + [rest.index(d) for d in dn.lhs_spec[2:]]
+                      + [lhs.ndim - 1])  # [N, *S, T]: an identity for NHWC
     z = lax.pad(z, zero, [(0, 0, 0), *pad_sp, (0, 0, 0)])
     out = None
     for t, tap in enumerate(itertools.product(*(range(kk) for kk in k))):
@@ -113,7 +121,20 @@ def _conv_projected(eqn, lhs, rhs, r):
       out = part if out is None else out + part
     return out
   if G == 1 and nO <= _SMALL:  # Few outputs: one product with nO columns.
-    rr = jnp.tensordot(r, rhs_c, axes=(0, 0), precision=_HI)  # [I, *k]
+    # Column o holds rr where output o reads lhs, in lhs's unpadded coordinates (the
+    # padding is zeros, so it contributes nothing): lhs itself is neither padded nor copied.
+    if all(d == 1 for d in ld):
+      cols = []
+      for o in itertools.product(*(range(n) for n in So)):
+        cfg = [(0, 0, 0)]
+        for oi, ss, n, kk, dd, (lo, _) in zip(o, s, S, k, rd, pads):
+          low = oi * ss - lo
+          cfg.append((low, n - low - ((kk - 1) * dd + 1), dd - 1))
+        cols.append(lax.pad(rr, zero, cfg))
+      cols = jnp.stack(cols, axis=-1)  # [I, *S, nO]
+      out = _dot(lhs, cols, ((lf, *dn.lhs_spec[2:]), tuple(range(1 + nsp))))  # [N, nO]
+      return out.reshape(out.shape[0], *So)
+    lhs_c = jnp.transpose(lhs, dn.lhs_spec)  # Dilated input: pad it (with its interior zeros).
     lhs_p = lax.pad(lhs_c, zero, [(0, 0, 0), (0, 0, 0), *pad_sp])
     cols = []
     for o in itertools.product(*(range(n) for n in So)):
@@ -124,6 +145,8 @@ def _conv_projected(eqn, lhs, rhs, r):
     out = _dot(lhs_p, cols, (tuple(range(1, 2 + nsp)), tuple(range(1 + nsp))))
     return out.reshape(out.shape[0], *So)
   # A convolution with one output feature per group.
+  rhs_c = jnp.transpose(rhs, dn.rhs_spec)  # [O, I, *k]
+  lhs_c = jnp.transpose(lhs, dn.lhs_spec)  # [N, C, *S]
   rg = (rhs_c * r.reshape(O, *([1] * (nsp + 1)))).reshape(G, O // G, I, *k).sum(axis=1)
   spec = tuple(range(nsp + 2))
   out = lax.conv_general_dilated(lhs_c, rg, s, pads, ld, rd,
