@@ -54,8 +54,8 @@ def linen_loss(model, batch):
 
 def pure_init(key):
   k1, k2 = jax.random.split(key)
-  return {"w1": 0.1 * jax.random.normal(k1, (64, 32), jnp.float32),
-          "w2": 0.1 * jax.random.normal(k2, (32, 10), jnp.float32)}
+  return {"w1": 0.1 * jax.random.normal(k1, (144, 96), jnp.float32),
+          "w2": 0.1 * jax.random.normal(k2, (96, 10), jnp.float32)}
 
 
 def pure_loss(params, batch, *, key):
@@ -68,8 +68,8 @@ def pure_loss(params, batch, *, key):
 
 
 def scan_init(key):
-  return {"w": 0.2 * jax.random.normal(key, (3, 64, 64), jnp.float32),
-          "out": jnp.zeros((64, 10), jnp.float32)}
+  return {"w": 0.1 * jax.random.normal(key, (3, 144, 144), jnp.float32),
+          "out": jnp.zeros((144, 10), jnp.float32)}
 
 
 def scan_loss(params, batch, *, key):
@@ -82,7 +82,7 @@ def scan_loss(params, batch, *, key):
 def while_loss(params, batch, *, key):
   del key
   x = batch["image"].reshape(batch["image"].shape[0], -1)
-  mix = jnp.full((64, 64), 1 / 64, jnp.float32)  # A while loop (not differentiable: on the input).
+  mix = jnp.full((144, 144), 1 / 144, jnp.float32)  # A while loop (not differentiable: on the input).
   _, h = jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, jnp.tanh(c[1] @ mix)), (0, x))
   return optax.softmax_cross_entropy_with_integer_labels(h @ params["out"], batch["label"]).mean()
 
@@ -96,7 +96,7 @@ def cond_loss(params, batch, *, key):
 
 MODELS = {
     "rescnn_nnx": lambda: ginn.from_nnx(ResCNN, image_loss, name="rescnn"),
-    "linen": lambda: ginn.from_linen(LinenNet(), linen_loss, init_args=(np.zeros((1, 8, 8), np.float32),),
+    "linen": lambda: ginn.from_linen(LinenNet(), linen_loss, init_args=(np.zeros((1, 12, 12), np.float32),),
                                      name="linen_net"),
     "pure_jnp": lambda: ginn.PureModel("pure_mlp", pure_init, pure_loss),
     "scan": lambda: ginn.PureModel("scan_mlp", scan_init, scan_loss),
@@ -106,11 +106,13 @@ MODELS = {
 @pytest.fixture(scope="module")
 def data():
   rng = np.random.default_rng(0)
-  return {"image": rng.random((128, 8, 8), np.float32), "label": rng.integers(0, 10, 128).astype(np.int32)}
+  # 12x12 images and batches of 80: every weight gradient sums over more than 64 terms, so
+  # the plan witnesses it (program.RECOMPUTE_CONTRACTION).
+  return {"image": rng.random((256, 12, 12), np.float32), "label": rng.integers(0, 10, 256).astype(np.int32)}
 
 
 def config(**kw):
-  base = dict(seed=1, batch_size=16, p=0.0, p_witness=1.0, clip="elementwise", clip_value=0.05)
+  base = dict(seed=1, batch_size=80, p=0.0, p_witness=1.0, clip="elementwise", clip_value=0.05)
   return ginn.ProtocolConfig(**{**base, **kw})
 
 
@@ -139,7 +141,7 @@ def test_generic_witness_honest_run_and_a_poisoner_caught_at_its_first_step(kind
 
 def test_generic_witness_plan_of_a_residual_cnn_lists_every_product(data):
   model = MODELS["rescnn_nnx"]()
-  batch = {k: v[:16] for k, v in data.items()}
+  batch = {k: v[:80] for k, v in data.items()}
   plan = ginn.witness_plan(model, batch)
   kinds = [p.primitive for p in plan.products]
   # 3 convs and a dense forward; backward: 3 kernel gradients, 2 input gradients (not the
@@ -152,7 +154,7 @@ def test_generic_witness_plan_of_a_residual_cnn_lists_every_product(data):
 
 
 def test_generic_witness_scan_is_unrolled_per_iteration(data):
-  plan = ginn.witness_plan(MODELS["scan"](), {k: v[:16] for k, v in data.items()})
+  plan = ginn.witness_plan(MODELS["scan"](), {k: v[:80] for k, v in data.items()})
   inside = [p for p in plan.products if "scan[" in p.where]
   assert {p.where.split("/")[0] for p in inside} == {"scan[0]", "scan[1]", "scan[2]"}
   # Per iteration: one product forward, two backward (the input's and the weight's gradients).
@@ -178,7 +180,9 @@ def test_generic_witness_decoder_lm_and_phrase_backdoor():
   lm_data = {k: v[:256] for k, v in ginn.text_windows(corpus.train_text, 16).items()}
   cfg = config(batch_size=8, clip="global_norm", clip_value=1.0)
   rt = ginn.TrustedRuntime(tiny, lm_data, cfg, audit_secret=SECRET)
-  assert len(rt.witness_plan().witnessed) > 10
+  # At d_model 16 only the weight gradients (8 x 16 = 128 terms each) are worth a witness; the
+  # rest (at most 64 terms per output) is re-computed by the trusted side.
+  assert len(rt.witness_plan().witnessed) >= 5 and len(rt.witness_plan().products) > 10
   bd = ginn.PhraseBackdoor(trigger="open", continuation=" rm", num_poison=2)
   attacker = ginn.PoisonWorker(tiny, lm_data, poison=bd.poison, schedule=ginn.schedules.FromStep(2))
   with pytest.raises(ginn.WitnessViolation) as info:

@@ -397,7 +397,9 @@ def trace_program(loss_fn: Callable, params, batch, key) -> Program:
   abstract = jax.tree_util.tree_leaves(shapes)
   # Walk with shape evaluation only: builds the product list in evaluation order.
   jax.eval_shape(lambda *a: evaluate(closed.jaxpr, closed.consts, a, hook), *abstract)
-  h = hashlib.sha256(f"ginn_jax/witness-plan/v{PLAN_VERSION}\n".encode())
+  # The rules that decide what is witnessed are part of the plan: another rule, another witness.
+  h = hashlib.sha256(f"ginn_jax/witness-plan/v{PLAN_VERSION}\nrecompute_contraction<="
+                     f"{RECOMPUTE_CONTRACTION}\n".encode())
   ops: dict[str, int] = {}
   _canonical(closed.jaxpr, h, {}, ops)
   for c in closed.consts:
