@@ -1,5 +1,9 @@
 """A hardened test runtime (STYLE.md 9): two CPU devices, strict dtype
-promotion, key-reuse checks, explicit transfers only."""
+promotion, key-reuse checks, explicit transfers only.
+
+Which values differ between machines (float bits, so report digests, so
+coins) and how the tests hold on every machine anyway: tests/README.md. The
+helpers for it are at the end of this file."""
 import os
 
 os.environ["XLA_FLAGS"] = (
