@@ -382,6 +382,15 @@ def test_run_directory_records_witness_checks_and_audits(cnn, cnn_data, tmp_path
   assert_coins_as_drawn(SECRET, cfg, bad.transcript)
   assert isinstance(bad.violation, ginn.WitnessViolation) == (caught.check == "witness")
   assert not ginn.audit_run(tmp_path / "bad", model=cnn, images=cnn_data[0], labels=cnn_data[1]).ok
+  # With every step's witness checked, no coin is left to chance: the forgery is
+  # caught at step 0 by the witness check, recorded so, and the audit fails.
+  forged = ginn.run_verified(tmp_path / "forged", cnn, *cnn_data, config(p=0.0, p_witness=1.0),
+                             ginn.WitnessForgeryWorker(cnn, *cnn_data, schedule=ginn.schedules.FromStep(0)),
+                             12, audit_secret=SECRET, checkpoint_every=6, fsync=False)
+  assert isinstance(forged.violation, ginn.WitnessViolation) and forged.violation.step == 0
+  (record,) = [r.body for r in read_transcript(tmp_path / "forged" / "transcript.jsonl") if r.type == "step"]
+  assert record["check"] == "witness" and record["witness_rel_l2"] is not None, record
+  assert not ginn.audit_run(tmp_path / "forged", model=cnn, images=cnn_data[0], labels=cnn_data[1]).ok
 
 
 # -- no false alarm -----------------------------------------------------------------------
