@@ -16,7 +16,8 @@ import dataclasses
 import sys
 
 import ginn_jax  # noqa: F401  (before jax: two CPU devices)
-from ginn_jax._src.lab.common import Lab, add_lab_args, figure, lab_config, save_experiment
+from ginn_jax._src.lab.common import (Lab, add_lab_args, error_bars, figure, lab_config,
+                                      save_experiment)
 from ginn_jax._src.lab.detection import detection_rates
 
 
@@ -36,8 +37,9 @@ def plot(result, path):
     for p in sorted({r["p"] for r in rows}, reverse=True):
       rs = [r for r in rows if r["p"] == p]
       ks = [r["k"] for r in rs]
-      bars = ax.errorbar(ks, [r["rate"] for r in rs],
-                         yerr=[[r["rate"] - r["ci99"][0] for r in rs], [r["ci99"][1] - r["rate"] for r in rs]],
+      rates = [r["rate"] for r in rs]
+      # Each 99% interval contains its rate (wilson_interval), so both bars are >= 0.
+      bars = ax.errorbar(ks, rates, yerr=error_bars(rates, [r["ci99"] for r in rs]),
                          fmt="o", capsize=3, label=f"measured, p={p}")
       kk = list(range(1, max(ks) + 1))
       ax.plot(kk, [1 - (1 - p) ** k for k in kk], lw=1, color=bars[0].get_color())

@@ -1,12 +1,28 @@
 """Many hosts: a worker spanning 2 processes of `jax.distributed` on localhost,
 each with 2 CPU devices, over JAX's CPU collectives (gloo).
 
-Each case starts real processes (tests/multihost_child.py) and kills them
-after a deadline, so a hang fails the test instead of hanging the suite.
+Each case starts real processes (tests/multihost_child.py) and kills a run
+that hangs, so a hang fails the test instead of hanging the suite: a run hangs
+when none of its live processes used any CPU time for `HANG_S` (on a busy
+machine a healthy run is slow, not idle), or after `LIMIT_S` in all.
+
+Ports: each run's coordinator port stays reserved by this process from the
+moment it is chosen until the run is over (`_PortReservation`). Choosing a
+free port and closing it again ("bind to port 0, close, hand the number over")
+leaves it free for anyone until the coordinator binds it seconds later, and
+the coordinator (gRPC) binds with SO_REUSEPORT: if another run's coordinator
+took the same number meanwhile (a concurrent run of this file, the same
+machine's other test session), both bind without an error, and the processes
+of both runs register with the wrong one and abort (tried: every process of
+two 2-process runs on one port aborts in registration). Processes: every child
+is started in a session of its own and killed with its group whatever happens
+to the test process (an error while starting the others, an interrupt, exit).
 """
+import atexit
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,20 +36,60 @@ import ginn_jax as ginn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ginn.__file__)))
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_child.py")
-DEADLINE_S = 240  # Whole launch; a healthy one takes 10-30 s on 2 cores.
+HANG_S = 120  # No CPU time used by any live process of a run this long: it hangs.
+LIMIT_S = 900  # Every run, at most (they take 40-60 s together on 2 idle cores, 100-150 s busy).
+WALL_S = 240  # Where a process's CPU time cannot be read: every run, at most.
 STEPS = 3
 SHARDS = 4  # 2 per process: its worker device (the second of 2) computes 2.
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+class _PortReservation:
+  """A free localhost port, held until `close`: a bound (not listening) socket
+  with SO_REUSEPORT, so that the run's coordinator, which binds with
+  SO_REUSEPORT too (gRPC's default), can listen on it, while the kernel hands
+  it to no one else (no bind to port 0 and no outgoing connection gets a port
+  that a socket holds). Two reservations are never the same port."""
+
+  def __init__(self):
+    self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if hasattr(socket, "SO_REUSEPORT"):
+      self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    self._sock.bind(("127.0.0.1", 0))
+    self.port = self._sock.getsockname()[1]
+
+  def close(self) -> None:
+    self._sock.close()
+
+
+_LIVE: list[subprocess.Popen] = []  # Every child not yet reaped, for `_kill_all`.
+
+
+def _kill(proc: subprocess.Popen) -> None:
+  """Kills `proc` and anything it started (its own process group), then reaps it."""
+  if proc.poll() is None:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  proc.wait()
+  if proc in _LIVE:
+    _LIVE.remove(proc)
+
+
+@atexit.register
+def _kill_all() -> None:
+  """No child outlives the test process (an interrupted run, an error between launches)."""
+  for proc in list(_LIVE):
+    _kill(proc)
 
 
 def _env(num_devices: int) -> dict[str, str]:
+  """The test process's environment for a child with `num_devices` CPU devices:
+  the same XLA flags otherwise (the reference run in this process computes
+  under them), JAX on the CPU, this checkout first on the path."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+  env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={num_devices}"])
   env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])])
   env["JAX_PLATFORMS"] = "cpu"
   env["TQDM_DISABLE"] = "1"
@@ -46,33 +102,35 @@ class Launch:
 
   def __init__(self, tmp_path, name: str, args: list[str], *, num_processes: int, devices: int,
                command: list[str] | None = None):
-    port = _free_port()
+    self.port = _PortReservation()  # Held until the run is over (module docstring).
     self.procs, self.outs, self.logs = [], [], []
     for i in range(num_processes):
       out = tmp_path / f"{name}-{i}.json"
       dist = ([] if num_processes == 1 else
-              ["--coordinator-address", f"localhost:{port}", "--num-processes",
+              ["--coordinator-address", f"127.0.0.1:{self.port.port}", "--num-processes",
                str(num_processes), "--process-id", str(i)])
       argv = [*(command or [sys.executable, CHILD, str(out)]), *args, *dist]
       stdout, stderr = (open(tmp_path / f"{name}-{i}.{ext}", "w+") for ext in ("out", "err"))
-      self.procs.append(subprocess.Popen(argv, env=_env(devices), stdout=stdout, stderr=stderr))
       self.outs.append(out)
       self.logs.append((stdout, stderr))
+      try:
+        proc = subprocess.Popen(argv, env=_env(devices), stdout=stdout, stderr=stderr,
+                                start_new_session=True)
+      except BaseException:
+        self.kill()  # The processes of this run that did start.
+        raise
+      self.procs.append(proc)
+      _LIVE.append(proc)
 
-  def results(self, deadline: float) -> list[dict]:
-    """Waits for every process until `deadline` (time.monotonic()), kills any
-    left, and returns each one's exit code, stdout, stderr and written JSON."""
-    try:
-      for proc in self.procs:
-        try:
-          proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-          pass
-    finally:
-      for proc in self.procs:
-        if proc.poll() is None:  # Past the deadline: ours to kill.
-          proc.kill()
-          proc.wait()
+  def kill(self) -> None:
+    """Kills every process of the run still alive and frees its port."""
+    for proc in self.procs:
+      _kill(proc)
+    self.port.close()
+
+  def results(self) -> list[dict]:
+    """Each process's exit code, stdout, stderr and written JSON (after `_wait`)."""
+    self.kill()  # Reaps them all (and kills none: they have exited).
     results = []
     for proc, out, (stdout, stderr) in zip(self.procs, self.outs, self.logs):
       stdout.seek(0)
@@ -103,26 +161,76 @@ def runs(data_file, tmp_path_factory):
   2 cores; each alone takes 10-30 s), then waited for."""
   tmp = tmp_path_factory.mktemp("runs")
   data = str(data_file)
-  launches = {
-      "clean": Launch(tmp, "clean", [data, *CLEAN_ARGS], num_processes=2, devices=2),
+  launches: dict[str, Launch] = {}
+  try:
+    yield _launch_all(tmp, data, launches)
+  finally:  # Whatever failed (a launch that did not start, an interrupt): no child is left.
+    for launch in launches.values():
+      launch.kill()
+
+
+def _launch_all(tmp, data: str, launches: dict) -> dict[str, list[dict]]:
+  """Starts the runs one by one into `launches` (so the fixture kills what
+  started if a later one fails to), then waits for all of them."""
+  cli = ["train", "--dataset", "digits", "--model", "mlp", "--steps", str(STEPS), "--batch-size", "32",
+         "--num-shards", str(SHARDS), "--p", "1", "--tolerance", '{"rel_l2": 1e-5, "max_abs": 1e-5}',
+         "--no-progress"]
+  specs = {
+      "clean": ([data, *CLEAN_ARGS], None),
       # Shards 2 and 3 are computed on process 1's device.
-      "attack": Launch(tmp, "attack", [data, *CHILD_ARGS, "--attack-shard", "2"],
-                       num_processes=2, devices=2),
+      "attack": ([data, *CHILD_ARGS, "--attack-shard", "2"], None),
       # Process 1 dies (os._exit) when step 1's order arrives.
-      "dead": Launch(tmp, "dead", [data, *CHILD_ARGS, "--die-at-step", "1"],
-                     num_processes=2, devices=2),
+      "dead": ([data, *CHILD_ARGS, "--die-at-step", "1"], None),
       # The command, as a user starts it on two hosts.
-      "cli": Launch(tmp, "cli", ["train", "--dataset", "digits", "--model", "mlp",
-                                 "--steps", str(STEPS),
-                                 "--batch-size", "32", "--num-shards", str(SHARDS), "--p", "1",
-                                 "--tolerance", '{"rel_l2": 1e-5, "max_abs": 1e-5}',
-                                 "--no-progress"],
-                    num_processes=2, devices=2, command=[sys.executable, "-m", "ginn_jax"]),
+      "cli": (cli, [sys.executable, "-m", "ginn_jax"]),
   }
-  deadline = time.monotonic() + DEADLINE_S
-  results = {name: launch.results(deadline) for name, launch in launches.items()}
-  assert time.monotonic() < deadline, "a multi-process run hung until it was killed"
+  for name, (args, command) in specs.items():
+    launches[name] = Launch(tmp, name, args, num_processes=2, devices=2, command=command)
+  hung = _wait(launches)
+  results = {name: launch.results() for name, launch in launches.items()}
+  assert not hung, f"multi-process runs hung and were killed: {hung}"
   return results
+
+
+def _cpu_seconds(pid: int) -> float | None:
+  """User + system CPU time of a live process (Linux /proc), None where unknown."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+  except (OSError, IndexError, ValueError):
+    return None
+
+
+def _wait(launches: dict[str, Launch]) -> list[str]:
+  """Waits until every process has exited; kills a run that hangs (module
+  docstring; without /proc, any run still alive after `WALL_S`).
+  Returns the names of the runs it killed."""
+  start = time.monotonic()
+  last_progress = dict.fromkeys(launches, start)  # When a process of each run last used CPU.
+  cpu_seen: dict[int, float] = {}  # Each process's CPU time when last read.
+  hung: list[str] = []
+  while True:
+    now, waiting = time.monotonic(), False
+    for name, launch in launches.items():
+      alive = [proc for proc in launch.procs if proc.poll() is None]
+      if not alive or name in hung:
+        continue
+      waiting = True
+      cpu = {proc.pid: _cpu_seconds(proc.pid) for proc in alive}
+      if None in cpu.values():  # No /proc: a wall-clock deadline only.
+        stale = now - start > WALL_S
+      else:
+        if any(t > cpu_seen.get(pid, -1.0) for pid, t in cpu.items()):
+          last_progress[name] = now
+        cpu_seen.update(cpu)
+        stale = now - last_progress[name] > HANG_S
+      if stale or now - start > LIMIT_S:
+        launch.kill()
+        hung.append(name)
+    if not waiting:
+      return hung
+    time.sleep(0.25)
 
 
 def _failure(results) -> str:
@@ -198,6 +306,43 @@ def test_ginn_train_on_two_processes(runs):
   assert summary["num_verified"] == STEPS and summary["num_violations"] == 0
   assert summary["num_shards"] == SHARDS and summary["num_processes"] == 2
   assert follower["stdout"] == ""
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
+def test_a_reserved_port_goes_to_the_coordinator_only():
+  """While reserved, no bind to port 0 gets the port, a plain bind of it fails,
+  and a coordinator-like listener (SO_REUSEPORT, all addresses) gets it."""
+  reservation = _PortReservation()
+  others = [socket.socket() for _ in range(200)]
+  try:
+    for other in others:
+      other.bind(("127.0.0.1", 0))
+    assert reservation.port not in {other.getsockname()[1] for other in others}
+    with socket.socket() as plain, pytest.raises(OSError):
+      plain.bind(("127.0.0.1", reservation.port))
+    with socket.socket() as coordinator:
+      coordinator.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+      coordinator.bind(("0.0.0.0", reservation.port))
+      coordinator.listen()
+  finally:
+    for other in others:
+      other.close()
+    reservation.close()
+
+
+def test_a_run_that_hangs_is_killed_and_named(tmp_path, monkeypatch):
+  """An idle run (here: a sleep) is killed once no process of it used CPU for
+  HANG_S; a busy one is left alone; the port and the processes are freed."""
+  monkeypatch.setattr(sys.modules[__name__], "HANG_S", 1.5)
+  sleeper = Launch(tmp_path, "hang", [], num_processes=1, devices=2,
+                   command=[sys.executable, "-c", "import time; time.sleep(600)"])
+  busy = Launch(tmp_path, "busy", [], num_processes=1, devices=2,
+                command=[sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() < t + 4: pass"])
+  start = time.monotonic()
+  assert _wait({"hang": sleeper, "busy": busy}) == ["hang"]
+  assert time.monotonic() - start < 60
+  assert [r["returncode"] for r in sleeper.results() + busy.results()] == [-signal.SIGKILL, 0]
+  assert not [proc for proc in _LIVE if proc in sleeper.procs + busy.procs]
 
 
 # -- one process: the same objects, without the collectives' peers ------------

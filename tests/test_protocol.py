@@ -10,7 +10,8 @@ import ginn_jax as ginn
 from ginn_jax._src.trusted import keys
 from ginn_jax._src.step import DeviceGradFn
 
-from conftest import tree_bytes
+from conftest import (assert_coins_as_drawn, exact_data, exact_digest, exact_model, exact_poison,
+                      tree_bytes)
 
 SECRET = b"test-audit-secret-0123456789abcdef"
 
@@ -65,7 +66,14 @@ def test_same_seed_replays_bitwise_at_every_step(mlp, small_data):
     ea, eb = a.submit(w(oa)), b.submit(w(ob))
     assert ea.digest == eb.digest
     assert ea.mac != eb.mac  # Keyed by the secret.
-  assert [e.verified for e in a.transcript] != [e.verified for e in b.transcript]
+  # Each runtime drew exactly its own secret's coins on the committed digests
+  # (which digests those are depends on the machine's float bits)...
+  assert_coins_as_drawn(b"a" * 32, a.config, a.transcript)
+  assert_coins_as_drawn(b"b" * 32, b.config, b.transcript)
+  # ...and the two secrets' coins differ (on fixed digests: the same on every machine).
+  ka, kb = keys.audit_keys(b"a" * 32), keys.audit_keys(b"b" * 32)
+  assert ([keys.verification_coin(ka, t, bytes(32), 0.3) for t in range(40)]
+          != [keys.verification_coin(kb, t, bytes(32), 0.3) for t in range(40)])
 
 
 def test_any_step_recomputes_from_seed_and_its_params_alone(mlp, small_data):
@@ -135,14 +143,26 @@ def test_violation_leaves_state_at_last_good_step(mlp, small_data):
   assert after[:3] == before[:3] and after[4] == before[4]
 
 
-def test_detection_rate_matches_formula_over_500_trials(mlp, small_data):
+def test_detection_rate_matches_formula_over_500_trials():
+  """Real runs, each with its own audit secret, of an attacker malicious on k
+  steps: the share caught matches 1-(1-p)^k (99% binomial interval). The model
+  is `exact_model`, whose report digests (so coins, so this rate) are the same
+  on every machine; a run is caught exactly at the first step its coin drew."""
   k, p, trials = 6, 0.15, 500
-  attacker = backdoor(mlp, small_data, ginn.schedules.Steps(range(k)))
+  model, data = exact_model(), exact_data()
+  attacker = ginn.PoisonWorker(model, data, poison=exact_poison, schedule=ginn.schedules.Steps(range(k)))
+  cfg = config(p=p)
   detected = 0
   for trial in range(trials):
     secret = hashlib.sha256(f"trial-{trial}".encode()).digest()
-    rt = runtime(mlp, small_data, secret=secret, p=p)
+    rt = ginn.TrustedRuntime(model, data, cfg, audit_secret=secret)
     res = ginn.train(rt, attacker, k, progress=False, raise_on_violation=False)
+    drawn = assert_coins_as_drawn(secret, cfg, res.transcript)
+    caught = next((t for t, c in enumerate(drawn) if c), None)
+    assert (None if res.violation is None else res.violation.step) == caught
+    assert len(drawn) == (k if caught is None else caught + 1)
+    assert [e.digest for e in res.transcript] == [
+        exact_digest(t, name=rt.report_digest_name, poisoned=(0,)) for t in range(len(drawn))]
     detected += res.violation is not None
   expected = ginn.analysis.detection_probability(p, k)
   half = 2.576 * math.sqrt(expected * (1 - expected) / trials)  # 99% binomial interval.

@@ -21,7 +21,8 @@ from ginn_jax._src import shards
 from ginn_jax._src.step import DeviceGradFn
 from ginn_jax._src.trusted import commit, keys
 
-from conftest import make_key, tree_bytes
+from conftest import (assert_coins_as_drawn, exact_data, exact_digest, exact_model, exact_poison,
+                      make_key, tree_bytes)
 
 SECRET = b"test-shards-secret-0123456789abcd"
 
@@ -169,14 +170,23 @@ def test_one_shard_coins_and_transcript_are_todays(mlp, small_data):
   assert a.public_header() == b.public_header()
 
 
+def _mixed_draws(coins) -> bool:
+  """Whether 20 steps of fixed digests (the same on every machine) draw some
+  but not all of 4 shards on some step: one coin per shard, not one per step."""
+  k = keys.audit_keys(SECRET)
+  return any(0 < sum(coins(k, t, bytes([t]) * 32, 0.5, 4)) < 4 for t in range(20))
+
+
 def test_coins_are_drawn_per_shard(mlp, small_data):
   rt = runtime(mlp, small_data, p=0.5)
   res = ginn.train(rt, ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1)), 10,
                    progress=False)
   drawn = [e.shards for e in res.transcript]
-  assert res.verified and any(0 < len(d) < 4 for d in drawn), drawn
+  # Each step re-computed exactly the shards its digest's coins drew.
+  assert res.verified and assert_coins_as_drawn(SECRET, rt.config, res.transcript)
   assert all(e.verified == bool(e.shards) for e in res.transcript)
   assert res.num_verified == sum(bool(d) for d in drawn)
+  assert _mixed_draws(keys.shard_verification_coins)
 
 
 def _bad(report, kind):
@@ -229,8 +239,8 @@ def test_witness_checks_per_shard(mlp, small_data):
   rt = runtime(mlp, small_data, p=0.0, p_witness=0.5)
   w = ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1))
   res = ginn.train(rt, w, 6, progress=False)
-  drawn = [e.witness_shards for e in res.transcript]
-  assert res.verified and any(0 < len(d) < 4 for d in drawn), drawn
+  assert res.verified and assert_coins_as_drawn(SECRET, rt.config, res.transcript)
+  assert _mixed_draws(keys.shard_witness_coins)
   for e in res.transcript:
     assert (e.check == "witness") == bool(e.witness_shards) and e.shards == []
     if e.witness_shards:
@@ -306,19 +316,31 @@ def test_attacker_shards_are_checked(mlp, small_data):
     _attacker("backdoor", mlp, small_data, shards=[1])
 
 
-@pytest.mark.parametrize("corrupted", [1])  # The all-shard attacker: ~15 s more, same code.
-def test_detection_rate_of_shard_attackers_matches_the_formula(mlp, small_data, corrupted):
+@pytest.mark.parametrize("corrupted", [1])  # The all-shard attacker: same code.
+def test_detection_rate_of_shard_attackers_matches_the_formula(corrupted):
   """Real runs, each with its own audit secret: the share caught matches
-  ``shard_detection_probability`` (99% binomial interval)."""
+  ``shard_detection_probability`` (99% binomial interval). The model is
+  `exact_model`, whose report digests (so coins, so this rate) are the same on
+  every machine; a run is caught exactly at the first step whose coins drew a
+  corrupted shard."""
   k, p, num_shards, trials = 3, 0.15, 4, 300
-  attacker = ginn.BackdoorWorker(mlp, *small_data, schedule=ginn.schedules.Steps(range(k)),
-                                 num_shards=num_shards, shards=None if corrupted == num_shards else [3],
-                                 mesh=mesh_of(1))
+  model, data = exact_model(), exact_data()
+  attacker = ginn.PoisonWorker(model, data, poison=exact_poison, schedule=ginn.schedules.Steps(range(k)),
+                               num_shards=num_shards, shards=None if corrupted == num_shards else [3],
+                               mesh=mesh_of(1))
+  cfg = config(p=p, num_shards=num_shards)
   detected = 0
   for trial in range(trials):
     secret = hashlib.sha256(f"shard-trial-{trial}".encode()).digest()
-    rt = runtime(mlp, small_data, secret=secret, p=p, num_shards=num_shards)
+    rt = ginn.TrustedRuntime(model, data, cfg, audit_secret=secret)
     res = ginn.train(rt, attacker, k, progress=False, raise_on_violation=False)
+    assert_coins_as_drawn(secret, cfg, res.transcript)
+    caught = next((e.step for e in res.transcript if set(e.shards) & set(attacker.corrupted_shards)),
+                  None)
+    assert (None if res.violation is None else res.violation.step) == caught
+    assert [e.digest for e in res.transcript] == [
+        exact_digest(e.step, name=rt.report_digest_name, num_shards=num_shards,
+                     poisoned=attacker.corrupted_shards) for e in res.transcript]
     detected += res.violation is not None
     if res.violation is not None:
       assert res.violation.shard in attacker.corrupted_shards

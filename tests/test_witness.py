@@ -13,7 +13,7 @@ from ginn_jax._src import layered, program as program_lib
 from ginn_jax._src.step import DeviceWitnessFn
 from ginn_jax._src.trusted import keys, program_check, witness as witness_lib
 
-from conftest import make_key, tree_bytes
+from conftest import assert_coins_as_drawn, coin_draws, make_key, tree_bytes
 
 SECRET = b"witness-test-secret-0123456789ab"
 
@@ -129,13 +129,20 @@ def test_honest_witness_checked_run(cnn, cnn_data, deferred):
 
 
 def test_recompute_and_witness_checks_are_independent_coins(cnn, cnn_data):
-  rt = ginn.TrustedRuntime(cnn, *cnn_data, config(p=0.5, p_witness=0.5), audit_secret=SECRET)
+  cfg = config(p=0.5, p_witness=0.5)
+  rt = ginn.TrustedRuntime(cnn, *cnn_data, cfg, audit_secret=SECRET)
   res = ginn.train(rt, ginn.HonestWorker(cnn, *cnn_data), 40, progress=False)
-  kinds = [e.check for e in res.transcript]
-  assert {"", "recompute", "witness", "recompute+witness"} <= set(kinds)
-  both = [e for e in res.transcript if e.check == "recompute+witness"]
-  assert all(e.max_rel_l2 is not None and e.witness_rel_l2 is not None for e in both)
+  # Every step ran exactly the checks its digest's two coins drew (which
+  # digests those are depends on the machine's float bits)...
+  kinds = assert_coins_as_drawn(SECRET, cfg, res.transcript)
+  for e in res.transcript:
+    assert (e.max_rel_l2 is not None) == ("recompute" in e.check)
+    assert (e.witness_rel_l2 is not None) == ("witness" in e.check)
   assert res.num_verified == sum(k != "" for k in kinds)
+  # ...and the two coins are independent: on 40 fixed digests (the same on
+  # every machine) all four combinations come up.
+  fixed = {coin_draws(SECRET, cfg, t, f"{t:064x}")[0] for t in range(40)}
+  assert fixed == {"", "recompute", "witness", "recompute+witness"}
 
 
 def test_witness_worker_that_recomputes_gives_the_same_run(cnn, cnn_data):
@@ -353,14 +360,33 @@ def test_run_directory_records_witness_checks_and_audits(cnn, cnn_data, tmp_path
                           audit_secret=SECRET, checkpoint_every=6, fsync=False)
   assert res.violation is None
   steps = [r.body for r in read_transcript(tmp_path / "run" / "transcript.jsonl") if r.type == "step"]
-  assert any("witness" in b["check"] and b["witness_rel_l2"] is not None for b in steps)
+  # The file records, for every step, the checks its digest's coins drew, and
+  # the witness check's error wherever one ran.
+  assert [b["check"] for b in steps] == [coin_draws(SECRET, cfg, b["step"], b["digest"])[0] for b in steps]
+  assert all((b["witness_rel_l2"] is not None) == ("witness" in b["check"]) for b in steps)
   report = ginn.audit_run(tmp_path / "run", model=cnn, images=cnn_data[0], labels=cnn_data[1])
   assert report.ok, report.first_failure
+  # Malicious from step 0, caught at the first step any coin drew (up to 48
+  # steps: none drawn in all of them has probability 0.35^48 < 2^-64), by the
+  # witness check if only its coin came up, by re-computation (checked first) otherwise.
   bad = ginn.run_verified(tmp_path / "bad", cnn, *cnn_data, cfg,
                           ginn.WitnessForgeryWorker(cnn, *cnn_data, schedule=ginn.schedules.FromStep(0)),
-                          12, audit_secret=SECRET, checkpoint_every=6, fsync=False)
-  assert isinstance(bad.violation, ginn.WitnessViolation)
+                          48, audit_secret=SECRET, checkpoint_every=6, fsync=False)
+  caught = bad.transcript[-1]
+  assert isinstance(bad.violation, ginn.IntegrityViolation) and bad.violation.step == caught.step
+  assert caught.check and [e.check for e in bad.transcript[:-1]] == [""] * caught.step
+  assert_coins_as_drawn(SECRET, cfg, bad.transcript)
+  assert isinstance(bad.violation, ginn.WitnessViolation) == (caught.check == "witness")
   assert not ginn.audit_run(tmp_path / "bad", model=cnn, images=cnn_data[0], labels=cnn_data[1]).ok
+  # With every step's witness checked, no coin is left to chance: the forgery is
+  # caught at step 0 by the witness check, recorded so, and the audit fails.
+  forged = ginn.run_verified(tmp_path / "forged", cnn, *cnn_data, config(p=0.0, p_witness=1.0),
+                             ginn.WitnessForgeryWorker(cnn, *cnn_data, schedule=ginn.schedules.FromStep(0)),
+                             12, audit_secret=SECRET, checkpoint_every=6, fsync=False)
+  assert isinstance(forged.violation, ginn.WitnessViolation) and forged.violation.step == 0
+  (record,) = [r.body for r in read_transcript(tmp_path / "forged" / "transcript.jsonl") if r.type == "step"]
+  assert record["check"] == "witness" and record["witness_rel_l2"] is not None, record
+  assert not ginn.audit_run(tmp_path / "forged", model=cnn, images=cnn_data[0], labels=cnn_data[1]).ok
 
 
 # -- no false alarm -----------------------------------------------------------------------

@@ -55,7 +55,7 @@ def required_p(target: float, k: int) -> float:
     raise ValueError(f"target must be in [0, 1), got {target}")
   if k <= 0:
     raise ValueError(f"k must be >= 1, got {k}")
-  return 1.0 - (1.0 - target) ** (1.0 / k)
+  return _least(lambda p: detection_probability(p, k), 1.0 - (1.0 - target) ** (1.0 / k), target)
 
 
 def combined_detection_probability(p: float, p_witness: float, k: int) -> float:
@@ -94,9 +94,8 @@ def required_p_witness(target: float, k: int, p: float = 0.0) -> float:
     raise ValueError(f"k must be >= 1, got {k}")
   _check_p(p)
   escape = (1.0 - target) ** (1.0 / k)  # Largest per-step escape probability allowed.
-  if 1.0 - p <= escape:
-    return 0.0
-  return max(0.0, 1.0 - escape / (1.0 - p))
+  guess = 0.0 if 1.0 - p <= escape else max(0.0, 1.0 - escape / (1.0 - p))
+  return _least(lambda pw: combined_detection_probability(p, pw, k), guess, target)
 
 
 def trusted_cost(p: float, p_witness: float, witness_ratio: float) -> float:
@@ -125,7 +124,13 @@ def required_k(target: float, p: float) -> int:
     return math.inf  # type: ignore[return-value]
   if p == 1.0:
     return 1
-  return max(1, math.ceil(math.log(1.0 - target) / math.log(1.0 - p) - 1e-12))
+  k = max(1, math.ceil(math.log(1.0 - target) / math.log(1.0 - p) - 1e-12))
+  # The logarithms round: settle k on detection_probability itself, as computed.
+  while k > 1 and detection_probability(p, k - 1) >= target:
+    k -= 1
+  while detection_probability(p, k) < target:
+    k += 1
+  return k
 
 
 def ideal_speedup(p: float) -> float:
@@ -231,6 +236,30 @@ def shard_deviation_bound(clip: ClipMode, clip_value: float | None,
       norm=b.norm, per_step=b.per_step * share, with_momentum=b.with_momentum * share, bounded=True,
       note=(f"{corrupted_shards} of {num_shards} shards corrupted, each clipped before the mean: the "
             f"mean moves by at most {corrupted_shards}*2C/{num_shards}; " + b.note))
+
+
+def _least(f, guess: float, target: float) -> float:
+  """`guess` (a closed form's value in [0, 1]), or, when the closed form's
+  rounding left ``f(guess)`` just below `target`, the smallest float above it
+  with ``f >= target``: what `required_p` and `required_p_witness` return
+  then meets their target as `f` computes it, on any machine. `f` must be
+  non-decreasing with ``f(1.0) >= target``."""
+  if f(guess) >= target:
+    return guess
+  bad, step = guess, math.ulp(guess) if guess > 0 else math.ulp(0.0)
+  good = min(1.0, bad + step)
+  while f(good) < target:  # Doubling steps up to the first value that reaches it...
+    bad, step = good, 2 * step
+    good = min(1.0, bad + step)
+  while math.nextafter(bad, math.inf) < good:  # ...then bisection down to the smallest.
+    mid = bad + (good - bad) / 2
+    if mid <= bad or mid >= good:
+      break
+    if f(mid) >= target:
+      good = mid
+    else:
+      bad = mid
+  return good
 
 
 def _check_p(p: float, name: str = "p") -> None:

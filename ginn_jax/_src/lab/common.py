@@ -8,7 +8,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -85,14 +85,45 @@ class Lab:
 
 
 def wilson_interval(successes: int, n: int, z: float = 2.576) -> tuple[float, float]:
-  """Wilson score interval for a binomial rate (z = 2.576: 99%)."""
+  """Wilson score interval for a binomial rate (z = 2.576: 99%).
+
+  Exact at its ends and around its point: the lower bound is 0.0 exactly when
+  ``successes == 0``, the upper bound 1.0 exactly when ``successes == n``, and
+  ``lo <= successes / n <= hi`` for every count (the float ``successes / n``
+  itself: the formula's rounding would otherwise put the lower bound of 0 of 5
+  at 5.6e-17, above its rate). With ``n == 0`` it is (0.0, 1.0).
+
+  Raises:
+    ValueError: ``n < 0`` or ``successes`` outside 0..n.
+  """
+  if n < 0 or not 0 <= successes <= n:
+    raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
   if n == 0:
     return 0.0, 1.0
   phat = successes / n
   denom = 1 + z * z / n
   centre = (phat + z * z / (2 * n)) / denom
   half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
-  return max(0.0, centre - half), min(1.0, centre + half)
+  # In exact arithmetic centre - half is 0 at successes == 0, centre + half is
+  # 1 at successes == n, and the interval contains phat; in floats each can be
+  # off by an ulp or so, so they are pinned and clamped.
+  lo = 0.0 if successes == 0 else min(phat, max(0.0, centre - half))
+  hi = 1.0 if successes == n else max(phat, min(1.0, centre + half))
+  return lo, hi
+
+
+def error_bars(values: Sequence[float], intervals: Sequence[Sequence[float]]) -> list[list[float]]:
+  """Matplotlib's ``yerr`` for points with their intervals: ``[below, above]``,
+  both >= 0 because each interval must contain its point.
+
+  Raises:
+    ValueError: an interval does not contain its point (it names the first).
+  """
+  for i, (v, (lo, hi)) in enumerate(zip(values, intervals)):
+    if not lo <= v <= hi:
+      raise ValueError(f"point {i}: {v!r} lies outside its interval [{lo!r}, {hi!r}]")
+  return [[v - lo for v, (lo, _) in zip(values, intervals)],
+          [hi - v for v, (_, hi) in zip(values, intervals)]]
 
 
 def write_results(path: str | os.PathLike, payload: dict[str, Any]) -> pathlib.Path:

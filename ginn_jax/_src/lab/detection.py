@@ -38,10 +38,18 @@ def detection_rates(lab: Lab, cases: Sequence[tuple[float, int]], *, trials: int
         detected += 1
         at.append(res.violation.step)
       bar.update(1)
-    lo, hi = wilson_interval(detected, trials)
-    expected = analysis.detection_probability(p, k)
-    rows.append({"p": p, "k": k, "trials": trials, "detected": detected, "rate": detected / trials,
-                 "expected": expected, "ci99": [lo, hi], "expected_inside_ci": lo <= expected <= hi,
-                 "mean_detection_step": sum(at) / len(at) if at else None})
+    rows.append(detection_row(p, k, trials=trials, detected=detected, steps=at))
   bar.close()
   return rows
+
+
+def detection_row(p: float, k: int, *, trials: int, detected: int,
+                  steps: Sequence[int] = ()) -> dict[str, Any]:
+  """One row of `detection_rates`: `detected` of `trials` runs caught (at
+  `steps`), with the rate's 99% Wilson interval, which contains the rate for
+  every count (0.0 and 1.0 exactly at 0 and at `trials`)."""
+  lo, hi = wilson_interval(detected, trials)
+  expected = analysis.detection_probability(p, k)
+  return {"p": p, "k": k, "trials": trials, "detected": detected, "rate": detected / trials,
+          "expected": expected, "ci99": [lo, hi], "expected_inside_ci": lo <= expected <= hi,
+          "mean_detection_step": sum(steps) / len(steps) if steps else None}

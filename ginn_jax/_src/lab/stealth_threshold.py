@@ -151,6 +151,9 @@ def find_threshold(points: Iterable[tuple[float, float]], level: float = ASR_LEV
   t_lo, a_lo = pts[i - 1]
   frac = (level - a_lo) / (a_star - a_lo)
   t_interp = 10 ** (math.log10(t_lo) + frac * (math.log10(t_star) - math.log10(t_lo)))
+  # Inside the bracket, and t_star itself at ASR == level: 10 ** log10(t) rounds
+  # (10 ** log10(0.02) is 0.020000000000000004, above its own bracket).
+  t_interp = t_star if frac >= 1.0 else min(max(t_interp, t_lo), t_star)
   return {"t_star": t_star, "bracket": [t_lo, t_star], "t_interp": t_interp, "monotone": monotone,
           "level": level}
 

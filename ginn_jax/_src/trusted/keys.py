@@ -159,8 +159,11 @@ def witness_coin(keys: AuditKeys, step: int, report_digest: bytes, p_witness: fl
 
 def _coin(keys: AuditKeys, domain: bytes, step: int, report_digest: bytes, p: float) -> bool:
   msg = domain + step.to_bytes(8, "big") + report_digest
-  u = int.from_bytes(hmac.new(keys.coin_key, msg, hashlib.sha256).digest()[:8], "big") / 2.0**64
-  return u < p
+  u = int.from_bytes(hmac.new(keys.coin_key, msg, hashlib.sha256).digest()[:8], "big")
+  # u / 2**64 < p, compared exactly (an int against a float scaled by a power of
+  # two): p = 1 is always True and p = 0 always False, whatever the digest (the
+  # float quotient of a u near 2**64 would round up to 1.0).
+  return u < p * 2.0**64
 
 
 def shard_verification_coins(keys: AuditKeys, step: int, report_digest: bytes, p: float,
