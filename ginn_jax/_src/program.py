@@ -44,6 +44,12 @@ PRODUCTS = ("dot_general", "conv_general_dilated")
 # hashing and projecting a claimed output (about 24 bytes of memory traffic per element)
 # and its operands (attention over a short context, small heads). Measured on CPU.
 RECOMPUTE_CONTRACTION = 64
+# The same for a convolution (kernel taps times input features per group), lower: XLA's CPU
+# convolution of a few channels runs at about 8 GFMA/s here, so its break-even against the
+# witness's ~24 bytes per output element is near 24 terms. Measured: the MNIST CNN's first
+# layer (9 terms) re-computes in under 2 ms; VGG-11's (27 terms) took 27 ms against its
+# check's 4 ms, so it is witnessed.
+RECOMPUTE_CONV_TERMS = 16
 PLAN_VERSION = 1
 # Calls inlined: (primitive name, parameter holding the callee).
 _CALLS = {
@@ -270,8 +276,8 @@ def _free_size(shape, contract, batch) -> int:
 def product_rule(eqn) -> str:
   """How a product is checked: "freivalds", or "recompute" when it has no float
   output, a side with a single free element (then computing it costs no more
-  than reading its operands), or (a matrix product) at most
-  `RECOMPUTE_CONTRACTION` terms per output."""
+  than reading its operands), or at most `RECOMPUTE_CONTRACTION` terms per
+  output (a matrix product) or `RECOMPUTE_CONV_TERMS` (a convolution)."""
   out = eqn.outvars[0].aval
   if not jnp.issubdtype(out.dtype, jnp.floating):
     return "recompute"
@@ -288,8 +294,8 @@ def product_rule(eqn) -> str:
   dn = eqn.params["dimension_numbers"]
   if rhs.shape[dn.rhs_spec[0]] == 1:  # One output feature: it is its own projection.
     return "recompute"
-  # (Convolutions are witnessed however few their terms: XLA's CPU convolution of a first layer's
-  # 1 or 3 channels costs more than its check, 27 ms against 4 ms for VGG-11's first layer.)
+  if math.prod(rhs.shape) // rhs.shape[dn.rhs_spec[0]] <= RECOMPUTE_CONV_TERMS:
+    return "recompute"  # A first layer's 3x3 convolution of one channel.
   return "freivalds"
 
 
@@ -401,7 +407,7 @@ def trace_program(loss_fn: Callable, params, batch, key) -> Program:
   jax.eval_shape(lambda *a: evaluate(closed.jaxpr, closed.consts, a, hook), *abstract)
   # The rules that decide what is witnessed are part of the plan: another rule, another witness.
   h = hashlib.sha256(f"ginn_jax/witness-plan/v{PLAN_VERSION}\nrecompute_contraction<="
-                     f"{RECOMPUTE_CONTRACTION}\n".encode())
+                     f"{RECOMPUTE_CONTRACTION}\nrecompute_conv_terms<={RECOMPUTE_CONV_TERMS}\n".encode())
   ops: dict[str, int] = {}
   _canonical(closed.jaxpr, h, {}, ops)
   for c in closed.consts:
