@@ -377,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_training_args(tr, steps=500)
   tr.add_argument("--tolerance", default=None, help='JSON {"rel_l2": ..., "max_abs": ...}; calibrated if omitted')
   tr.add_argument("--p-witness", type=float, default=0.0,
-                  help="witness-check (Freivalds) probability per step; needs a layered model")
+                  help="witness-check (Freivalds) probability per step; any model (its witness is "
+                       "derived from its gradient program)")
   tr.add_argument("--witness-tolerance", default=None,
                   help='witness-check tolerance, JSON like --tolerance; calibrated if omitted')
   tr.add_argument("--num-shards", type=int, default=1,

@@ -175,8 +175,9 @@ def _unrolled_scan(eqn, invals, hook, where, counter):
     ys.append(y)
   if p["reverse"]:
     ys.reverse()
-  n_y = len(eqn.outvars) - nk
-  stacked = [jnp.stack([y[j] for y in ys]) if ys else None for j in range(n_y)]
+  ys_avals = [v.aval for v in eqn.outvars[nk:]]
+  stacked = [jnp.stack([y[j] for y in ys]) if ys else jnp.zeros(a.shape, a.dtype)
+             for j, a in enumerate(ys_avals)]
   return [*carry, *stacked]
 
 

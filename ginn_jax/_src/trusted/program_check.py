@@ -183,15 +183,17 @@ def select_and_scatter_add_fast(eqn, source, operand):
   neg = jnp.array(-jnp.inf if jnp.issubdtype(operand.dtype, jnp.floating) else
                   jnp.iinfo(operand.dtype).min, operand.dtype)
   op_p = lax.pad(operand, neg, [(lo, hi, 0) for lo, hi in pads])
+  real = lax.pad(jnp.ones(operand.shape, bool), False, [(lo, hi, 0) for lo, hi in pads])
   offsets = list(itertools.product(*(range(ww) for ww in w)))
-  members = [lax.slice(op_p, off, [o + (ns - 1) * ww + 1 for o, ns, ww in zip(off, source.shape, w)], w)
-             for off in offsets]
+  limits = lambda off: [o + (ns - 1) * ww + 1 for o, ns, ww in zip(off, source.shape, w)]  # noqa: E731
+  members = [lax.slice(op_p, off, limits(off), w) for off in offsets]
+  inside = [lax.slice(real, off, limits(off), w) for off in offsets]  # XLA never selects padding.
   m = functools.reduce(jnp.maximum, members)
   taken = jnp.zeros(source.shape, bool)
   zero = jnp.zeros((), source.dtype)
   parts = []
-  for mk in members:
-    t = (mk == m) & ~taken
+  for mk, ik in zip(members, inside):
+    t = (mk == m) & ik & ~taken
     taken = taken | t
     parts.append(jnp.where(t, source, zero))
   out = jnp.stack(parts, axis=-1).reshape(*source.shape, *w)  # [*src, *w]
