@@ -56,7 +56,7 @@ _CALLS = {
     "pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
     "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
     "custom_vjp_call_jaxpr": "fun_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr",
-    "remat2": "jaxpr", "custom_lin": None,
+    "remat2": "jaxpr",
 }
 
 
@@ -84,7 +84,7 @@ def _has_product(jaxpr) -> bool:
 def _callee(eqn):
   """(jaxpr, consts) of an inlinable call, else None."""
   name = eqn.primitive.name
-  if name not in _CALLS or _CALLS[name] is None:
+  if name not in _CALLS:
     return None
   j = eqn.params.get(_CALLS[name])
   if isinstance(j, jex_core.ClosedJaxpr):

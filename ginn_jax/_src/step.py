@@ -140,9 +140,13 @@ class DeviceWitnessFn:
     self.device = device
     self.loss_fn = loss_fn
     self.data = jax.device_put(data, device)
+    self._programs: dict[int, object] = {}  # By batch size (the parameters' shapes are the model's).
 
   def program(self, params, batch_size: int):
-    return step_program(self.loss_fn, params, self.data, batch_size)
+    """The step's program for batches of `batch_size` (traced once, then kept)."""
+    if batch_size not in self._programs:
+      self._programs[batch_size] = step_program(self.loss_fn, params, self.data, batch_size)
+    return self._programs[batch_size]
 
   def __call__(self, params: Params, indices, key: jax.Array):
     params, indices, key = jax.device_put((params, indices, key), self.device)
