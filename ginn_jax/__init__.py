@@ -61,6 +61,10 @@ from ginn_jax._src.pure import from_nnx
 from ginn_jax._src.pure import NNXModel
 from ginn_jax._src.pure import NonPureModelError
 from ginn_jax._src.pure import PureModel
+# Fine-tuning: a frozen base, trained adapters or leaves.
+from ginn_jax._src.finetune import FineTuneModel
+from ginn_jax._src.finetune import freeze
+from ginn_jax._src.finetune import lora
 # Devices and the shared gradient function.
 from ginn_jax._src.devices import trusted_device
 from ginn_jax._src.devices import worker_device

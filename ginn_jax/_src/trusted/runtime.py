@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from ginn_jax._src import errors
+from ginn_jax._src import finetune
 from ginn_jax._src import shards as shards_lib
 from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
 from ginn_jax._src.data import as_training_data, dataset_digest, num_examples
@@ -217,6 +218,38 @@ def checked_update(tx: optax.GradientTransformation, state: TrainState,
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), finite
 
 
+def _tree_size(tree) -> int:
+  return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def frozen_digest(frozen: Params) -> str:
+  """SHA-256 (hex) of a frozen tree: every leaf's path, dtype, shape and bytes."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256(b"ginn_jax/frozen/v1")
+  for path, leaf in zip(finetune.leaf_paths(frozen), jax.tree_util.tree_leaves(frozen)):
+    h.update(f"\n{path}".encode())
+    commit.hash_leaves(h, [np.asarray(jax.device_get(leaf))])
+  return h.hexdigest()
+
+
+def _trusted_frozen(model, frozen, init_key, device):
+  """The trusted copy of the run's frozen parameters and its digest (None, None
+  for a model without them)."""
+  if not finetune.has_frozen(model):
+    if frozen is not None:
+      raise TypeError(
+          f"frozen= was given, but model {getattr(model, 'name', model)!r} has no frozen "
+          "parameters (no frozen_params; its loss takes no frozen=); use ginn_jax.lora or "
+          "ginn_jax.freeze to fine-tune a base")
+    return None, None
+  if frozen is None:
+    frozen = model.frozen_params(jax.device_put(init_key, device))
+  finetune.check_frozen(model, frozen, init_key)
+  trusted = commit.copy_to(jax.tree_util.tree_leaves(frozen), device)  # Never the caller's buffers.
+  trusted = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(frozen), trusted)
+  return trusted, frozen_digest(trusted)
+
+
 class PhaseClock:
   """Accumulates wall time per phase of `submit` (for `ginn bench`)."""
 
@@ -263,6 +296,15 @@ class TrustedRuntime:
     recorder: receives every transcript entry as it is made.
     report_digest: the report digest's hash function ("blake3"; "sha256" to
       continue a run made before BLAKE3), named in the public header.
+    frozen: the frozen parameters of a model that has them (`ginn_jax.lora`,
+      `ginn_jax.freeze`; docs/design.md section 13). Default: the model's
+      ``frozen_params(init_key)`` (its pretrained base, or the base's init
+      from the run's init key). The runtime keeps its own copy on the trusted
+      device, commits it by digest in the header (`frozen_digest`), and uses
+      it for re-computation and witness checks; give the worker the same tree
+      once (``HonestWorker(model, data, frozen=rt.frozen)``). Reports,
+      clipping, the optimizer state and checkpoints cover the trainable
+      parameters only; a report that includes a frozen leaf is refused.
   """
 
   def __init__(
@@ -281,6 +323,7 @@ class TrustedRuntime:
       max_pending: int = 4,
       recorder: Recorder | None = None,
       report_digest: str = commit.DEFAULT_DIGEST,
+      frozen: Params | None = None,
   ):
     if isinstance(labels, ProtocolConfig):  # TrustedRuntime(model, data, config)
       if config is not None:
@@ -307,10 +350,12 @@ class TrustedRuntime:
     self._keys = keys.audit_keys(audit_secret if audit_secret is not None else keys.new_audit_secret())
     self.streams = keys.seed_streams(config.seed)
     self.schedule = keys.BatchSchedule(self.streams.data_key, num_examples(data), config.batch_size)
+    self.frozen, self.frozen_digest = _trusted_frozen(model, frozen, self.streams.init_key, self.device)
+    self._frozen_paths = frozenset(finetune.leaf_paths(self.frozen)) if self.frozen is not None else None
     self.state = init_state(model, self.tx, self.streams.init_key)
     self._treedef = jax.tree_util.tree_structure(self.state.params)
     self._paths = verify.leaf_paths(self.state.params)
-    self._reference = DeviceGradFn(model.loss, data, self.device)
+    self._reference = DeviceGradFn(model.loss, data, self.device, frozen=self.frozen)
     self.verifier = Verifier(self._recompute, deferred=deferred, max_pending=max_pending)
     self.recorder = recorder
     self.transcript: list[TranscriptEntry] = []
@@ -377,8 +422,12 @@ class TrustedRuntime:
     self._phases.start()
     t = self.state.step
     lap = self._phases.lap
-    received = commit.receive_report(report, step=t, params=self.state.params, device=self.device,
-                                     num_shards=self.num_shards)
+    try:
+      received = commit.receive_report(report, step=t, params=self.state.params, device=self.device,
+                                       num_shards=self.num_shards)
+    except errors.StructureMismatch as e:
+      self._refuse_frozen(report, e, t)
+      raise
     lap("receive")  # Form checks; the copy into trusted memory goes on asynchronously.
     # The update is dispatched now, so that it runs while the report is hashed,
     # and committed below only once the report is accepted; until then
@@ -431,6 +480,23 @@ class TrustedRuntime:
     self._append(entry)
     return entry
 
+  def _refuse_frozen(self, report, error: errors.StructureMismatch, t: int) -> None:
+    """Raises a `StructureMismatch` naming the frozen parameter if the
+    refused report holds a gradient for one (else returns)."""
+    if self._frozen_paths is None:
+      return
+    try:
+      got = finetune.leaf_paths(report.grads)
+    except Exception:  # pylint: disable=broad-except
+      return
+    hits = [p for p in got if p in self._frozen_paths]
+    if hits:
+      raise errors.StructureMismatch(
+          f"step {t}: the report includes frozen parameter {hits[0]!r}"
+          f"{f' (and {len(hits) - 1} more)' if len(hits) > 1 else ''}: the worker can never change "
+          "a frozen parameter, and reports carry the trainable parameters only; nothing was applied",
+          step=t, where=hits[0]) from error
+
   def finalize(self) -> None:
     """Waits for every deferred check and applies its result.
 
@@ -467,7 +533,8 @@ class TrustedRuntime:
       stacked = [jnp.broadcast_to(g, (self.num_shards, *g.shape)) for g in jax.tree_util.tree_leaves(grads)]
       wit = seed = wshards = None
       if self.config.p_witness > 0:
-        witness_fn = DeviceWitnessFn(self.model.loss, self._reference.data, self.device)
+        witness_fn = DeviceWitnessFn(self.model.loss, self._reference.data, self.device,
+                                     frozen=self.frozen)
         skey = shards_lib.shard_key(key, 0)
         _, _, outputs, input_grads = witness_fn(self.state.params, sub, skey)
         w, _, s = self.receive_witness(t, b"\0" * 32, sub, skey, jax.device_get(outputs),
@@ -481,7 +548,8 @@ class TrustedRuntime:
     loss, grads = self._reference(self.state.params, indices, key)
     wit = seed = None
     if self.config.p_witness > 0:
-      witness_fn = DeviceWitnessFn(self.model.loss, self._reference.data, self.device)
+      witness_fn = DeviceWitnessFn(self.model.loss, self._reference.data, self.device,
+                                   frozen=self.frozen)
       _, _, outputs, input_grads = witness_fn(self.state.params, indices, key)
       wit, _, seed = self.receive_witness(t, b"\0" * 32, indices, key, jax.device_get(outputs),
                                           jax.device_get(input_grads))
@@ -505,7 +573,7 @@ class TrustedRuntime:
     """
     if self._program is None:
       self._program = step_program(self.model.loss, self.state.params, self._reference.data,
-                                   self.config.batch_size // self.num_shards)
+                                   self.config.batch_size // self.num_shards, self.frozen)
     return self._program
 
   def witness_plan(self):
@@ -696,7 +764,7 @@ class TrustedRuntime:
     indices, key = prep
     return program_check.program_errors(
         self.witness_program(), self._paths, params, self._reference.data, indices, key, products,
-        jax.tree_util.tree_leaves(reported), loss, seed)
+        jax.tree_util.tree_leaves(reported), loss, seed, self.frozen)
 
   def _resolve(self, entry: TranscriptEntry, result: CheckResult) -> TranscriptEntry:
     """The entry with the checks' outcome; records and raises on a violation."""
@@ -802,6 +870,8 @@ class TrustedRuntime:
         "witness_digest": witness_lib.DIGEST_NAME,
         **({"witness_plan": self.witness_plan().summary()} if self.config.p_witness > 0 else {}),
         "dataset_digest": self.dataset_digest,
+        **({} if self.frozen is None else {"frozen_digest": self.frozen_digest,
+                                           "frozen_size": _tree_size(self.frozen)}),
         "num_examples": self.schedule.num_examples,
         "jax_version": jax.__version__,
         "prng_impl": "threefry2x32",

@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from ginn_jax._src import finetune
 from ginn_jax._src import shards as shards_lib
 from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
 from ginn_jax._src.models import Model
 from ginn_jax._src.triggers import PatchTrigger, Trigger
-from ginn_jax._src.step import gather
+from ginn_jax._src.step import compute_grads, gather
 from ginn_jax._src.types import Batch, Params, PyTree
 from ginn_jax._src.worker.honest import HonestWorker
 from ginn_jax._src.worker.sharded import ShardedWorker
@@ -131,6 +132,9 @@ class MaliciousWorker:
     num_shards: S, the runtime's shard count (1: no shard axis).
     shards: the shards to corrupt on a scheduled step; None for all.
     mesh: the sharded worker's mesh (default `ShardedWorker`'s).
+    frozen: the frozen parameters of a model that has them (as for
+      `HonestWorker`); the attack computes with this tree (a worker that
+      uses a modified base passes its own).
 
   Raises:
     ValueError: a shard outside ``range(num_shards)``, or `shards` without shards.
@@ -142,14 +146,16 @@ class MaliciousWorker:
 
   def __init__(self, model: Model, data: Any, labels: np.ndarray | None = None, *,
                schedule: Schedule, device: jax.Device | None = None, num_shards: int = 1,
-               shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+               shards: Sequence[int] | None = None, mesh: Mesh | None = None, frozen: Any = None):
     self.model = model
     self.num_shards = int(num_shards)
+    if self.num_shards > 1 and finetune.has_frozen(model):
+      raise NotImplementedError("attackers with shards do not support models with frozen parameters yet")
     self.sharded = (ShardedWorker(model, data, labels, num_shards=self.num_shards, mesh=mesh)
                     if self.num_shards > 1 else None)
     if device is None and self.sharded is not None:
       device = self.sharded.device
-    self.honest = HonestWorker(model, data, labels, device=device)
+    self.honest = HonestWorker(model, data, labels, device=device, frozen=frozen)
     self.device = self.honest.device
     self.schedule = schedule
     chosen = tuple(range(self.num_shards)) if shards is None else tuple(int(s) for s in shards)
@@ -163,6 +169,11 @@ class MaliciousWorker:
   def data(self) -> Any:
     """The training set, resident on `device`."""
     return self.honest.grad_fn.data
+
+  @property
+  def frozen(self) -> Any:
+    """The frozen parameters it computes with (None without), on `device`."""
+    return self.honest.grad_fn.frozen
 
   @property
   def images(self) -> jax.Array:
@@ -255,9 +266,10 @@ class BackdoorWorker(MaliciousWorker):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _poison_grad(model, poison, params: Params, data: PyTree, indices: jax.Array, key: jax.Array):
+def _poison_grad(model, poison, params: Params, data: PyTree, indices: jax.Array, key: jax.Array,
+                 frozen: Params | None = None):
   batch = poison(gather(data, indices))
-  return jax.value_and_grad(lambda p: model.loss(p, batch, key=key))(params)
+  return compute_grads(model.loss)(params, batch, key, frozen)
 
 
 class PoisonWorker(MaliciousWorker):
@@ -284,12 +296,12 @@ class PoisonWorker(MaliciousWorker):
 
   def __init__(self, model: Model, data: Any, *, poison: Callable[[PyTree], PyTree],
                schedule: Schedule, device: jax.Device | None = None, num_shards: int = 1,
-               shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+               shards: Sequence[int] | None = None, mesh: Mesh | None = None, frozen: Any = None):
     super().__init__(model, data, schedule=schedule, device=device, num_shards=num_shards,
-                     shards=shards, mesh=mesh)
+                     shards=shards, mesh=mesh, frozen=frozen)
     self.poison = poison
 
   def attack(self, step: int, params: Params, indices: jax.Array,
              key: jax.Array) -> tuple[jax.Array, Params]:
     del step
-    return _poison_grad(self.model, self.poison, params, self.data, indices, key)
+    return _poison_grad(self.model, self.poison, params, self.data, indices, key, self.frozen)
