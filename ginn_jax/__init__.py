@@ -64,7 +64,9 @@ from ginn_jax._src.pure import PureModel
 # Fine-tuning: a frozen base, trained adapters or leaves.
 from ginn_jax._src.finetune import FineTuneModel
 from ginn_jax._src.finetune import freeze
+from ginn_jax._src.finetune import load_frozen
 from ginn_jax._src.finetune import lora
+from ginn_jax._src.finetune import save_frozen
 # Devices and the shared gradient function.
 from ginn_jax._src.devices import trusted_device
 from ginn_jax._src.devices import worker_device

@@ -35,9 +35,10 @@ def _audit(args) -> int:
 
   sample = args.sample if args.sample == "all" else int(args.sample)
   report = audit_run(args.run_dir, sample=sample, seed=args.seed, public_key=args.public_key,
-                     data_dir=args.data_dir)
+                     data_dir=args.data_dir, frozen=args.frozen)
   for item in report.items:
-    if args.verbose or not item.ok or item.kind in ("transcript", "structure", "segment"):
+    if args.verbose or not item.ok or item.kind in ("transcript", "structure", "segment",
+                                                     "frozen parameters"):
       print(item)
   if args.json:
     with open(args.json, "w") as f:
@@ -369,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
   au.add_argument("--seed", type=int, default=None, help="the auditor's seed for the sample")
   au.add_argument("--public-key", default=None, help="expected Ed25519 public key (hex) of the run")
   au.add_argument("--data-dir", default=None, help="local TFDS data_dir for full datasets")
+  au.add_argument("--frozen", default=None, metavar="FILE",
+                  help="a fine-tuning run's frozen parameters (ginn_jax.save_frozen), checked "
+                       "against the header's frozen digest")
   au.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
   au.add_argument("--verbose", action="store_true", help="print every checked file")
   au.set_defaults(func=_audit)

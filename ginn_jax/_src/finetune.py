@@ -133,7 +133,7 @@ class FineTuneModel:
           f"{self.name}: this model has no pretrained base parameters (params=None), so its frozen "
           "base is the base model's init from the run's init key; pass that key, or pass the "
           "runtime's frozen tree (rt.frozen) to the worker")
-    return jax.tree_util.tree_leaves(self.base.init(key))
+    return jax.tree_util.tree_leaves(_jitted_init(self.base)(key))
 
   def frozen_params(self, key: jax.Array | None = None) -> Params:
     """The frozen tree: ``{path: array}`` of every frozen base leaf (for
@@ -173,7 +173,7 @@ class FineTuneModel:
         leaves.append(params[p] if p in params else frozen[p])
       elif p in params:
         w0, ab = frozen[p], params[p]
-        delta = (ab[LORA_A] @ ab[LORA_B]) * jnp.asarray(self.scale, w0.dtype)
+        delta = (ab[LORA_A] @ ab[LORA_B]) * self.scale
         leaves.append(w0 + delta.reshape(w0.shape).astype(w0.dtype))
       else:
         leaves.append(frozen[p])
@@ -186,6 +186,14 @@ class FineTuneModel:
   def logits(self, params: Params, inputs: Any, *, frozen: Params = None) -> Any:
     """The base's evaluation output of the fine-tuned model (needs `frozen`)."""
     return self.base.logits(self.merged(params, frozen), inputs)
+
+  def describe(self) -> dict[str, Any]:
+    """The public description recorded in a run's header (``finetune``):
+    enough for `from_description` to rebuild the model around its base."""
+    d = {"method": self.method, "base": getattr(self.base, "name", None), "targets": list(self.targets)}
+    if self.method == "lora":
+      d.update(rank=self.rank, alpha=self.alpha)
+    return d
 
   def num_trainable(self) -> int:
     """The number of trained scalars."""
@@ -200,11 +208,16 @@ class FineTuneModel:
     return sum(math.prod(s.shape) for p, s in zip(self._paths, self._shapes) if p not in trained)
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_init(model):
+  return jax.jit(model.init)
+
+
 def _abstract_base(model, params):
   if params is not None:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     shapes = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for _, x in leaves]
-    want = jax.eval_shape(model.init, jax.random.key(0))
+    want = jax.eval_shape(lambda: model.init(jax.random.key(0)))
     if jax.tree_util.tree_structure(want) != treedef or any(
         (tuple(w.shape), w.dtype) != (tuple(s.shape), s.dtype)
         for w, s in zip(jax.tree_util.tree_leaves(want), shapes)):
@@ -212,7 +225,7 @@ def _abstract_base(model, params):
           "params do not match the base model's parameters (structure, shapes or dtypes); pass "
           "the base model's own parameter tree (e.g. a pretraining run's result.params)")
     return [path_str(p) for p, _ in leaves], shapes, treedef
-  shape = jax.eval_shape(model.init, jax.random.key(0))
+  shape = jax.eval_shape(lambda: model.init(jax.random.key(0)))
   leaves, treedef = jax.tree_util.tree_flatten_with_path(shape)
   return [path_str(p) for p, _ in leaves], [s for _, s in leaves], treedef
 
@@ -311,7 +324,8 @@ def has_frozen(model) -> bool:
 def check_frozen(model, frozen: Params, key: jax.Array | None = None) -> None:
   """Raises ValueError unless `frozen` has the structure, shapes and dtypes of
   `model`'s frozen tree."""
-  want = jax.eval_shape(functools.partial(model.frozen_params), jax.random.key(0) if key is None else key)
+  del key  # Shapes only.
+  want = jax.eval_shape(lambda: model.frozen_params(jax.random.key(0)))
   got_def = jax.tree_util.tree_structure(frozen)
   want_def = jax.tree_util.tree_structure(want)
   if got_def != want_def:
@@ -323,3 +337,41 @@ def check_frozen(model, frozen: Params, key: jax.Array | None = None) -> None:
     if (tuple(w.shape), np.dtype(w.dtype)) != (tuple(np.shape(g)), np.dtype(g.dtype)):
       raise ValueError(f"frozen parameter {p} has shape {tuple(np.shape(g))} and dtype {g.dtype}; "
                        f"the model's has {tuple(w.shape)} and {w.dtype}")
+
+
+def from_description(base, description: dict[str, Any], *, name: str | None = None) -> FineTuneModel:
+  """The `FineTuneModel` a run header's ``finetune`` describes, around `base`
+  (without pretrained parameters: the frozen tree is passed to the runtime or
+  the audit)."""
+  method = description.get("method")
+  targets = tuple(description.get("targets") or ())
+  if method == "lora":
+    return lora(base, rank=int(description["rank"]), alpha=float(description["alpha"]),
+                targets=targets, name=name)
+  if method == "freeze":
+    return freeze(base, trainable=targets, name=name)
+  raise ValueError(f"unknown fine-tuning method {method!r} in the header")
+
+
+def save_frozen(path, frozen: Params) -> str:
+  """Writes a frozen tree (``{path: array}``, as `FineTuneModel.frozen_params`
+  gives) to an ``.npz`` file for `audit_run`/``ginn audit --frozen``.
+
+  Returns:
+    The frozen digest of what was written (the run header's ``frozen_digest``).
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  from ginn_jax._src.trusted.runtime import frozen_digest  # pylint: disable=g-import-not-at-top
+  if not isinstance(frozen, dict) or not all(isinstance(k, str) for k in frozen):
+    raise TypeError("save_frozen takes a flat dict {path: array} (a FineTuneModel's frozen tree)")
+  arrays = {k: np.asarray(jax.device_get(v)) for k, v in frozen.items()}
+  with open(os.fspath(path), "wb") as f:
+    np.savez(f, **arrays)
+  return frozen_digest(arrays)
+
+
+def load_frozen(path) -> Params:
+  """Reads a frozen tree written by `save_frozen` (no pickles)."""
+  import os  # pylint: disable=g-import-not-at-top
+  with np.load(os.fspath(path), allow_pickle=False) as z:
+    return {k: np.asarray(z[k]) for k in z.files}

@@ -45,7 +45,7 @@ TRANSCRIPT = "transcript.jsonl"
 # Header fields that must not change when a run is resumed.
 _FIXED = ("model", "input_shape", "num_classes", "config", "tolerance", "witness_tolerance", "dataset_digest", "num_examples",
           "prng_impl", "public_key", "checkpoint_every", "keep_reports", "num_steps", "report_digest",
-          "witness_plan")
+          "witness_plan", "frozen_digest", "finetune")
 # What a header written before a field existed meant by its absence.
 _LEGACY = {"report_digest": commit.LEGACY_DIGEST}
 
@@ -118,7 +118,8 @@ def run_verified(run_dir: str | os.PathLike, model: Model, data: Any = None, lab
                  checkpoint_every: int = 10, tolerance: verify.Tolerance | None = None,
                  witness_tolerance: verify.Tolerance | None = None,
                  keep_reports: bool = False, deferred: bool = False, dataset: str | None = None,
-                 num_classes: int = 10, fsync: bool = True, progress: bool | str = False) -> RunResult:
+                 num_classes: int = 10, fsync: bool = True, progress: bool | str = False,
+                 frozen: Params | None = None) -> RunResult:
   """Trains to step `num_steps`, persisting everything to `run_dir`; resumes if it exists.
 
   Args:
@@ -138,6 +139,11 @@ def run_verified(run_dir: str | os.PathLike, model: Model, data: Any = None, lab
     dataset: the dataset's name for the header (lets `ginn audit` reload it).
     num_classes: the model's number of classes (for the header).
     fsync: fsync the transcript after every record.
+    frozen: the frozen parameters of a fine-tuning model (`ginn_jax.lora`,
+      `ginn_jax.freeze`), as for `TrustedRuntime`; committed by digest in
+      the header (`frozen_digest`). A resume with other frozen parameters is
+      refused. They are not written to the run directory: keep them (e.g.
+      `ginn_jax.save_frozen`) to audit the run.
 
   Returns:
     A `RunResult` (with ``violation`` set if the run halted on one).
@@ -158,7 +164,7 @@ def run_verified(run_dir: str | os.PathLike, model: Model, data: Any = None, lab
   path = os.path.join(run_dir, TRANSCRIPT)
   rt = TrustedRuntime(model, data, config, tolerance=tolerance,
                       witness_tolerance=witness_tolerance, audit_secret=audit_secret, deferred=deferred,
-                      report_digest=_resumed_digest(path))
+                      report_digest=_resumed_digest(path), frozen=frozen)
   header = run_header(rt, num_steps=num_steps, checkpoint_every=checkpoint_every,
                       keep_reports=keep_reports, dataset=dataset, num_classes=num_classes)
   resumed_from = None
@@ -259,6 +265,11 @@ def _resume(rt: TrustedRuntime, run_dir: str, header: dict[str, Any],
     from ginn_jax._src.audit import plan_mismatch
     raise TranscriptError(f"cannot resume: {plan_mismatch(old['witness_plan'], header['witness_plan'])}",
                           file=path, entry=1)
+  if "frozen_digest" in changed and old.get("frozen_digest") and header.get("frozen_digest"):
+    raise TranscriptError(
+        f"cannot resume: the frozen parameters differ from the run's (the run committed frozen digest "
+        f"{old['frozen_digest'][:16]}, these have {header['frozen_digest'][:16]}); pass the frozen "
+        "parameters the run was started with", file=path, entry=1)
   if changed:
     raise TranscriptError(f"this run directory was made with other settings ({', '.join(changed)} "
                           "differ); use a new run directory or the original settings and secret",

@@ -872,6 +872,7 @@ class TrustedRuntime:
         "dataset_digest": self.dataset_digest,
         **({} if self.frozen is None else {"frozen_digest": self.frozen_digest,
                                            "frozen_size": _tree_size(self.frozen)}),
+        **({"finetune": self.model.describe()} if hasattr(self.model, "describe") else {}),
         "num_examples": self.schedule.num_examples,
         "jax_version": jax.__version__,
         "prng_impl": "threefry2x32",
