@@ -316,7 +316,7 @@ def _bench(args) -> int:
                     check_repeats=args.check_repeats, only=args.only,
                     ceiling_steps=args.ceiling_steps, ceiling_repeats=args.ceiling_repeats,
                     shard_counts=counts, shard_steps=args.shard_steps,
-                    shard_repeats=args.shard_repeats)
+                    shard_repeats=args.shard_repeats, lora_rank=args.lora_rank)
   result = run_bench(cfg, progress=not args.no_progress)
   print(format_table(result))
   if args.only in (None, "check-cost"):
@@ -440,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
                   help="shard counts --only shards compares (the first is the baseline)")
   be.add_argument("--shard-steps", type=int, default=8, help="recorded steps per shard count")
   be.add_argument("--shard-repeats", type=int, default=7, help="interleaved repetitions")
+  be.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                  help="fine-tune the model with LoRA adapters of rank R, its base frozen (with "
+                       "--only ceiling or check-cost)")
   be.add_argument("--ceiling-steps", type=int, default=8,
                   help="recorded honest steps the ceiling replays")
   be.add_argument("--ceiling-repeats", type=int, default=7,
