@@ -82,6 +82,7 @@ from ginn_jax._src.trusted.runtime import TranscriptEntry
 from ginn_jax._src.trusted.runtime import TrustedRuntime
 from ginn_jax._src.trusted.transforms import make_update_transform
 from ginn_jax._src.trusted.transforms import OptimizerConfig
+from ginn_jax._src.trusted.transforms import OptimizerSpec
 from ginn_jax._src.trusted.verify import Tolerance
 from ginn_jax._src.trusted.verify import PAPER_PROTOTYPE_TOLERANCE
 from ginn_jax._src.trusted.verify import LOOSE_PER_LEAF_TOLERANCE

@@ -42,7 +42,7 @@ from ginn_jax._src.trusted import checkpoint as ckpt
 from ginn_jax._src.trusted import commit, keys, verify
 from ginn_jax._src.trusted.runtime import ProtocolConfig, TrainState, apply_update, init_state
 from ginn_jax._src.trusted.transcript import Record, TranscriptError, read_transcript
-from ginn_jax._src.trusted.transforms import OptimizerConfig, make_update_transform
+from ginn_jax._src.trusted.transforms import make_update_transform, optimizer_from_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +191,7 @@ class _Context:
                         num_classes=header["num_classes"])
     self.model = model
     cfg = dict(header["config"])
-    self.config = ProtocolConfig(**{**cfg, "optimizer": OptimizerConfig(**cfg["optimizer"])})
+    self.config = ProtocolConfig(**{**cfg, "optimizer": optimizer_from_dict(cfg.get("optimizer"))})
     self.tolerance = verify.Tolerance.from_dict(header["tolerance"])
     # Runs made before the digest was named in the header used SHA-256.
     self.report_digest = header.get("report_digest", commit.LEGACY_DIGEST)

@@ -36,6 +36,7 @@ from ginn_jax._src.models import Model
 from ginn_jax._src.trusted import checkpoint as ckpt
 from ginn_jax._src.trusted import commit, verify
 from ginn_jax._src.trusted.runtime import ProtocolConfig, TranscriptEntry, TrustedRuntime
+from ginn_jax._src.trusted.transforms import OPTIMIZERS, Optimizer, OptimizerConfig, OptimizerSpec
 from ginn_jax._src.trusted.transcript import Record, TranscriptError, TranscriptWriter, entry_of
 from ginn_jax._src.trusted.transcript import public_key_hex, read_transcript
 from ginn_jax._src.types import Params
@@ -119,7 +120,8 @@ def run_verified(run_dir: str | os.PathLike, model: Model, data: Any = None, lab
                  witness_tolerance: verify.Tolerance | None = None,
                  keep_reports: bool = False, deferred: bool = False, dataset: str | None = None,
                  num_classes: int = 10, fsync: bool = True, progress: bool | str = False,
-                 frozen: Params | None = None) -> RunResult:
+                 frozen: Params | None = None,
+                 optimizer: Optimizer | None = None) -> RunResult:
   """Trains to step `num_steps`, persisting everything to `run_dir`; resumes if it exists.
 
   Args:
@@ -144,6 +146,11 @@ def run_verified(run_dir: str | os.PathLike, model: Model, data: Any = None, lab
       the header (`frozen_digest`). A resume with other frozen parameters is
       refused. They are not written to the run directory: keep them (e.g.
       `ginn_jax.save_frozen`) to audit the run.
+    optimizer: replaces `config.optimizer`: an `OptimizerSpec` (a named optax
+      optimizer, e.g. ``ginn.OptimizerSpec("adam", learning_rate=1e-3)``) or an
+      `OptimizerConfig`. The header records it, and a resume or an audit
+      rebuilds it from there. An optax transformation has no name to record
+      and is refused (TypeError), before anything is written.
 
   Returns:
     A `RunResult` (with ``violation`` set if the run halted on one).
@@ -152,12 +159,22 @@ def run_verified(run_dir: str | os.PathLike, model: Model, data: Any = None, lab
     ReportRejected: the worker sent a malformed report; nothing was written
       for it and the run directory can be resumed.
     TranscriptError: the run directory is damaged or belongs to another run.
+    TypeError: `optimizer` is not an `OptimizerSpec` or `OptimizerConfig`.
   """
   if isinstance(labels, ProtocolConfig):  # run_verified(run_dir, model, data, config, worker, n)
     labels, config, worker, num_steps = None, labels, config, worker
   data = as_training_data(data, labels, images=images)
   if config is None or worker is None or num_steps is None:
     raise TypeError("run_verified needs config, worker and num_steps")
+  if optimizer is not None:
+    if not isinstance(optimizer, (OptimizerSpec, OptimizerConfig)):
+      raise TypeError(
+          f"run_verified: optimizer= is a {type(optimizer).__name__}, which the run header cannot "
+          "name, so the run could not be resumed or audited; name it with "
+          f"ginn.OptimizerSpec(name, **hyperparameters) (names: {', '.join(OPTIMIZERS)}; e.g. "
+          "OptimizerSpec('adam', learning_rate=1e-3)), or train without a run directory "
+          "(TrustedRuntime(optimizer=...))")
+    config = dataclasses.replace(config, optimizer=optimizer)
   if checkpoint_every < 1 or num_steps < 0:
     raise ValueError(f"checkpoint_every must be >= 1 and num_steps >= 0, got {checkpoint_every}, {num_steps}")
   run_dir = os.fspath(run_dir)

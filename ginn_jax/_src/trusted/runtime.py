@@ -38,7 +38,8 @@ from ginn_jax._src.trusted import commit, keys, verify
 from ginn_jax._src.trusted import program_check
 from ginn_jax._src.trusted import witness as witness_lib
 from ginn_jax._src.trusted.verifier import Check, CheckResult, Verifier
-from ginn_jax._src.trusted.transforms import ClipMode, OptimizerConfig, make_update_transform
+from ginn_jax._src.trusted.transforms import ClipMode, Optimizer, OptimizerConfig, OptimizerSpec
+from ginn_jax._src.trusted.transforms import make_update_transform, optimizer_to_dict
 from ginn_jax._src.types import Batch, Params
 
 
@@ -59,8 +60,12 @@ class ProtocolConfig:
       witness has this long.
     clip: "elementwise" (the paper), "global_norm" or "none".
     clip_value: the clip bound C.
-    optimizer: SGD settings, used unless an optax transformation is passed to
-      the runtime.
+    optimizer: the optimizer after the clip, recorded in the header: an
+      `OptimizerConfig` (SGD with momentum and weight decay, the default) or
+      an `OptimizerSpec` (a named optax optimizer, e.g. adam or adamw, with
+      its hyperparameters and learning-rate schedule). An optax
+      transformation that has no name goes to `TrustedRuntime(optimizer=...)`
+      instead (a run that is not persisted).
     num_shards: S, the shards each step's batch is cut into (docs/design.md,
       "Shards"; `batch_size` must be a multiple). With S > 1 the worker
       reports each shard's gradient (a leading shard axis, e.g.
@@ -77,10 +82,16 @@ class ProtocolConfig:
   witness_timeout_s: float | None = 60.0
   clip: ClipMode = "elementwise"
   clip_value: float | None = 0.01
-  optimizer: OptimizerConfig = OptimizerConfig()
+  optimizer: Optimizer = OptimizerConfig()
   num_shards: int = 1
 
   def __post_init__(self):
+    if not isinstance(self.optimizer, (OptimizerConfig, OptimizerSpec)):
+      raise TypeError(
+          f"ProtocolConfig.optimizer must be an OptimizerConfig or an OptimizerSpec (which a run "
+          f"header records), got {type(self.optimizer).__name__}; name an optax optimizer with "
+          "ginn.OptimizerSpec(name, **hyperparameters), or pass an optax transformation to "
+          "TrustedRuntime(optimizer=...) for a run that is not persisted")
     for name in ("p", "p_witness"):
       v = getattr(self, name)
       if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
@@ -97,6 +108,7 @@ class ProtocolConfig:
     """JSON form; without ``num_shards`` when it is 1 (as before it existed,
     so headers of runs without shards are unchanged)."""
     d = dataclasses.asdict(self)
+    d["optimizer"] = optimizer_to_dict(self.optimizer)  # (An OptimizerConfig: its fields, as before.)
     if d["num_shards"] == 1:
       del d["num_shards"]
     return d
@@ -288,8 +300,11 @@ class TrustedRuntime:
       default `DEFAULT_WITNESS_FLOOR`).
     audit_secret: private bytes for the MAC key and the coin; 32 random bytes
       from the OS when omitted. Use a fixed value only in tests.
-    optimizer: an optax transformation replacing the SGD of `config.optimizer`
-      (the clip still comes first).
+    optimizer: replaces `config.optimizer` (the clip still comes first): an
+      `OptimizerConfig` or `OptimizerSpec` (then ``self.config`` and the
+      public header hold it), or any optax transformation, for a run that is
+      not persisted: the header's ``config.optimizer`` is then None (it names
+      no optimizer, so `run_verified` refuses one) and `optimizer` holds it.
     deferred: verify sampled steps on a background thread while training
       goes on (a violation stops the next step; `finalize` waits for all).
     max_pending: bound on queued deferred checks (back-pressure when full).
@@ -318,7 +333,7 @@ class TrustedRuntime:
       tolerance: verify.Tolerance | None = None,
       witness_tolerance: verify.Tolerance | None = None,
       audit_secret: bytes | None = None,
-      optimizer: optax.GradientTransformation | None = None,
+      optimizer: Optimizer | optax.GradientTransformation | None = None,
       deferred: bool = False,
       max_pending: int = 4,
       recorder: Recorder | None = None,
@@ -330,6 +345,9 @@ class TrustedRuntime:
         raise TypeError("config given twice (third argument and config=)")
       labels, config = None, labels
     config = ProtocolConfig() if config is None else config
+    if isinstance(optimizer, (OptimizerConfig, OptimizerSpec)):  # Named: the header records it.
+      config, optimizer = dataclasses.replace(config, optimizer=optimizer), None
+    self.optimizer: Optimizer | optax.GradientTransformation = optimizer or config.optimizer
     data = as_training_data(data, labels, images=images)
     self.model = model
     self.config = config
@@ -344,8 +362,7 @@ class TrustedRuntime:
           "witness_tolerance must be a per-leaf tolerance: a witness check compares "
           "random projections, which have no elements to hold to an element-wise rule")
     self.num_shards = config.num_shards
-    self.tx = make_update_transform(config.clip, config.clip_value, optimizer or config.optimizer,
-                                    config.num_shards)
+    self.tx = make_update_transform(config.clip, config.clip_value, self.optimizer, config.num_shards)
     self.dataset_digest = dataset_digest(data)
     self._keys = keys.audit_keys(audit_secret if audit_secret is not None else keys.new_audit_secret())
     self.streams = keys.seed_streams(config.seed)
@@ -859,11 +876,14 @@ class TrustedRuntime:
 
   def public_header(self) -> dict[str, Any]:
     """Everything public about the run (nothing derived from the audit secret)."""
+    config = self.config.to_dict()
+    if self.optimizer is not self.config.optimizer:  # An optax transformation: no name to record.
+      config["optimizer"] = None
     return {
         "model": self.model.name,
         "input_shape": (None if getattr(self.model, "input_shape", None) is None
                         else list(self.model.input_shape)),
-        "config": self.config.to_dict(),
+        "config": config,
         "tolerance": self.tolerance.to_dict(),
         "witness_tolerance": self.witness_tolerance.to_dict(),
         "report_digest": self.report_digest_name,
