@@ -52,6 +52,41 @@ def _audit(args) -> int:
   return 0
 
 
+def _optimizer(args, default):
+  """The optimizer of ``--optimizer``: `default` (an `OptimizerConfig` from
+  --lr) when it is not given; else an `OptimizerSpec`: a name (with --lr, and
+  --momentum where the command has it, for "momentum"), or a JSON object
+  ``{"name": ..., ...}`` (its learning_rate, or --lr)."""
+  from ginn_jax._src.trusted.transforms import OptimizerSpec
+
+  given = args.optimizer
+  if given is None:
+    return default
+  if given.lstrip().startswith("{"):
+    try:
+      d = json.loads(given)
+    except ValueError as e:
+      raise ValueError(f"--optimizer: not valid JSON ({e}): {given}") from None
+    if not isinstance(d, dict):
+      raise ValueError(f"--optimizer: expected a JSON object, got {given}")
+  else:
+    d = {"name": given, **({"momentum": args.momentum} if given == "momentum" and hasattr(args, "momentum")
+                           else {})}
+  try:
+    return OptimizerSpec.from_dict({"learning_rate": args.lr, **d})
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"--optimizer: {e}") from None
+
+
+def _optimizer_help(default: str) -> str:
+  from ginn_jax._src.trusted.transforms import OPTIMIZERS, SCHEDULES
+
+  return (f"the optimizer after the clip: a name ({', '.join(OPTIMIZERS)}; learning rate --lr), or a "
+          "JSON OptimizerSpec like '{\"name\": \"adamw\", \"learning_rate\": {\"schedule\": "
+          "\"cosine_decay\", \"init_value\": 0.001, \"decay_steps\": 1000}, \"weight_decay\": "
+          f"0.01}}' (schedules: {', '.join(SCHEDULES)}); default: {default}")
+
+
 def _train(args) -> int:
   if args.num_processes > 1 or args.coordinator_address is not None:
     return _train_multihost(args)
@@ -68,7 +103,7 @@ def _train(args) -> int:
     train_data = ds.train
   cfg = ginn.ProtocolConfig(seed=args.seed, batch_size=args.batch_size, p=args.p,
                             p_witness=args.p_witness, clip=args.clip, clip_value=args.clip_value,
-                            optimizer=ginn.OptimizerConfig(learning_rate=args.lr),
+                            optimizer=_optimizer(args, ginn.OptimizerConfig(learning_rate=args.lr)),
                             num_shards=args.num_shards)
   tol = ginn.Tolerance.from_dict(json.loads(args.tolerance)) if args.tolerance else None
   wtol = ginn.Tolerance.from_dict(json.loads(args.witness_tolerance)) if args.witness_tolerance else None
@@ -86,7 +121,7 @@ def _train(args) -> int:
     metric = {"test_perplexity": ginn.perplexity(model.merge(res.params), test)}
   else:
     metric = {"clean_accuracy": ginn.accuracy(model, res.params, ds.test_images, ds.test_labels)}
-  out = {**res.summary(), **metric, "tolerance": tol.to_dict(),
+  out = {**res.summary(), **metric, "optimizer": cfg.to_dict()["optimizer"], "tolerance": tol.to_dict(),
          "p_witness": cfg.p_witness, "witness_tolerance": rt.witness_tolerance.to_dict(),
          "dataset_digest": rt.dataset_digest}
   print(json.dumps(out, indent=2))
@@ -141,7 +176,7 @@ def _run_multihost(args, ginn) -> tuple[int, dict | None]:
       cfg = ginn.ProtocolConfig(seed=args.seed, batch_size=args.batch_size, p=args.p,
                                 p_witness=args.p_witness, clip=args.clip,
                                 clip_value=args.clip_value, num_shards=num_shards,
-                                optimizer=ginn.OptimizerConfig(learning_rate=args.lr))
+                                optimizer=_optimizer(args, ginn.OptimizerConfig(learning_rate=args.lr)))
       tol = ginn.Tolerance.from_dict(json.loads(args.tolerance)) if args.tolerance else None
       wtol = (ginn.Tolerance.from_dict(json.loads(args.witness_tolerance))
               if args.witness_tolerance else None)
@@ -249,13 +284,12 @@ def _analyze(args) -> int:
   if args.p is not None:
     out[f"k_for_{args.target}"] = analysis.required_k(args.target, args.p)
     out["ideal_speedup"] = analysis.ideal_speedup(args.p)
-  b = analysis.deviation_bound(args.clip, args.clip_value,
-                               OptimizerConfig(learning_rate=args.lr, momentum=args.momentum))
+  opt = _optimizer(args, OptimizerConfig(learning_rate=args.lr, momentum=args.momentum))
+  b = analysis.deviation_bound(args.clip, args.clip_value, opt)
   finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (JSON has no Infinity)
   out["deviation_bound"] = {"norm": b.norm, "bounded": b.bounded, "per_step": finite(b.per_step),
                             "with_momentum": finite(b.with_momentum), "note": b.note}
   if args.num_shards is not None:  # The one-shard and the all-shard attacker.
-    opt = OptimizerConfig(learning_rate=args.lr, momentum=args.momentum)
     S = args.num_shards
     shards = {}
     for name, m in (("one_shard", 1), ("all_shards", S)):
@@ -385,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "derived from its gradient program)")
   tr.add_argument("--witness-tolerance", default=None,
                   help='witness-check tolerance, JSON like --tolerance; calibrated if omitted')
+  tr.add_argument("--optimizer", default=None, metavar="NAME|JSON",
+                  help=_optimizer_help("SGD with momentum 0.9 and weight decay 5e-4 at --lr"))
   tr.add_argument("--num-shards", type=int, default=1,
                   help="cut each step's batch into this many shards, computed data-parallel over the "
                        "worker's devices (ginn_jax.ShardedWorker); each shard is clipped before the "
@@ -463,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
   an.add_argument("--clip-value", type=float, default=0.01, help="clip bound C (the demo's default)")
   an.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (the demo's default)")
   an.add_argument("--momentum", type=float, default=0.9)
+  an.add_argument("--optimizer", default=None, metavar="NAME|JSON",
+                  help=_optimizer_help("SGD at --lr with --momentum") + "; only sgd and momentum have "
+                  "a bound")
   an.add_argument("--num-shards", type=int, default=None,
                   help="also the deviation bound and detection probability (with --k and --p) of an "
                        "attacker that corrupts one shard and of one that corrupts all S")
