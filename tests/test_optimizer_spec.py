@@ -169,7 +169,7 @@ SCHEDULED = [  # (spec, the same optimizer built with optax by hand): every sche
 
 
 @pytest.mark.parametrize("spec,by_hand", SCHEDULED, ids=[s.name for s, _ in SCHEDULED])
-def test_each_optimizer_with_a_schedule_trains_as_optax_does(mlp, small_data, spec, by_hand):
+def test_each_optimizer_with_a_schedule_trains_as_optax_does(tmp_path, mlp, small_data, spec, by_hand):
   cfg = ginn.ProtocolConfig(seed=1, batch_size=32, p=0.5, clip="global_norm", clip_value=1.0, optimizer=spec)
   rt = ginn.TrustedRuntime(mlp, *small_data, cfg, audit_secret=SECRET)  # Strict promotion (conftest).
   initial = tree_bytes(rt.state.params)
@@ -185,6 +185,16 @@ def test_each_optimizer_with_a_schedule_trains_as_optax_does(mlp, small_data, sp
   counts = [int(x) for p, x in jax.tree_util.tree_leaves_with_path(rt.state.opt_state)
             if "count" in jax.tree_util.keystr(p)]
   assert counts and set(counts) == {4}  # The schedule's (and Adam's) step count.
+  # Its state survives a checkpoint bitwise, and the restored runtime takes the next step as the original.
+  ckpt.save_checkpoint(tmp_path / "c.ckpt", rt.state, num_verified=0, authenticate=rt.authenticate)
+  fresh = ginn.TrustedRuntime(mlp, *small_data, cfg, audit_secret=SECRET)
+  state, _ = ckpt.load_checkpoint(tmp_path / "c.ckpt", fresh.state, authenticate=fresh.authenticate)
+  fresh.restore(state, list(rt.transcript), rt.num_verified)
+  assert tree_bytes(fresh.state) == tree_bytes(rt.state)
+  w = ginn.HonestWorker(mlp, *small_data)
+  for r in (rt, fresh):
+    r.submit(w(r.next_order()))
+  assert tree_bytes(fresh.state) == tree_bytes(rt.state)
 
 
 def test_momentum_optimizer_spec_is_the_sgd_config(mlp, small_data):
