@@ -385,3 +385,31 @@ def test_cli_train_and_analyze_take_an_optimizer():
   out = subprocess.run([sys.executable, "-m", "ginn_jax", "analyze", "--optimizer", "adam", "--lr", "0"],
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 2 and "--optimizer: OptimizerSpec('adam'): learning_rate must be > 0" in out.stderr
+
+
+def test_adamw_optimizer_lora_fine_tune_persists_resumes_and_audits_from_its_header(tmp_path, mnist5k):
+  """A fine-tune as users run it: LoRA over a built-in base, AdamW with a
+  warm-up schedule; killed, resumed bitwise; `ginn audit --frozen` rebuilds
+  model and optimizer from the header alone."""
+  from ginn_jax._src import cli
+  x, y = mnist5k.train_images, mnist5k.train_labels  # All of it: the audit loads it by name.
+  ft = ginn.lora(ginn.get_model("mlp", input_shape=(28, 28, 1)), rank=2)
+  cfg = ginn.ProtocolConfig(seed=4, batch_size=32, p=0.5, clip="global_norm", clip_value=1.0)
+  adamw = ginn.OptimizerSpec("adamw", learning_rate=WARMUP, weight_decay=0.01)
+  frozen = ginn.TrustedRuntime(ft, x, y, cfg, audit_secret=SECRET).frozen
+  honest = ginn.HonestWorker(ft, x, y, frozen=frozen)
+
+  def persist_ft(d, worker):
+    return run_verified(d, ft, x, y, cfg, worker, 8, audit_secret=SECRET, checkpoint_every=3,
+                        dataset="mnist5k", frozen=frozen, optimizer=adamw)
+
+  ref = persist_ft(tmp_path / "ref", honest)
+  with pytest.raises(Crash):
+    persist_ft(tmp_path / "run", crash_at(honest, 5))
+  res = persist_ft(tmp_path / "run", honest)
+  assert res.resumed_from == 3 and tree_bytes(res.params) == tree_bytes(ref.params)
+  assert checkpoint_shas(tmp_path / "run") == checkpoint_shas(tmp_path / "ref")
+  header = read_transcript(tmp_path / "run" / "transcript.jsonl")[0].body
+  assert header["config"]["optimizer"] == adamw.to_dict() and "frozen_digest" in header
+  ginn.save_frozen(tmp_path / "base.npz", frozen)
+  assert cli.main(["audit", str(tmp_path / "run"), "--frozen", str(tmp_path / "base.npz")]) == 0
