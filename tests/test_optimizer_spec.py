@@ -6,11 +6,8 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
-import numpy as np
 import optax
 import pytest
 
@@ -367,24 +364,24 @@ def test_tampered_optimizer_header_is_refused_on_resume_and_audit(tmp_path, mlp,
   assert not rep.ok and "records no optimizer" in rep.first_failure.detail
 
 
-def test_cli_train_and_analyze_take_an_optimizer():
+def test_cli_train_and_analyze_take_an_optimizer(capsys):
+  from ginn_jax._src import cli
   spec = json.dumps({"name": "adamw", "learning_rate": {"schedule": "cosine_decay", "init_value": 1e-3,
                                                           "decay_steps": 10}, "weight_decay": 0.01})
-  out = subprocess.run([sys.executable, "-m", "ginn_jax", "train", "--model", "mlp", "--steps", "3",
-                        "--batch-size", "32", "--p", "0.5", "--optimizer", spec, "--no-progress",
-                        "--tolerance", '{"rel_l2": 1e-5, "max_abs": 1e-5}'],
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr
-  res = json.loads(out.stdout)
+  assert cli.main(["train", "--model", "mlp", "--steps", "3", "--batch-size", "32", "--p", "0.5",
+                   "--optimizer", spec, "--no-progress", "--tolerance", '{"rel_l2": 1e-5, "max_abs": 1e-5}']) == 0
+  res = json.loads(capsys.readouterr().out)
   assert res["optimizer"] == ginn.OptimizerSpec.from_dict(json.loads(spec)).to_dict()
   assert res["steps"] == 3 and res["num_violations"] == 0
-  out = subprocess.run([sys.executable, "-m", "ginn_jax", "analyze", "--optimizer", "adam"],
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr
-  assert json.loads(out.stdout)["deviation_bound"]["bounded"] is False
-  out = subprocess.run([sys.executable, "-m", "ginn_jax", "analyze", "--optimizer", "adam", "--lr", "0"],
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 2 and "--optimizer: OptimizerSpec('adam'): learning_rate must be > 0" in out.stderr
+  assert cli.main(["analyze", "--optimizer", "adam"]) == 0
+  assert json.loads(capsys.readouterr().out)["deviation_bound"]["bounded"] is False
+  assert cli.main(["analyze", "--optimizer", "momentum", "--lr", "0.1", "--momentum", "0.5"]) == 0
+  assert json.loads(capsys.readouterr().out)["deviation_bound"]["with_momentum"] == pytest.approx(
+      2 * 0.1 * 0.01 / 0.5)
+  assert cli.main(["analyze", "--optimizer", "adam", "--lr", "0"]) == 2
+  assert "--optimizer: OptimizerSpec('adam'): learning_rate must be > 0" in capsys.readouterr().err
+  assert cli.main(["train", "--optimizer", '{"name": "adam", "beta1": 0.9}', "--steps", "1"]) == 2
+  assert "unknown hyperparameter 'beta1'" in capsys.readouterr().err
 
 
 def test_adamw_optimizer_lora_fine_tune_persists_resumes_and_audits_from_its_header(tmp_path, mnist5k):
