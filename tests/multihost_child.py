@@ -61,6 +61,10 @@ def main() -> int:
   with np.load(args.data) as f:
     images, labels = f["images"], f["labels"]
   model = ginn.get_model("mlp", input_shape=(28, 28, 1))
+  if args.coordinator_address:  # Every process, before the first order.
+    ginn.check_agreement(model, ginn.Batch(images, labels), ginn.ProtocolConfig(
+        seed=0, batch_size=args.batch_size, p=args.p, p_witness=args.p_witness,
+        num_shards=args.num_shards))
   mesh = ginn.global_worker_mesh()
   inner = ginn.ShardedWorker(model, images, labels, num_shards=args.num_shards, mesh=mesh)
   if args.attack_shard is not None:

@@ -537,3 +537,31 @@ def test_process_0_does_not_follow(multihost_worker):
   _, worker = multihost_worker
   with pytest.raises(RuntimeError, match="process 0 hosts the trusted runtime"):
     ginn.follow(worker)
+
+
+def test_agreement_fields_name_what_differs(mlp, small_data):
+  """In one process `check_agreement` exchanges nothing and returns the
+  fields; each setting the processes must share changes its own field."""
+  images, labels = small_data
+  data = ginn.Batch(images, labels)
+  cfg = ginn.ProtocolConfig(batch_size=32, num_shards=SHARDS, p_witness=0.5)
+  base = ginn.check_agreement(mlp, data, cfg)
+  assert base == ginn.agreement_fields(mlp, data, cfg)
+  assert base["shard_mode"] == getattr(cfg, "shard_mode", "per_shard")
+  assert base["jax_version"] == jax.__version__ and base["witness_plan"]
+  changed = {
+      "batch_size": ginn.agreement_fields(mlp, data, ginn.ProtocolConfig(
+          batch_size=64, num_shards=SHARDS, p_witness=0.5)),
+      "num_shards": ginn.agreement_fields(mlp, data, ginn.ProtocolConfig(
+          batch_size=32, num_shards=2, p_witness=0.5)),
+      "dataset_digest": ginn.agreement_fields(mlp, ginn.Batch(images[:256], labels[:256]), cfg),
+      "model_parameters": ginn.agreement_fields(
+          ginn.get_model("mlp", input_shape=(28, 28, 1), num_classes=5), data, cfg),
+      "config.seed": ginn.agreement_fields(mlp, data, ginn.ProtocolConfig(
+          seed=1, batch_size=32, num_shards=SHARDS, p_witness=0.5)),
+  }
+  for name, fields in changed.items():
+    differ = {k for k in base if base[k] != fields[k]}
+    assert name in differ, (name, differ)
+    # The witness plan follows the shard's batch; nothing else moves.
+    assert differ <= {name, "witness_plan"}, (name, differ)

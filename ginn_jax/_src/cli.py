@@ -245,8 +245,6 @@ def _run_multihost(args, ginn) -> tuple[int, dict | None]:
         wtol = wtol or cal.witness_tolerance
       if args.run_dir:  # Process 0 (the trusted runtime) alone keeps the run directory.
         code, out = _train_in_run_dir(args, ginn, model, ds, cfg, tol, wtol, worker)
-        if code != 0:
-          worker.stop(halted=True)
         return code, {**out, "num_shards": num_shards, "num_processes": args.num_processes}
       rt = ginn.TrustedRuntime(model, ds.train_images, ds.train_labels, cfg, tolerance=tol,
                                witness_tolerance=wtol)

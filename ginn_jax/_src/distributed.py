@@ -234,7 +234,10 @@ def train_multihost(runtime: TrustedRuntime, worker: MultiHostWorker, num_steps:
                     **kwargs) -> TrainResult:
   """`ginn_jax.train` on process 0 of a multi-process run, then tells the
   followers to stop: STOP after a normal end, HALT on any exception
-  (an integrity violation, a rejected report, anything else).
+  (an integrity violation, a rejected report, anything else); an exception
+  inside a step makes the followers exit instead (`initialize`). Call
+  `check_agreement` on every process first. For a run directory (checkpoints,
+  resume), pass the worker to `ginn_jax.run_verified` inside ``with worker:``.
 
   Args:
     runtime: the trusted runtime (on this process).

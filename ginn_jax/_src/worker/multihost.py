@@ -147,6 +147,7 @@ class MultiHostWorker:
   stop whatever happens, and call `follow` on the others (or use
   `ginn_jax.train_multihost` and `ginn_jax.follow`)::
 
+      ginn_jax.check_agreement(model, data, cfg)  # Every process, first.
       worker = MultiHostWorker(inner, batch_size=cfg.batch_size)
       if jax.process_index() == 0:
         with worker:
