@@ -36,10 +36,14 @@ the key-value store of `jax.distributed` (a gRPC call to the coordination
 service, no collective), and each follower watches that key from a thread of
 its own while it follows: it polls every `ABORT_POLL_S` seconds, and when the
 key appears it prints process 0's error and exits the process with
-`ABORT_EXIT_CODE`. Process 0 itself stays up (in a notebook the kernel lives
-on). A process that dies (process 0 included) closes its gloo connections: the
-others' collectives fail at once, and `jax.distributed`'s heartbeat ends any
-process left waiting within its heartbeat timeout.
+`ABORT_EXIT_CODE`. This does not wait for process 0 to exit: in a notebook
+its kernel stays up after the error (until `jax.distributed`, missing the
+followers, ends it within its heartbeat timeout: a run that lost a process is
+over). A process that dies (process 0 included) closes its gloo connections:
+the others' collectives fail at once, and `jax.distributed`'s heartbeat ends
+any process left waiting within its heartbeat timeout. The abort key is
+numbered by worker: every process must build its `MultiHostWorker`s in the
+same order.
 """
 from __future__ import annotations
 
