@@ -219,7 +219,7 @@ def _launch_all(tmp, data: str, launches: dict) -> dict[str, list[dict]]:
                             extra=extra, watch=watch)
   hung = _wait(launches)
   assert not hung, f"multi-process runs hung and were killed: {hung}"
-  assert launches["killed"].killed_by_watch, "the run to kill ended before step {kill_at}"
+  assert launches["killed"].killed_by_watch, f"the run to kill ended before step {kill_at}"
   killed_records = _records(tmp / "killed" / "transcript.jsonl")
   # The same command again, on every process.
   launches["resumed"] = Launch(tmp, "resumed", specs["killed"][0], num_processes=2, devices=2,
