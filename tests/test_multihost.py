@@ -1,6 +1,13 @@
 """Many hosts: a worker spanning 2 processes of `jax.distributed` on localhost,
 each with 2 CPU devices, over JAX's CPU collectives (gloo).
 
+The runs: a clean one (bitwise the single-process run), a malicious shard on
+process 1, a follower that dies, process 0 raising inside a step and staying
+up (as a notebook) or dying there, `ginn train` on two processes, two
+processes started with different settings, and `ginn train --run-dir` over
+two processes, uninterrupted and killed (SIGKILL, every process) at a random
+step and started again.
+
 Each case starts real processes (tests/multihost_child.py) and kills a run
 that hangs, so a hang fails the test instead of hanging the suite: a run hangs
 when none of its live processes used any CPU time for `HANG_S` (on a busy
@@ -38,7 +45,7 @@ import ginn_jax as ginn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ginn.__file__)))
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_child.py")
 HANG_S = 120  # No CPU time used by any live process of a run this long: it hangs.
-LIMIT_S = 900  # Every run, at most (they take 40-60 s together on 2 idle cores, 100-150 s busy).
+LIMIT_S = 900  # Every run, at most (the file takes 2-2.5 min on 2 busy cores).
 WALL_S = 240  # Where a process's CPU time cannot be read: every run, at most.
 STEPS = 3
 RESUME_STEPS = 10  # Steps of the runs persisted to a run directory.
