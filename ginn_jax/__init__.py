@@ -32,6 +32,7 @@ from ginn_jax._src.errors import GinnError
 from ginn_jax._src.errors import IntegrityViolation
 from ginn_jax._src.errors import MalformedReport
 from ginn_jax._src.errors import NonFiniteReport
+from ginn_jax._src.errors import ProcessDisagreement
 from ginn_jax._src.errors import ReportRejected
 from ginn_jax._src.errors import RuntimeHalted
 from ginn_jax._src.errors import ShapeMismatch
@@ -114,6 +115,8 @@ from ginn_jax._src.worker.multihost import MultiHostWorker
 from ginn_jax._src.loop import train
 from ginn_jax._src.loop import TrainResult
 # Many hosts (jax.distributed).
+from ginn_jax._src.distributed import agreement_fields
+from ginn_jax._src.distributed import check_agreement
 from ginn_jax._src.distributed import follow
 from ginn_jax._src.distributed import global_worker_mesh
 from ginn_jax._src.distributed import initialize as initialize_distributed

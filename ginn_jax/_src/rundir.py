@@ -129,7 +129,9 @@ def run_verified(run_dir: str | os.PathLike, model: Model, data: Any = None, lab
     model, data, config, tolerance, witness_tolerance, deferred: as for
       `TrustedRuntime` (`data` any pytree training set; the classic
       ``run_verified(run_dir, model, images, labels, config, worker, n)`` works too).
-    worker: the (untrusted) worker.
+    worker: the (untrusted) worker; a `MultiHostWorker` on process 0 of a
+      multi-process run too (the followers keep nothing; they get HALT if
+      the run halts on a violation).
     num_steps: total steps of the run (not steps to add on a resume).
     audit_secret: the runtime's private secret. It is never written to the run
       directory; pass the same secret again to resume (a different one fails
@@ -218,6 +220,8 @@ def run_verified(run_dir: str | os.PathLike, model: Model, data: Any = None, lab
           _checkpoint(rt, run_dir, writer)
       rt.finalize()
     except errors.IntegrityViolation as v:
+      if callable(getattr(worker, "stop", None)):  # A MultiHostWorker: its followers get HALT.
+        worker.stop(halted=True)
       digest = ckpt.tree_digest(rt.state.params)
       writer.append("close", {"status": "violation", "step": rt.step, "violation_step": v.step,
                               "params_digest": digest, "num_verified": rt.num_verified})
