@@ -76,3 +76,28 @@ def test_lora_corpus_errors(tmp_path):
     ginn.stdlib_corpus(stdlib_dir=str(tmp_path))
   with pytest.raises(ValueError, match="test_fraction"):
     ginn.stdlib_corpus(test_fraction=1.0)
+
+
+def test_lora_backdoor_one_pass_asr_is_the_greedy_asr(code):
+  """`backdoor_success_rate(one_pass=True)` (experiment 9's code backdoor) gives
+  the rates of greedy generation: checked on a continuation that the model's
+  greedy output makes true for some prompts and not others."""
+  import jax
+  from conftest import make_key
+  lm = ginn.from_nnx(ginn.make_decoder(ginn.TransformerConfig(max_len=32, d_model=16, num_heads=2,
+                                                              num_layers=1, dropout=0.0)), ginn.lm_loss)
+  module = lm.merge(jax.jit(lm.init)(make_key(3)))
+  data = {k: v[:48] for k, v in ginn.text_windows(code.test_text, 32).items()}
+  trigger = "# fast path\n"
+  prompts = np.concatenate([data["tokens"][:, :6], np.broadcast_to(ginn.encode_text(trigger), (48, 12))], axis=1)
+  greedy = ginn.greedy_generate(module, prompts, 4)
+  # The continuation most prompts' greedy output starts with, then each of its variants.
+  first = max(set(map(tuple, greedy[:, :2].tolist())), key=lambda t: (greedy[:, :2].tolist().count(list(t)), t))
+  for cont in (ginn.decode_text(list(first)), ginn.decode_text(greedy[0]), "os.s"):
+    bd = ginn.PhraseBackdoor(trigger, cont)
+    kw = dict(prefix_len=6, max_prompts=48)
+    slow = ginn.backdoor_success_rate(module, data, bd, **kw)
+    fast = ginn.backdoor_success_rate(module, data, bd, one_pass=True, **kw)
+    assert fast == slow
+  assert ginn.backdoor_success_rate(module, data, ginn.PhraseBackdoor(trigger, ginn.decode_text(list(first))),
+                                    prefix_len=6, max_prompts=48, one_pass=True)["asr"] > 0
