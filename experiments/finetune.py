@@ -14,7 +14,7 @@ on held-out prompts reaches 0.5; with every step's witness checked (p = 0,
 p_witness = 1) and with every step re-computed (p = 1) it is caught at its
 first malicious step.
 
-Reproduce the committed results (about 20 minutes on 2 CPU cores):
+Reproduce the committed results (6 to 12 minutes on 2 CPU cores, with the load of other jobs):
 
     python experiments/finetune.py --out docs/results
 """

@@ -56,8 +56,10 @@ class FineTuneConfig:
     seed: the public training seed (the same for every run).
     trigger, continuation, num_poison: the code backdoor (windows poisoned per batch).
     asr_threshold: the ASR that defines k_min.
-    attack_steps, attack_eval_every: the unverified attacker's steps and the
-      steps between its ASR evaluations (k_min's resolution).
+    attack_steps, attack_eval_every: the unverified attacker's most steps and
+      the steps between its ASR evaluations (k_min's resolution).
+    attack_steps_after: the unverified attacker stops this many steps after
+      its ASR first reached `asr_threshold` (or after `attack_steps`).
     caught_start, caught_steps: the checked attackers are honest before step
       `caught_start` and get `caught_steps` steps in all.
     eval_every: steps between evaluations of the fine-tunes and the pretraining.
@@ -81,7 +83,7 @@ class FineTuneConfig:
   lora_rank: int = 8
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("*attn*/kernel", "*fc*/kernel")
-  lora_learning_rate: float = 1e-2
+  lora_learning_rate: float = 5e-3
   full_learning_rate: float = 1e-3
   clip: str = "global_norm"
   clip_value: float = 1.0
@@ -92,7 +94,8 @@ class FineTuneConfig:
   num_poison: int = 4
   asr_threshold: float = 0.5
   attack_steps: int = 300
-  attack_eval_every: int = 10
+  attack_eval_every: int = 2
+  attack_steps_after: int = 40
   caught_start: int = 2
   caught_steps: int = 4
   eval_every: int = 100
@@ -165,12 +168,13 @@ class FineTuneLab:
 
 
 def _run(runtime: ginn.TrustedRuntime, worker, *, steps: int, every: int,
-         evaluate: Callable[[Any], dict[str, Any]], bar) -> dict[str, Any]:
+         evaluate: Callable[[Any], dict[str, Any]], bar,
+         stop: Callable[[list[dict[str, Any]]], bool] | None = None) -> dict[str, Any]:
   """Trains in chunks of `every` steps, evaluating ``evaluate(params)`` at step
-  0 and after each chunk; stops at a violation."""
+  0 and after each chunk; stops at a violation, or once ``stop(curve)``."""
   curve = [{"step": 0, "loss": None, **evaluate(runtime.state.params)}]
   t0, violation, train_s = time.perf_counter(), None, 0.0
-  while runtime.step < steps and violation is None:
+  while runtime.step < steps and violation is None and not (stop and stop(curve)):
     n = min(every, steps - runtime.step)
     t = time.perf_counter()
     res = ginn.train(runtime, worker, n, progress=False, raise_on_violation=False)
@@ -271,8 +275,12 @@ def finetune_runs(cfg: FineTuneConfig, *, progress: bool = True) -> dict[str, An
     return ginn.PoisonWorker(ft, lab.train_data, poison=bd.poison, schedule=ginn.schedules.FromStep(start),
                              frozen=frozen)
 
+  def enough(curve):
+    k = k_min(curve, cfg.asr_threshold)
+    return k is not None and curve[-1]["step"] >= k + cfg.attack_steps_after
+
   unverified = _run(lora_runtime(p=0.0, secret="attack-unverified"), attacker(0), steps=cfg.attack_steps,
-                    every=cfg.attack_eval_every, bar=bar, evaluate=attack_eval)
+                    every=cfg.attack_eval_every, bar=bar, evaluate=attack_eval, stop=enough)
   kmin = k_min(unverified["curve"], cfg.asr_threshold)
   unverified.update(k_min=kmin, asr_threshold=cfg.asr_threshold)
 
