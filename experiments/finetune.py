@@ -24,9 +24,8 @@ import argparse
 import dataclasses
 import sys
 
-import jax
-
 import ginn_jax  # noqa: F401  (before jax: two CPU devices)
+import jax
 from ginn_jax._src.lab.common import figure, save_experiment
 from ginn_jax._src.lab.finetune import FineTuneConfig, finetune_runs
 
