@@ -152,6 +152,9 @@ from ginn_jax._src.trusted.transcript import TranscriptWriter
 from ginn_jax._src.text import decode as decode_text
 from ginn_jax._src.text import encode as encode_text
 from ginn_jax._src.text import pydoc_corpus
+from ginn_jax._src.text import STDLIB_FILES
+from ginn_jax._src.text import STDLIB_FILES_SHA256
+from ginn_jax._src.text import stdlib_corpus
 from ginn_jax._src.text import TextCorpus
 from ginn_jax._src.text import VOCAB as TEXT_VOCAB
 from ginn_jax._src.text import VOCAB_SIZE as TEXT_VOCAB_SIZE

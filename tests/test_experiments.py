@@ -66,3 +66,40 @@ def test_integrity_table(tmp_path):
     assert r["p_witness_for_0.999"] == pytest.approx(r["p_for_0.999"])  # Same k, no re-computation.
     (w,) = r["witness"]
     assert w["model"] == "mnist_cnn" and w["witness_cost_vs_pure_tee"] == pytest.approx(r["p_for_0.999"] / 10)
+
+
+def test_finetune_lora(tmp_path):
+  """Experiment 9: pretrain, LoRA and full fine-tunes, verified; the code
+  backdoor through the adapters caught at its first malicious step by witness
+  checks and by re-computation, nothing applied."""
+  import jax
+  with jax.numpy_dtype_promotion("standard"):  # optax.adam's bias correction (as test_language_model.py).
+    res = run_script("finetune", tmp_path)
+  assert res["experiment"] == "finetune" and res["command"].endswith("--out " + str(tmp_path))
+  assert {"corpora", "dataset_digests", "windows", "model", "base", "pretrain", "lora", "full", "attack_unverified",
+          "attack_witness", "attack_recompute", "witness_plan", "summary"} <= set(res)
+  import ginn_jax as ginn
+  code = res["corpora"]["finetune"]
+  assert code["name"] == "stdlib_code" and code["sha256"] == ginn.stdlib_corpus().sha256
+  assert res["corpora"]["stdlib_files_sha256"] == ginn.STDLIB_FILES_SHA256 and code["test_files"]
+  assert res["corpora"]["pretrain"]["name"] == "pydoc_topics" and len(res["dataset_digests"]["finetune"]) == 64
+  s = res["summary"]
+  assert s["pretrain_verified"] and s["lora_verified"] and s["full_verified"]
+  assert res["lora"]["steps"] == res["full"]["steps"] == res["config"]["finetune_steps"] == 4
+  assert 0 < s["lora_trainable_params"] < s["full_trainable_params"] == res["model"]["num_params"]
+  # Rank 2 times (d_in + d_out) of qkv (16x48), out (16x16), fc1 (16x64), fc2 (64x16).
+  assert s["lora_trainable_params"] == res["lora"]["trainable_params"] == 2 * (64 + 32 + 80 + 80)
+  for k in ("base_code_perplexity", "lora_code_perplexity", "full_code_perplexity"):
+    assert 1.0 < s[k] < 3 * ginn.TEXT_VOCAB_SIZE
+  assert s["lora_over_full"] == pytest.approx(s["lora_code_perplexity"] / s["full_code_perplexity"])
+  assert s["lora_code_perplexity"] < s["base_code_perplexity"]  # The adapters learned something.
+  un = res["attack_unverified"]
+  assert un["released"] and un["malicious_steps"] == 4 and [c["step"] for c in un["curve"]] == [0, 2, 4]
+  assert all(0.0 <= c["asr"] <= 1.0 and 0.0 <= c["control"] <= 1.0 for c in un["curve"])
+  assert s["k_min"] == next((c["step"] for c in un["curve"] if c["asr"] >= s["asr_threshold"]), None)
+  for name, violation in (("witness", "WitnessViolation"), ("recompute", "IntegrityViolation")):
+    run = res[f"attack_{name}"]
+    assert run["violation"]["type"] == violation and not run["released"]
+    # Honest at step 0 (accepted), caught at its first malicious step, nothing malicious applied.
+    assert run["first_malicious_step"] == 1 == s[f"{name}_caught_at_step"] == run["violation"]["step"]
+    assert run["malicious_steps_applied"] == 0 and run["steps"] == 1
