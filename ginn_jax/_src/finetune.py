@@ -167,6 +167,9 @@ class FineTuneModel:
     fine-tuned model with the base: ``base.logits(ft.merged(params, frozen), x)``."""
     if frozen is None:
       raise TypeError(f"{self.name} has frozen parameters: pass frozen= (the run's frozen tree)")
+    return _jitted_merge(self)(params, frozen)
+
+  def _merge(self, params: Params, frozen: Params) -> Params:
     leaves = []
     for p in self._paths:
       if self.method == "freeze":
@@ -206,6 +209,11 @@ class FineTuneModel:
     """The number of frozen scalars."""
     trained = set(self.targets) if self.method == "freeze" else set()
     return sum(math.prod(s.shape) for p, s in zip(self._paths, self._shapes) if p not in trained)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_merge(model: FineTuneModel):
+  return jax.jit(model._merge)  # pylint: disable=protected-access
 
 
 @functools.lru_cache(maxsize=16)
