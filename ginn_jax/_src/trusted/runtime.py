@@ -28,13 +28,15 @@ import optax
 
 from ginn_jax._src import errors
 from ginn_jax._src import shards as shards_lib
-from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
+from ginn_jax._src.boundary import (GradientReport, ProjectionRequest, Projections, Witness, WitnessRequest,
+                                    WorkOrder)
 from ginn_jax._src.data import as_training_data, dataset_digest, num_examples
 from ginn_jax._src.devices import trusted_device
 from ginn_jax._src.models import Model
 from ginn_jax._src.step import DeviceGradFn, DeviceWitnessFn, step_program
 from ginn_jax._src.trusted import commit, keys, verify
 from ginn_jax._src.trusted import program_check
+from ginn_jax._src.trusted import projection as projection_lib
 from ginn_jax._src.trusted import witness as witness_lib
 from ginn_jax._src.trusted.verifier import Check, CheckResult, Verifier
 from ginn_jax._src.trusted.transforms import ClipMode, OptimizerConfig, make_update_transform
@@ -67,6 +69,17 @@ class ProtocolConfig:
       them, and each shard has its own coins (re-computation and witness):
       only sampled shards are re-computed or witness-checked. 1 (the
       default) is a run without shards.
+    shard_mode: with S > 1, ``"per_shard"`` (the worker reports every
+      shard's gradient, as above) or ``"aggregate"`` (docs/design.md section
+      11.1: the worker reports their mean and the S losses; the trusted side
+      clips and applies the mean like a report without shards, then checks
+      it with a secret projection challenge, `ginn_jax.ProjectionRequest`,
+      before drawing the shard coins). None (the default) means
+      ``"aggregate"`` for S > 1; with one shard the field reads
+      ``"per_shard"`` (the modes coincide). The clip bounds a malicious
+      step by 2C in ``"aggregate"`` mode and by 2C/S per corrupted shard in
+      ``"per_shard"`` mode (`ginn_jax.analysis`). The projection answer has
+      `witness_timeout_s` to arrive.
   """
 
   seed: int = 0
@@ -78,6 +91,7 @@ class ProtocolConfig:
   clip_value: float | None = 0.01
   optimizer: OptimizerConfig = OptimizerConfig()
   num_shards: int = 1
+  shard_mode: str | None = None
 
   def __post_init__(self):
     for name in ("p", "p_witness"):
@@ -91,14 +105,34 @@ class ProtocolConfig:
       raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
     shards_lib.check_num_shards(self.batch_size, self.num_shards)
     object.__setattr__(self, "num_shards", int(self.num_shards))  # (A numpy int would not go to JSON.)
+    object.__setattr__(self, "shard_mode", shards_lib.resolve_shard_mode(self.shard_mode, self.num_shards))
+
+  @property
+  def aggregate(self) -> bool:
+    """Whether the run reports the shards' mean (S > 1, ``"aggregate"``)."""
+    return self.num_shards > 1 and self.shard_mode == shards_lib.AGGREGATE
 
   def to_dict(self) -> dict[str, Any]:
-    """JSON form; without ``num_shards`` when it is 1 (as before it existed,
-    so headers of runs without shards are unchanged)."""
+    """JSON form; without ``num_shards`` when it is 1 and without
+    ``shard_mode`` unless it is ``"aggregate"`` (as before they existed, so
+    headers of runs without shards and of per-shard runs are unchanged: a
+    header without ``shard_mode`` means ``"per_shard"``, `from_header_dict`)."""
     d = dataclasses.asdict(self)
     if d["num_shards"] == 1:
       del d["num_shards"]
+    if not self.aggregate:
+      del d["shard_mode"]
     return d
+
+  @classmethod
+  def from_header_dict(cls, d: dict[str, Any]) -> "ProtocolConfig":
+    """Inverse of `to_dict` (a run header's ``config``): a header without
+    ``shard_mode`` was written by a per-shard run (or one without shards)."""
+    d = dict(d)
+    d.setdefault("shard_mode", shards_lib.PER_SHARD)
+    if isinstance(d.get("optimizer"), dict):
+      d["optimizer"] = OptimizerConfig(**d["optimizer"])
+    return cls(**d)
 
 
 @flax.struct.dataclass
@@ -129,7 +163,9 @@ class TranscriptEntry:
   when none was; None in a run without shards, where the fields are not
   written to the transcript), `witness_digest` is the witness digests of the
   checked shards joined by commas, and `loss` is the mean of the shards'
-  losses.
+  losses. In ``"aggregate"`` mode `projections_digest` is the digest of the
+  worker's answer to the projection challenge (`projection.projections_digest`;
+  the shard coins read it), None otherwise (and then not written).
   """
 
   step: int
@@ -147,6 +183,7 @@ class TranscriptEntry:
   witness_max_abs: float | None = None
   shards: list[int] | None = None
   witness_shards: list[int] | None = None
+  projections_digest: str | None = None
 
 
 class Recorder(Protocol):
@@ -301,8 +338,15 @@ class TrustedRuntime:
           "witness_tolerance must be a per-leaf tolerance: a witness check compares "
           "random projections, which have no elements to hold to an element-wise rule")
     self.num_shards = config.num_shards
+    self.aggregate = config.aggregate
+    if self.aggregate and self.tolerance.elementwise:
+      raise ValueError(
+          "an 'aggregate' run needs a per-leaf tolerance: its checks compare projections of the "
+          "shards' gradients, which have no elements to hold to an element-wise rule; pass a "
+          "per-leaf tolerance or shard_mode='per_shard'")
+    # Aggregate: the report is the mean, clipped and applied like a report without shards.
     self.tx = make_update_transform(config.clip, config.clip_value, optimizer or config.optimizer,
-                                    config.num_shards)
+                                    1 if self.aggregate else config.num_shards)
     self.dataset_digest = dataset_digest(data)
     self._keys = keys.audit_keys(audit_secret if audit_secret is not None else keys.new_audit_secret())
     self.streams = keys.seed_streams(config.seed)
@@ -350,7 +394,8 @@ class TrustedRuntime:
     )
 
   def submit(self, report: GradientReport, *,
-             witness: Callable[[WitnessRequest], Witness] | None = None) -> TranscriptEntry:
+             witness: Callable[[WitnessRequest], Witness] | None = None,
+             project: Callable[[ProjectionRequest], Projections] | None = None) -> TranscriptEntry:
     """Validates, commits, draws the coins, challenges, updates and verifies.
 
     Args:
@@ -358,6 +403,10 @@ class TrustedRuntime:
       witness: the worker's answer to a witness challenge (``worker.witness``);
         called only when the step's witness coin comes up, after the report is
         committed. Missing (None) on such a step is a violation.
+      project: in an ``"aggregate"`` run, the worker's answer to the
+        projection challenge (``worker.project``), called on every step after
+        the report is committed and before the shard coins are drawn.
+        Missing (None) there is a violation.
 
     Returns:
       The transcript entry of the accepted step.
@@ -371,6 +420,10 @@ class TrustedRuntime:
       WitnessViolation (an IntegrityViolation): the step's witness is missing,
         late or malformed (its update is not applied, in both modes), or
         fails a Freivalds check (as above).
+      ProjectionViolation (an IntegrityViolation): in an ``"aggregate"``
+        run, the projections are missing, late, malformed or do not add up
+        (its update is not applied, in both modes), or a checked shard's
+        disagrees with the trusted side's (as above).
     """
     self._collect_checks()
     self._raise_if_halted()
@@ -378,7 +431,7 @@ class TrustedRuntime:
     t = self.state.step
     lap = self._phases.lap
     received = commit.receive_report(report, step=t, params=self.state.params, device=self.device,
-                                     num_shards=self.num_shards)
+                                     num_shards=self.num_shards, aggregate=self.aggregate)
     lap("receive")  # Form checks; the copy into trusted memory goes on asynchronously.
     # The update is dispatched now, so that it runs while the report is hashed,
     # and committed below only once the report is accepted; until then
@@ -386,7 +439,7 @@ class TrustedRuntime:
     # It also finds non-finite values, from its own reads of the gradient.
     new_state, finite = checked_update(self.tx, self.state,
                                        jax.tree_util.tree_unflatten(self._treedef, received.leaves),
-                                       self.num_shards)
+                                       received.num_shards)
     lap("update")  # Dispatch only.
     digest = commit.digest_received(received, name=self.report_digest_name)
     lap("digest")
@@ -395,9 +448,20 @@ class TrustedRuntime:
     loss = received.loss
     tag = commit.report_mac(self._keys.mac_key, digest)
     S = self.num_shards
-    # After the commit. One coin per shard; with one shard, the coins of a run without shards.
-    coins = keys.shard_verification_coins(self._keys, t, digest, self.config.p, S)
-    wcoins = keys.shard_witness_coins(self._keys, t, digest, self.config.p_witness, S)
+    projection = pdigest = None
+    if self.aggregate:  # After the commit: the projection challenge, then the coins.
+      lap("mac_coin")
+      pre = TranscriptEntry(step=t, digest=digest.hex(), mac=tag.hex(), verified=False,
+                            outcome="violation", loss=float(np.mean(loss)))
+      projection, pdigest = self._project(pre, digest, received, project)
+      lap("projection")
+      coins = keys.aggregate_coins(self._keys, t, digest, pdigest, self.config.p, S)
+      wcoins = keys.aggregate_coins(self._keys, t, digest, pdigest, self.config.p_witness, S,
+                                    witness=True)
+    else:
+      # After the commit. One coin per shard; with one shard, the coins of a run without shards.
+      coins = keys.shard_verification_coins(self._keys, t, digest, self.config.p, S)
+      wcoins = keys.shard_witness_coins(self._keys, t, digest, self.config.p_witness, S)
     sampled, challenged = any(coins), any(wcoins)
     drawn = tuple(s for s, c in enumerate(coins) if c) if S > 1 else None
     wdrawn = tuple(s for s, c in enumerate(wcoins) if c) if S > 1 else None
@@ -408,7 +472,8 @@ class TrustedRuntime:
                             check="+".join(c for c, on in (("recompute", sampled), ("witness", challenged))
                                            if on),
                             shards=None if drawn is None else list(drawn),
-                            witness_shards=None if wdrawn is None else list(wdrawn))
+                            witness_shards=None if wdrawn is None else list(wdrawn),
+                            projections_digest=None if pdigest is None else pdigest.hex())
     wit = None
     if challenged:
       wit, wdigest, seed = self._challenge(entry, digest, witness, shards=wdrawn)
@@ -420,7 +485,7 @@ class TrustedRuntime:
                     layer_key=self._layer_key(t), reported=received.leaves, loss=loss,
                     recompute=sampled, witness=wit, witness_seed=seed if challenged else None,
                     done=self._release_witness if challenged else None, shards=drawn,
-                    witness_shards=wdrawn)
+                    witness_shards=wdrawn, projection=projection)
       result = self.verifier.submit(check)
       lap("verify")  # Synchronous re-computation, or waiting for room in the queue.
       if result is not None:  # Synchronous: resolved before the update is committed.
@@ -588,6 +653,79 @@ class TrustedRuntime:
                                       shard=s) from e
     return tuple(g[0] for g in got), [g[1] for g in got], tuple(g[2] for g in got)
 
+  def _project(self, entry: TranscriptEntry, report_digest: bytes, received, project):
+    """The projection challenge of an ``"aggregate"`` step (docs/design.md
+    section 11.1), after its mean was committed: draws the secret vectors,
+    asks the worker for its S x L scalars within `witness_timeout_s`,
+    validates and hashes them, and checks that they add up to S times the
+    mean's projection. Any failure is a `ProjectionViolation`: recorded, the
+    runtime halts, the step's update is not applied.
+
+    Returns:
+      ``((vectors, values), digest)``: what the shard checks compare against
+      (`Check.projection`) and the digest of the scalars (the coins read it).
+    """
+    t = entry.step
+    try:
+      if project is None:
+        raise errors.ProjectionViolation(
+            step=t, leaf="projections", reason="the worker offers no projections (it has no "
+            "`project` method) but an 'aggregate' run challenges every step")
+      seed = keys.projection_seed(self._keys, t, report_digest)
+      vectors = projection_lib.projection_vectors(seed, [leaf.shape for leaf in received.leaves],
+                                                  self.device)
+      mean_t, norms = projection_lib.mean_projection(received.leaves, vectors)  # Trusted, meanwhile.
+      order = WorkOrder(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
+                        layer_key=self._layer_key(t))
+      answer = self._call(project, ProjectionRequest(step=t, order=order, vectors=vectors),
+                          what="projections", violation=errors.ProjectionViolation, step=t,
+                          ready=lambda a: a.values)
+      paths = self._paths[:-1]
+      values = projection_lib.validate_projections(answer, step=t, num_shards=self.num_shards,
+                                                   paths=paths)
+      digest = projection_lib.projections_digest(t, report_digest, values)
+      projection_lib.check_sum(values, mean_t, norms, self.tolerance.rel_l2, step=t, paths=paths)
+    except errors.ProjectionViolation as violation:
+      self._append(entry)
+      self.halted = violation
+      raise
+    except Exception as e:  # Anything else about the answer: the report is committed.
+      violation = errors.ProjectionViolation(step=t, leaf="projections",
+                                             reason=f"{type(e).__name__}: {e}")
+      self._append(entry)
+      self.halted = violation
+      raise violation from e
+    return (vectors, values), digest
+
+  def _call(self, answer, request, *, what: str, violation, step: int, ready):
+    """The worker's ``answer(request)``, arrived (arrays computed, `ready`
+    picks them) within `witness_timeout_s`, on a daemon thread so that a
+    worker that never answers cannot hang the runtime past the deadline."""
+    limit = self.config.witness_timeout_s
+    box: dict[str, Any] = {}
+
+    def call():
+      try:
+        got = answer(request)
+        try:
+          jax.block_until_ready(ready(got))
+        except Exception:  # Malformed: validation says what.
+          pass
+        box["answer"] = got
+      except BaseException as e:
+        box["error"] = e
+
+    thread = threading.Thread(target=call, name=f"ginn-{what}", daemon=True)
+    thread.start()
+    thread.join(limit)
+    if thread.is_alive():
+      raise violation(step=step, leaf=what, reason=f"no {what} within {limit} s (late or never)")
+    if "error" in box:
+      e = box["error"]
+      raise violation(step=step, leaf=what,
+                      reason=f"the worker raised {type(e).__name__}: {e}") from e
+    return box["answer"]
+
   def _ask(self, answer, request: WitnessRequest):
     """The worker's answer, arrived (arrays computed) within `witness_timeout_s`.
 
@@ -658,6 +796,8 @@ class TrustedRuntime:
   def _recompute(self, check: Check) -> tuple[verify.Comparison | verify.ShardComparisons | None,
                                               verify.Comparison | None]:
     comparison = witness = None
+    if check.projection is not None:
+      return self._recompute_projected(check)
     if check.shards is not None:  # Only the sampled shards, each against its row of the report.
       if check.recompute:
         idx = shards_lib.shard_indices(check.batch_indices, self.num_shards)
@@ -688,6 +828,42 @@ class TrustedRuntime:
       outputs, _, prep = check.witness
       witness = self._witness_errors(check.params, prep, outputs, check.reported, reported_loss,
                                      check.witness_seed)
+    return comparison, witness
+
+  def _recompute_projected(self, check: Check):
+    """The checks of the drawn shards of an ``"aggregate"`` step: each shard's
+    gradient computed by the trusted side (re-computed, or evaluated from its
+    checked witness) and projected with the step's vectors, against the
+    worker's scalars of that shard (`projection.shard_errors`), and its loss."""
+    vectors, values = check.projection
+    paths = tuple(f"projection {p}" for p in self._paths[:-1]) + ("loss",)
+
+    def against(s, ref_leaves, ref_loss) -> np.ndarray:
+      errs = projection_lib.shard_errors(ref_leaves, vectors, jax.device_put(values[s], self.device))
+      row_loss = jax.device_put(np.asarray(check.loss[s]), self.device)
+      loss_err = verify.compare([], row_loss, [], ref_loss, ("loss",)).errors
+      proj = np.asarray(jax.device_get(errs), np.float64)
+      return np.concatenate([np.stack([proj, np.zeros_like(proj)], axis=1), loss_err])
+
+    comparison = witness = None
+    idx = shards_lib.shard_indices(check.batch_indices, self.num_shards)
+    if check.recompute:
+      out = []
+      for s in check.shards:
+        ref_loss, ref_grads = self._reference(check.params, idx[s], shards_lib.shard_key(check.layer_key, s))
+        out.append(verify.Comparison(paths=paths, errors=against(s, jax.tree_util.tree_leaves(ref_grads),
+                                                                 ref_loss)))
+      comparison = verify.ShardComparisons(shards=tuple(check.shards), comparisons=tuple(out))
+    if check.witness is not None:
+      out = []
+      for s, (outputs, _, (indices, key)), seed in zip(check.witness_shards, check.witness,
+                                                       check.witness_seed):
+        products, ref_loss, ref_grads = program_check.program_gradient(
+            self.witness_program(), check.params, self._reference.data, indices, key, outputs, seed)
+        out.append(verify.Comparison(
+            paths=(*(w.describe() for w in self.witness_program().plan.witnessed), *paths),
+            errors=np.concatenate([products, against(s, ref_grads, ref_loss)])))
+      witness = verify.ShardComparisons(shards=tuple(check.witness_shards), comparisons=tuple(out))
     return comparison, witness
 
   def _witness_errors(self, params, prep, products, reported, loss, seed) -> verify.Comparison:

@@ -25,6 +25,16 @@ How it computes (S > 1), over a `jax.sharding.Mesh` of M devices (M divides S):
   of shape ``(S, *param.shape)`` and whose loss has shape ``(S,)``, sharded
   over the mesh like the indices.
 
+In ``"aggregate"`` mode (``shard_mode``, docs/design.md section 11.1) the
+same jitted function also adds the local shards' gradients and sums those
+over the mesh with the mesh's own collective (``jax.lax.psum``), divided by
+S: the report's gradient is that mean, replicated over the mesh (every leaf
+shaped as its parameter), and its loss the ``(S,)`` shard losses. The shard
+gradients stay on their devices until the next step, to answer the
+projection challenge (`project`: one jitted `shard_map` projecting each
+shard's leaves with the trusted side's vectors, no gradient leaving its
+device).
+
 With S = 1 it is an `HonestWorker` on the mesh's first device: the same
 report, without a shard axis, as today's worker.
 
@@ -43,7 +53,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ginn_jax._src import shards as shards_lib
-from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
+from ginn_jax._src.boundary import (GradientReport, ProjectionRequest, Projections, Witness,
+                                    WitnessRequest, WorkOrder)
 from ginn_jax._src.data import as_training_data
 from ginn_jax._src.devices import worker_devices
 from ginn_jax._src.models import Model
@@ -95,6 +106,45 @@ def _sharded_grad(owner, func, mesh: Mesh, num_shards: int):
                                out_specs=(split, split), check_vma=False))
 
 
+@functools.lru_cache(maxsize=32)
+def _aggregate_grad(owner, func, mesh: Mesh, num_shards: int):
+  """As `_sharded_grad`, and the mean of the S shard gradients, summed over
+  the mesh with ``psum`` (replicated): ``(losses, mean, grads)``."""
+  loss_fn = func.__get__(owner) if owner is not None else func
+  grad_fn = compute_grads(loss_fn)
+  local = num_shards // mesh.size
+  split = PartitionSpec(mesh.axis_names)
+
+  def body(params, data, indices, key_data):
+    keys = jax.random.wrap_key_data(key_data, impl="threefry2x32")
+    outs = [grad_fn(params, gather(data, indices[j]), keys[j]) for j in range(local)]
+    total = outs[0][1]
+    for o in outs[1:]:
+      total = jax.tree_util.tree_map(jax.numpy.add, total, o[1])
+    mean = jax.tree_util.tree_map(
+        lambda x: jax.lax.psum(x, mesh.axis_names) / jax.numpy.asarray(num_shards, x.dtype), total)
+    return (shards_lib.stack_shards([o[0] for o in outs]), mean,
+            shards_lib.stack_shards([o[1] for o in outs]))
+
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), split, split),
+                               out_specs=(split, PartitionSpec(), split), check_vma=False))
+
+
+@functools.lru_cache(maxsize=32)
+def _projector(mesh: Mesh, num_shards: int):
+  """The jitted shard_map that projects every local shard's gradient leaves
+  with the (replicated) vectors: an ``(S, L)`` float32 array over the mesh."""
+  local = num_shards // mesh.size
+  split = PartitionSpec(mesh.axis_names)
+
+  def body(leaves, vectors):
+    return jax.numpy.stack([shards_lib.project_leaves([g[j] for g in leaves], vectors)
+                            for j in range(local)])
+
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(split, PartitionSpec()), out_specs=split,
+                               check_vma=False))
+
+
 class ShardedWorker:
   """Honest worker that computes S shards of each step data-parallel over a mesh.
 
@@ -109,6 +159,9 @@ class ShardedWorker:
     mesh: a `jax.sharding.Mesh` of any devices (possibly spanning processes);
       its size must divide S. Default: `default_mesh(num_shards)` over
       `ginn_jax.worker_devices()`.
+    shard_mode: the runtime's ``ProtocolConfig.shard_mode``: ``"per_shard"``
+      (report every shard's gradient) or ``"aggregate"`` (report their mean,
+      answer `project`); None: the same default as `ProtocolConfig`.
 
   Raises:
     ValueError: S not a positive int, or not a multiple of the mesh size.
@@ -125,10 +178,13 @@ class ShardedWorker:
   """
 
   def __init__(self, model: Model, data: Any, labels: np.ndarray | None = None, *,
-               num_shards: int, mesh: Mesh | None = None):
+               num_shards: int, mesh: Mesh | None = None, shard_mode: str | None = None):
     shards_lib.check_num_shards(num_shards, num_shards)
     self.model = model
     self.num_shards = int(num_shards)
+    self.shard_mode = shards_lib.resolve_shard_mode(shard_mode, self.num_shards)
+    self.aggregate = self.num_shards > 1 and self.shard_mode == shards_lib.AGGREGATE
+    self._kept: tuple[int, Any] | None = None  # Aggregate: (step, shard gradients on the mesh).
     self.mesh = mesh if mesh is not None else default_mesh(self.num_shards)
     if self.num_shards % self.mesh.size:
       raise ValueError(
@@ -144,8 +200,9 @@ class ShardedWorker:
     self._split = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))
     self.data = _put(as_training_data(data, labels), self._replicated)
     loss = model.loss
-    self._fn = _sharded_grad(getattr(loss, "__self__", None), getattr(loss, "__func__", loss),
-                             self.mesh, self.num_shards)
+    make = _aggregate_grad if self.aggregate else _sharded_grad
+    self._fn = make(getattr(loss, "__self__", None), getattr(loss, "__func__", loss), self.mesh,
+                    self.num_shards)
     self.witness_fn = None
     if self.device.process_index == jax.process_index():
       # The first device's copy of the replicated training set (no second copy).
@@ -153,9 +210,10 @@ class ShardedWorker:
       self.witness_fn = DeviceWitnessFn(model.loss, jax.tree_util.tree_map(local, self.data), self.device)
 
 
-  def compute(self, params, batch_indices, layer_key) -> tuple[jax.Array, object]:
+  def compute(self, params, batch_indices, layer_key) -> tuple:
     """``(losses (S,), grads with leaves (S, *param.shape))`` of one step,
-    sharded over the mesh (S > 1)."""
+    sharded over the mesh (S > 1); in ``"aggregate"`` mode ``(losses, mean,
+    grads)``, the mean replicated over the mesh."""
     if self.honest is not None:
       raise ValueError("compute() is for S > 1; with one shard call the worker on the order")
     idx = shards_lib.shard_indices(np.asarray(batch_indices, np.int32), self.num_shards)
@@ -168,8 +226,43 @@ class ShardedWorker:
   def __call__(self, order: WorkOrder) -> GradientReport:
     if self.honest is not None:
       return self.honest(order)
+    if self.aggregate:
+      loss, mean, grads = self.compute(order.params, order.batch_indices, order.layer_key)
+      self._kept = (order.step, grads)
+      return GradientReport(step=order.step, grads=mean, loss=loss)
     loss, grads = self.compute(order.params, order.batch_indices, order.layer_key)
     return GradientReport(step=order.step, grads=grads, loss=loss)
+
+  def shard_grads(self, order: WorkOrder):
+    """The S shard gradients of `order` (leaves ``(S, *param.shape)`` over the
+    mesh): those kept from the last step if it was `order`'s, else computed
+    again. Aggregate mode."""
+    if self._kept is not None and self._kept[0] == order.step:
+      return self._kept[1]
+    _, _, grads = self.compute(order.params, order.batch_indices, order.layer_key)
+    return grads
+
+  def project(self, request: ProjectionRequest) -> Projections:
+    """The answer to a projection challenge (``"aggregate"`` mode): ``values[s,
+    l] = a_l^T G_{s,l} b_l`` of every shard's gradient, projected on the
+    devices that hold it (an ``(S, L)`` array over the mesh).
+
+    Raises:
+      ValueError: the worker is not in ``"aggregate"`` mode.
+    """
+    if not self.aggregate:
+      raise ValueError(f"a projection challenge needs an 'aggregate' worker (this one is "
+                       f"{self.shard_mode!r} with {self.num_shards} shard(s))")
+    return Projections(step=request.step, values=self.project_grads(self.shard_grads(request.order),
+                                                                    request.vectors))
+
+  def project_grads(self, grads, vectors) -> jax.Array:
+    """``(S, L)`` projections of shard gradients `grads` (a pytree with leaves
+    ``(S, *param.shape)`` over the mesh) with `vectors`."""
+    leaves = jax.tree_util.tree_leaves(grads)
+    vectors = _put(tuple(vectors), self._replicated)
+    with jax.default_matmul_precision("highest"):
+      return _projector(self.mesh, self.num_shards)(leaves, vectors)
 
   def witness(self, request: WitnessRequest) -> Witness:
     """The witness of the requested step (one shard: as `HonestWorker`); with
