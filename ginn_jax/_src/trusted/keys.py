@@ -199,15 +199,3 @@ def projection_seed(keys: AuditKeys, step: int, report_digest: bytes) -> np.ndar
   return np.frombuffer(hmac.new(keys.projection_key, msg, hashlib.sha256).digest()[:8], ">u4").astype(
       np.uint32)
 
-
-def aggregate_coins(keys: AuditKeys, step: int, report_digest: bytes, projections_digest: bytes,
-                    p: float, num_shards: int, *, witness: bool = False) -> tuple[bool, ...]:
-  """The shard coins of `step` in an ``"aggregate"`` run (re-computation, or
-  with `witness` the witness-check coins): one independent coin with
-  probability `p` per shard, a PRF of the coin key, the step, the shard, the
-  committed report digest and the digest of the worker's projections. Drawn
-  only after the projections arrived, so the worker chose the shard it lies
-  about before any coin existed."""
-  domain = b"ginn_jax/aggregate-witness-coin/v1" if witness else b"ginn_jax/aggregate-coin/v1"
-  return tuple(_coin(keys, domain, step, s.to_bytes(4, "big") + report_digest + projections_digest, p)
-               for s in range(num_shards))

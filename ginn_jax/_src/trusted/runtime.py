@@ -449,19 +449,17 @@ class TrustedRuntime:
     tag = commit.report_mac(self._keys.mac_key, digest)
     S = self.num_shards
     projection = pdigest = None
-    if self.aggregate:  # After the commit: the projection challenge, then the coins.
+    if self.aggregate:  # After the commit, the projection challenge; only then the coins.
       lap("mac_coin")
       pre = TranscriptEntry(step=t, digest=digest.hex(), mac=tag.hex(), verified=False,
                             outcome="violation", loss=float(np.mean(loss)))
       projection, pdigest = self._project(pre, digest, received, project)
       lap("projection")
-      coins = keys.aggregate_coins(self._keys, t, digest, pdigest, self.config.p, S)
-      wcoins = keys.aggregate_coins(self._keys, t, digest, pdigest, self.config.p_witness, S,
-                                    witness=True)
-    else:
-      # After the commit. One coin per shard; with one shard, the coins of a run without shards.
-      coins = keys.shard_verification_coins(self._keys, t, digest, self.config.p, S)
-      wcoins = keys.shard_witness_coins(self._keys, t, digest, self.config.p_witness, S)
+    # After the commit. One coin per shard; with one shard, the coins of a run without shards.
+    # (A PRF of the committed digest under a key the worker never sees: in an aggregate run
+    # they are drawn after its projections arrived, and it could not predict them before.)
+    coins = keys.shard_verification_coins(self._keys, t, digest, self.config.p, S)
+    wcoins = keys.shard_witness_coins(self._keys, t, digest, self.config.p_witness, S)
     sampled, challenged = any(coins), any(wcoins)
     drawn = tuple(s for s, c in enumerate(coins) if c) if S > 1 else None
     wdrawn = tuple(s for s, c in enumerate(wcoins) if c) if S > 1 else None
