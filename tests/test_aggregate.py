@@ -320,3 +320,65 @@ def test_projection_miss_probability_bound_holds_for_rank_one_changes():
     bound = ginn.analysis.projection_miss_probability(x)
     rate = float(np.mean(xy <= x))
     assert rate <= bound + 3 * math.sqrt(bound / n) and rate >= 0.7 * bound, (x, rate, bound)
+
+
+# -- run directories, the audit, the CLI -------------------------------------------------------
+
+
+def test_aggregate_run_dir_audits_clean_and_exposes_an_uncaught_shard(tmp_path, mlp, small_data):
+  from ginn_jax._src.audit import audit_run
+  from ginn_jax._src.rundir import run_verified
+
+  res = run_verified(tmp_path / "ok", mlp, *small_data, config(p=0.3), worker(mlp, small_data), 4,
+                     audit_secret=SECRET, checkpoint_every=2, keep_reports=True, fsync=False)
+  assert res.violation is None and res.steps == 4
+  assert all(len(e.projections_digest) == 64 for e in res.transcript if e.kind == "step")
+  report = audit_run(tmp_path / "ok", model=mlp, images=small_data[0], labels=small_data[1],
+                     audit_secret=SECRET)
+  assert report.ok, report.first_failure
+  # Shard 1 replaced on a step no coin drew: the kept mean is not the mean the auditor re-computes.
+  attacker = ginn.NoiseWorker(mlp, *small_data, schedule=ginn.schedules.Steps([3]), scale=0.01,
+                              num_shards=S, shards=[1], mesh=mesh_of(1), shard_mode="aggregate")
+  res = run_verified(tmp_path / "bad", mlp, *small_data, config(p=0.0), attacker, 4, audit_secret=SECRET,
+                     checkpoint_every=2, keep_reports=True, fsync=False)
+  assert res.violation is None
+  report = audit_run(tmp_path / "bad", model=mlp, images=small_data[0], labels=small_data[1])
+  f = report.first_failure
+  assert not report.ok and f.step == 3 and "kept report is not the gradient" in f.detail, f
+
+
+def test_ginn_train_and_analyze_aggregate(capsys):
+  from ginn_jax._src import cli
+
+  assert cli.main(["train", "--model", "mlp", "--steps", "3", "--batch-size", "32", "--p", "1",
+                   "--num-shards", "8", "--shard-mode", "aggregate",
+                   "--tolerance", '{"rel_l2": 1e-5, "max_abs": 1e-5}', "--no-progress"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["verified"] is True and out["num_verified"] == 3
+  assert out["num_shards"] == 8 and out["shard_mode"] == "aggregate"
+  with pytest.raises(SystemExit):
+    cli.main(["train", "--model", "mlp", "--num-shards", "4", "--shard-mode", "mean"])
+  assert "invalid choice: 'mean'" in capsys.readouterr().err
+  assert cli.main(["analyze", "--k", "10", "--p", "0.25", "--num-shards", "4", "--shard-mode",
+                   "aggregate"]) == 0
+  out = json.loads(capsys.readouterr().out)["shards"]
+  assert out["shard_mode"] == "aggregate" and out["trusted_gradients_per_step"] == 1
+  assert out["lie_on_one_shard"]["detection_probability"] == pytest.approx(1 - 0.75**10)
+  assert out["lie_on_all_shards"]["detection_probability"] == pytest.approx(1 - 0.75**40)
+  assert out["deviation_per_step"] == pytest.approx(2 * 0.05 * 0.01)  # 2·eta·C, not divided by S.
+  assert out["sum_check_miss_probability_at_x"]["0.001"] == pytest.approx(0.00511, abs=1e-5)
+
+
+def test_aggregate_analysis_formulas():
+  A = ginn.analysis
+  assert A.aggregate_detection_probability(0.1, 3, num_shards=4, p_witness=0.2) == pytest.approx(
+      1 - (0.9 * 0.8) ** 3)
+  assert A.aggregate_detection_probability(0.1, 2, num_shards=4, lied_shards=4) == pytest.approx(1 - 0.9**8)
+  with pytest.raises(ValueError, match="lied_shards"):
+    A.aggregate_detection_probability(0.1, 2, num_shards=4, lied_shards=0)
+  per = A.shard_trusted_bytes(10_000, num_shards=8, shard_mode="per_shard")
+  agg = A.shard_trusted_bytes(10_000, num_shards=8, shard_mode="aggregate", num_leaves=4, vector_elements=300)
+  assert per["received"] == 80_000 and agg["received"] == 10_000 + 4 * 8 * 4 and agg["sent"] == 1200
+  assert A.aggregate_check_cost(0.1, 0.2, 4.0, num_shards=8) == pytest.approx(0.1 + 0.2 / 4)
+  assert A.aggregate_deviation_bound("elementwise", 0.01).per_step == pytest.approx(
+      A.shard_deviation_bound("elementwise", 0.01, num_shards=8, corrupted_shards=8).per_step)
