@@ -25,8 +25,8 @@ How it computes (S > 1), over a `jax.sharding.Mesh` of M devices (M divides S):
   of shape ``(S, *param.shape)`` and whose loss has shape ``(S,)``, sharded
   over the mesh like the indices.
 
-In ``"aggregate"`` mode (``shard_mode``, docs/design.md section 11.1) the
-same jitted function also adds the local shards' gradients and sums those
+In ``"aggregate"`` mode (``shard_mode``, docs/design.md section 11.1) a
+second jitted `shard_map` adds each device's shard gradients and sums those
 over the mesh with the mesh's own collective (``jax.lax.psum``), divided by
 S: the report's gradient is that mean, replicated over the mesh (every leaf
 shaped as its parameter), and its loss the ``(S,)`` shard losses. The shard
@@ -107,27 +107,23 @@ def _sharded_grad(owner, func, mesh: Mesh, num_shards: int):
 
 
 @functools.lru_cache(maxsize=32)
-def _aggregate_grad(owner, func, mesh: Mesh, num_shards: int):
-  """As `_sharded_grad`, and the mean of the S shard gradients, summed over
-  the mesh with ``psum`` (replicated): ``(losses, mean, grads)``."""
-  loss_fn = func.__get__(owner) if owner is not None else func
-  grad_fn = compute_grads(loss_fn)
+def _mesh_mean(mesh: Mesh, num_shards: int):
+  """The jitted mean of shard gradients (leaves ``(S, ...)`` over the mesh):
+  each device adds its local shards, ``psum`` adds the devices' sums over the
+  mesh, divided by S; the mean replicated over the mesh."""
   local = num_shards // mesh.size
   split = PartitionSpec(mesh.axis_names)
 
-  def body(params, data, indices, key_data):
-    keys = jax.random.wrap_key_data(key_data, impl="threefry2x32")
-    outs = [grad_fn(params, gather(data, indices[j]), keys[j]) for j in range(local)]
-    total = outs[0][1]
-    for o in outs[1:]:
-      total = jax.tree_util.tree_map(jax.numpy.add, total, o[1])
-    mean = jax.tree_util.tree_map(
-        lambda x: jax.lax.psum(x, mesh.axis_names) / jax.numpy.asarray(num_shards, x.dtype), total)
-    return (shards_lib.stack_shards([o[0] for o in outs]), mean,
-            shards_lib.stack_shards([o[1] for o in outs]))
+  def body(grads):
+    def mean(x):
+      total = x[0]
+      for j in range(1, local):
+        total = total + x[j]
+      return jax.lax.psum(total, mesh.axis_names) / jax.numpy.asarray(num_shards, x.dtype)
+    return jax.tree_util.tree_map(mean, grads)
 
-  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), split, split),
-                               out_specs=(split, PartitionSpec(), split), check_vma=False))
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(split,), out_specs=PartitionSpec(),
+                               check_vma=False))
 
 
 @functools.lru_cache(maxsize=32)
@@ -200,9 +196,8 @@ class ShardedWorker:
     self._split = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))
     self.data = _put(as_training_data(data, labels), self._replicated)
     loss = model.loss
-    make = _aggregate_grad if self.aggregate else _sharded_grad
-    self._fn = make(getattr(loss, "__self__", None), getattr(loss, "__func__", loss), self.mesh,
-                    self.num_shards)
+    self._fn = _sharded_grad(getattr(loss, "__self__", None), getattr(loss, "__func__", loss),
+                             self.mesh, self.num_shards)
     self.witness_fn = None
     if self.device.process_index == jax.process_index():
       # The first device's copy of the replicated training set (no second copy).
@@ -210,10 +205,9 @@ class ShardedWorker:
       self.witness_fn = DeviceWitnessFn(model.loss, jax.tree_util.tree_map(local, self.data), self.device)
 
 
-  def compute(self, params, batch_indices, layer_key) -> tuple:
+  def compute(self, params, batch_indices, layer_key) -> tuple[jax.Array, object]:
     """``(losses (S,), grads with leaves (S, *param.shape))`` of one step,
-    sharded over the mesh (S > 1); in ``"aggregate"`` mode ``(losses, mean,
-    grads)``, the mean replicated over the mesh."""
+    sharded over the mesh (S > 1)."""
     if self.honest is not None:
       raise ValueError("compute() is for S > 1; with one shard call the worker on the order")
     idx = shards_lib.shard_indices(np.asarray(batch_indices, np.int32), self.num_shards)
@@ -226,12 +220,19 @@ class ShardedWorker:
   def __call__(self, order: WorkOrder) -> GradientReport:
     if self.honest is not None:
       return self.honest(order)
-    if self.aggregate:
-      loss, mean, grads = self.compute(order.params, order.batch_indices, order.layer_key)
-      self._kept = (order.step, grads)
-      return GradientReport(step=order.step, grads=mean, loss=loss)
     loss, grads = self.compute(order.params, order.batch_indices, order.layer_key)
+    if self.aggregate:
+      return self.aggregate_report(order.step, loss, grads)
     return GradientReport(step=order.step, grads=grads, loss=loss)
+
+  def aggregate_report(self, step: int, losses, grads) -> GradientReport:
+    """The ``"aggregate"`` report of shard gradients `grads` (leaves ``(S,
+    *param.shape)`` over the mesh): their mean over the mesh (``psum``),
+    replicated, and the losses; `grads` are kept for `project`."""
+    self._kept = (step, grads)
+    with jax.default_matmul_precision("highest"):
+      mean = _mesh_mean(self.mesh, self.num_shards)(grads)
+    return GradientReport(step=step, grads=mean, loss=losses)
 
   def shard_grads(self, order: WorkOrder):
     """The S shard gradients of `order` (leaves ``(S, *param.shape)`` over the
@@ -239,8 +240,7 @@ class ShardedWorker:
     again. Aggregate mode."""
     if self._kept is not None and self._kept[0] == order.step:
       return self._kept[1]
-    _, _, grads = self.compute(order.params, order.batch_indices, order.layer_key)
-    return grads
+    return self.compute(order.params, order.batch_indices, order.layer_key)[1]
 
   def project(self, request: ProjectionRequest) -> Projections:
     """The answer to a projection challenge (``"aggregate"`` mode): ``values[s,
