@@ -115,6 +115,13 @@ def test_aggregate_report_is_the_mean_and_the_update_clips_it(mlp, small_data):
     np.testing.assert_allclose(b, a - lr * (np.clip(ms, -C, C) + wd * a), rtol=1e-6, atol=1e-9)
 
 
+def test_aggregate_compile_verification_changes_nothing(mlp, small_data):
+  rt = runtime(mlp, small_data, p=1.0, p_witness=1.0)
+  before = snapshot(rt)
+  rt.compile_verification()
+  assert snapshot(rt) == before and not rt.transcript
+
+
 def test_aggregate_deferred_run_verifies_and_catches(mlp, small_data):
   rt = ginn.TrustedRuntime(mlp, *small_data, config(p=0.5), audit_secret=SECRET, deferred=True)
   res = ginn.train(rt, worker(mlp, small_data), 6, progress=False)

@@ -536,10 +536,17 @@ class TrustedRuntime:
         w, _, s = self.receive_witness(t, b"\0" * 32, sub, skey, jax.device_get(outputs),
                                        jax.device_get(input_grads), shard=0)
         wit, seed, wshards = (w,), (s,), (0,)
+      projection = None
+      if self.aggregate:  # Shard 0's scalars, its own projections (the vectors: any seed).
+        leaves = jax.tree_util.tree_leaves(grads)
+        vectors = projection_lib.projection_vectors(np.zeros(2, np.uint32), [g.shape for g in leaves],
+                                                    self.device)
+        row = np.asarray(jax.device_get(jax.jit(shards_lib.project_leaves)(leaves, vectors)), np.float32)
+        projection = (vectors, np.broadcast_to(row, (self.num_shards, row.size)))
       self._recompute(Check(step=t, params=self.state.params, batch_indices=indices, layer_key=key,
                             reported=stacked, loss=np.full(self.num_shards, jax.device_get(loss),
                                                            np.float32), shards=(0,), witness=wit,
-                            witness_seed=seed, witness_shards=wshards))
+                            witness_seed=seed, witness_shards=wshards, projection=projection))
       return
     loss, grads = self._reference(self.state.params, indices, key)
     wit = seed = None
