@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import queue
 import threading
 import time
 from typing import Any, Callable, Protocol
@@ -273,6 +274,52 @@ class PhaseClock:
     self.seconds.clear()
 
 
+class _Answerer:
+  """Calls the worker's answers to a challenge on one reused daemon thread, so
+  that a worker that never answers cannot hang the runtime past its deadline
+  (a new thread per step cost more than the rest of the challenge on a busy
+  machine). After a call that missed its deadline the thread is abandoned to
+  it, and the next call starts another."""
+
+  def __init__(self):
+    self._jobs: queue.Queue | None = None
+
+  def _loop(self, jobs: queue.Queue) -> None:
+    while True:
+      fn, box, done = jobs.get()
+      try:
+        box["answer"] = fn()
+      except BaseException as e:  # Reported to the caller.
+        box["error"] = e
+      done.set()
+
+  def call(self, answer, request, *, limit: float | None, what: str, violation, step: int, ready):
+    """The worker's ``answer(request)``, arrived (the arrays `ready` picks
+    computed) within `limit` seconds; else `violation`."""
+    if self._jobs is None:
+      self._jobs = queue.Queue()
+      threading.Thread(target=self._loop, args=(self._jobs,), name=f"ginn-{what}", daemon=True).start()
+
+    def run():
+      got = answer(request)
+      try:
+        jax.block_until_ready(ready(got))
+      except Exception:  # Malformed: validation says what.
+        pass
+      return got
+
+    box: dict[str, Any] = {}
+    done = threading.Event()
+    self._jobs.put((run, box, done))
+    if not done.wait(limit):
+      self._jobs = None  # That thread stays with the late call.
+      raise violation(step=step, leaf=what, reason=f"no {what} within {limit} s (late or never)")
+    if "error" in box:
+      e = box["error"]
+      raise violation(step=step, leaf=what, reason=f"the worker raised {type(e).__name__}: {e}") from e
+    return box["answer"]
+
+
 class TrustedRuntime:
   """Stateful shell over the pure protocol pieces, pinned to the trusted device.
 
@@ -371,6 +418,7 @@ class TrustedRuntime:
     # At most one step's witness is held by the trusted side at a time (received,
     # queued or being checked): a new challenge waits until the last check is done.
     self._witness_slot = threading.BoundedSemaphore(1)
+    self._answerer = _Answerer()  # The projection challenge's (aggregate mode).
     self._witnesses_held = 0
     self.max_witnesses_held = 0
 
@@ -677,14 +725,13 @@ class TrustedRuntime:
             step=t, leaf="projections", reason="the worker offers no projections (it has no "
             "`project` method) but an 'aggregate' run challenges every step")
       seed = keys.projection_seed(self._keys, t, report_digest)
-      vectors = projection_lib.projection_vectors(seed, [leaf.shape for leaf in received.leaves],
-                                                  self.device)
-      mean_t, norms = projection_lib.mean_projection(received.leaves, vectors)  # Trusted, meanwhile.
+      vectors, mean_t, norms = projection_lib.challenge(seed, received.leaves, self.device)
       order = WorkOrder(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
                         layer_key=self._layer_key(t))
-      answer = self._call(project, ProjectionRequest(step=t, order=order, vectors=vectors),
-                          what="projections", violation=errors.ProjectionViolation, step=t,
-                          ready=lambda a: a.values)
+      answer = self._answerer.call(project, ProjectionRequest(step=t, order=order, vectors=vectors),
+                                   limit=self.config.witness_timeout_s, what="projections",
+                                   violation=errors.ProjectionViolation, step=t,
+                                   ready=lambda a: a.values)
       paths = self._paths[:-1]
       values = projection_lib.validate_projections(answer, step=t, num_shards=self.num_shards,
                                                    paths=paths)
@@ -701,35 +748,6 @@ class TrustedRuntime:
       self.halted = violation
       raise violation from e
     return (vectors, values), digest
-
-  def _call(self, answer, request, *, what: str, violation, step: int, ready):
-    """The worker's ``answer(request)``, arrived (arrays computed, `ready`
-    picks them) within `witness_timeout_s`, on a daemon thread so that a
-    worker that never answers cannot hang the runtime past the deadline."""
-    limit = self.config.witness_timeout_s
-    box: dict[str, Any] = {}
-
-    def call():
-      try:
-        got = answer(request)
-        try:
-          jax.block_until_ready(ready(got))
-        except Exception:  # Malformed: validation says what.
-          pass
-        box["answer"] = got
-      except BaseException as e:
-        box["error"] = e
-
-    thread = threading.Thread(target=call, name=f"ginn-{what}", daemon=True)
-    thread.start()
-    thread.join(limit)
-    if thread.is_alive():
-      raise violation(step=step, leaf=what, reason=f"no {what} within {limit} s (late or never)")
-    if "error" in box:
-      e = box["error"]
-      raise violation(step=step, leaf=what,
-                      reason=f"the worker raised {type(e).__name__}: {e}") from e
-    return box["answer"]
 
   def _ask(self, answer, request: WitnessRequest):
     """The worker's answer, arrived (arrays computed) within `witness_timeout_s`.

@@ -27,9 +27,10 @@ How it computes (S > 1), over a `jax.sharding.Mesh` of M devices (M divides S):
 
 In ``"aggregate"`` mode (``shard_mode``, docs/design.md section 11.1) a
 second jitted `shard_map` adds each device's shard gradients and sums those
-over the mesh with the mesh's own collective (``jax.lax.psum``), divided by
-S: the report's gradient is that mean, replicated over the mesh (every leaf
-shaped as its parameter), and its loss the ``(S,)`` shard losses. The shard
+over the mesh with the mesh's own collective (one ``jax.lax.psum``, which
+also gathers the losses), divided by S: the report's gradient is that mean
+(every leaf shaped as its parameter; the copy on this process's first mesh
+device), and its loss the ``(S,)`` shard losses. The shard
 gradients stay on their devices until the next step, to answer the
 projection challenge (`project`: one jitted `shard_map` projecting each
 shard's leaves with the trusted side's vectors, no gradient leaving its
@@ -72,6 +73,11 @@ def default_mesh(num_shards: int, devices: list[jax.Device] | None = None) -> Me
   return Mesh(np.array(devices[:m]), (shards_lib.SHARD_AXIS,))
 
 
+def _first(x: jax.Array) -> jax.Array:
+  """This process's first copy of a replicated array (one device)."""
+  return x.addressable_data(0)
+
+
 def _put(x, sharding: NamedSharding):
   """`x` (host or device arrays, a pytree) placed with `sharding`: `jax.device_put`
   when this process addresses the whole mesh, else each process places its
@@ -106,39 +112,71 @@ def _sharded_grad(owner, func, mesh: Mesh, num_shards: int):
                                out_specs=(split, split), check_vma=False))
 
 
+def _psum_flat(arrays: list, axes):
+  """``psum`` of `arrays` over the mesh axes as one collective per dtype (the
+  arrays flattened and joined; XLA's CPU runtime may order independent
+  collectives differently on each process, docs/protocol.md, "Many hosts")."""
+  out = [None] * len(arrays)
+  for dtype in dict.fromkeys(a.dtype for a in arrays):
+    idx = [i for i, a in enumerate(arrays) if a.dtype == dtype]
+    flat = jax.lax.psum(jax.numpy.concatenate([arrays[i].ravel() for i in idx]), axes)
+    start = 0
+    for i in idx:
+      out[i] = flat[start:start + arrays[i].size].reshape(arrays[i].shape)
+      start += arrays[i].size
+  return out
+
+
+def _placed(rows: jax.Array, num_shards: int, axes) -> jax.Array:
+  """This device's `rows` (its local shards' values) at their place in an
+  array of all `num_shards` shards, zeros elsewhere: a ``psum`` of it over the
+  mesh gathers every shard's rows (adding zeros is exact)."""
+  local = rows.shape[0]
+  full = jax.numpy.zeros((num_shards, *rows.shape[1:]), rows.dtype)
+  return jax.lax.dynamic_update_slice_in_dim(full, rows, jax.lax.axis_index(axes) * local, axis=0)
+
+
 @functools.lru_cache(maxsize=32)
 def _mesh_mean(mesh: Mesh, num_shards: int):
-  """The jitted mean of shard gradients (leaves ``(S, ...)`` over the mesh):
-  each device adds its local shards, ``psum`` adds the devices' sums over the
-  mesh, divided by S; the mean replicated over the mesh."""
+  """The jitted mean of shard gradients (leaves ``(S, ...)`` over the mesh),
+  and their losses gathered: each device adds its local shards, one ``psum``
+  adds the devices' sums over the mesh (with the losses, each at its place),
+  the sums divided by S; both replicated over the mesh."""
   local = num_shards // mesh.size
   split = PartitionSpec(mesh.axis_names)
+  axes = mesh.axis_names
 
-  def body(grads):
-    def mean(x):
+  def body(grads, losses):
+    leaves, treedef = jax.tree_util.tree_flatten(grads)
+    totals = []
+    for x in leaves:
       total = x[0]
       for j in range(1, local):
         total = total + x[j]
-      return jax.lax.psum(total, mesh.axis_names) / jax.numpy.asarray(num_shards, x.dtype)
-    return jax.tree_util.tree_map(mean, grads)
+      totals.append(total)
+    *sums, all_losses = _psum_flat([*totals, _placed(losses, num_shards, axes)], axes)
+    mean = [t / jax.numpy.asarray(num_shards, t.dtype) for t in sums]
+    return jax.tree_util.tree_unflatten(treedef, mean), all_losses
 
-  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(split,), out_specs=PartitionSpec(),
-                               check_vma=False))
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(split, split),
+                               out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False))
 
 
 @functools.lru_cache(maxsize=32)
 def _projector(mesh: Mesh, num_shards: int):
   """The jitted shard_map that projects every local shard's gradient leaves
-  with the (replicated) vectors: an ``(S, L)`` float32 array over the mesh."""
+  with the (replicated) vectors: the ``(S, L)`` float32 scalars, gathered
+  with one ``psum`` and replicated over the mesh."""
   local = num_shards // mesh.size
   split = PartitionSpec(mesh.axis_names)
 
   def body(leaves, vectors):
-    return jax.numpy.stack([shards_lib.project_leaves([g[j] for g in leaves], vectors)
+    rows = jax.numpy.stack([shards_lib.project_leaves([g[j] for g in leaves], vectors)
                             for j in range(local)])
+    return jax.lax.psum(_placed(rows, num_shards, mesh.axis_names), mesh.axis_names)
 
-  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(split, PartitionSpec()), out_specs=split,
-                               check_vma=False))
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(split, PartitionSpec()),
+                               out_specs=PartitionSpec(), check_vma=False))
 
 
 class ShardedWorker:
@@ -231,8 +269,10 @@ class ShardedWorker:
     replicated, and the losses; `grads` are kept for `project`."""
     self._kept = (step, grads)
     with jax.default_matmul_precision("highest"):
-      mean = _mesh_mean(self.mesh, self.num_shards)(grads)
-    return GradientReport(step=step, grads=mean, loss=losses)
+      mean, losses = _mesh_mean(self.mesh, self.num_shards)(grads, losses)
+    # One device's copies of the replicated results (this process's first): what the trusted
+    # side copies from (a copy from a sharding over S devices takes a slow path).
+    return GradientReport(step=step, grads=jax.tree_util.tree_map(_first, mean), loss=_first(losses))
 
   def shard_grads(self, order: WorkOrder):
     """The S shard gradients of `order` (leaves ``(S, *param.shape)`` over the
@@ -258,11 +298,12 @@ class ShardedWorker:
 
   def project_grads(self, grads, vectors) -> jax.Array:
     """``(S, L)`` projections of shard gradients `grads` (a pytree with leaves
-    ``(S, *param.shape)`` over the mesh) with `vectors`."""
+    ``(S, *param.shape)`` over the mesh) with `vectors`, on this process's
+    first mesh device."""
     leaves = jax.tree_util.tree_leaves(grads)
     vectors = _put(tuple(vectors), self._replicated)
     with jax.default_matmul_precision("highest"):
-      return _projector(self.mesh, self.num_shards)(leaves, vectors)
+      return _first(_projector(self.mesh, self.num_shards)(leaves, vectors))
 
   def witness(self, request: WitnessRequest) -> Witness:
     """The witness of the requested step (one shard: as `HonestWorker`); with
