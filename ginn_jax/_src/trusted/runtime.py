@@ -491,6 +491,11 @@ class TrustedRuntime:
     lap("update")  # Dispatch only.
     digest = commit.digest_received(received, name=self.report_digest_name)
     lap("digest")
+    challenge = None
+    if self.aggregate:  # Drawn now, from the digest; computed while the update finishes, sent after.
+      challenge = projection_lib.challenge(keys.projection_seed(self._keys, t, digest), received.leaves,
+                                           self.device)
+      lap("projection_draw")
     commit.check_finite(received, np.asarray(finite))  # Waits for the update; NaN/Inf: rejected.
     lap("finite")
     loss = received.loss
@@ -501,8 +506,8 @@ class TrustedRuntime:
       lap("mac_coin")
       pre = TranscriptEntry(step=t, digest=digest.hex(), mac=tag.hex(), verified=False,
                             outcome="violation", loss=float(np.mean(loss)))
-      projection, pdigest = self._project(pre, digest, received, project)
-      lap("projection")
+      projection, pdigest = self._project(pre, digest, challenge, project)
+      lap("projection_check")
     # After the commit. One coin per shard; with one shard, the coins of a run without shards.
     # (A PRF of the committed digest under a key the worker never sees: in an aggregate run
     # they are drawn after its projections arrived, and it could not predict them before.)
@@ -706,10 +711,11 @@ class TrustedRuntime:
                                       shard=s) from e
     return tuple(g[0] for g in got), [g[1] for g in got], tuple(g[2] for g in got)
 
-  def _project(self, entry: TranscriptEntry, report_digest: bytes, received, project):
+  def _project(self, entry: TranscriptEntry, report_digest: bytes, challenge, project):
     """The projection challenge of an ``"aggregate"`` step (docs/design.md
-    section 11.1), after its mean was committed: draws the secret vectors,
-    asks the worker for its S x L scalars within `witness_timeout_s`,
+    section 11.1), after its mean was committed: sends the secret vectors of
+    `challenge` (`projection.challenge`), asks the worker for its S x L
+    scalars within `witness_timeout_s`,
     validates and hashes them, and checks that they add up to S times the
     mean's projection. Any failure is a `ProjectionViolation`: recorded, the
     runtime halts, the step's update is not applied.
@@ -724,18 +730,19 @@ class TrustedRuntime:
         raise errors.ProjectionViolation(
             step=t, leaf="projections", reason="the worker offers no projections (it has no "
             "`project` method) but an 'aggregate' run challenges every step")
-      seed = keys.projection_seed(self._keys, t, report_digest)
-      vectors, mean_t, norms = projection_lib.challenge(seed, received.leaves, self.device)
+      vectors, pending = challenge
       order = WorkOrder(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
                         layer_key=self._layer_key(t))
       answer = self._answerer.call(project, ProjectionRequest(step=t, order=order, vectors=vectors),
                                    limit=self.config.witness_timeout_s, what="projections",
                                    violation=errors.ProjectionViolation, step=t,
                                    ready=lambda a: a.values)
+      self._phases.lap("projection_answer")
       paths = self._paths[:-1]
       values = projection_lib.validate_projections(answer, step=t, num_shards=self.num_shards,
                                                    paths=paths)
       digest = projection_lib.projections_digest(t, report_digest, values)
+      mean_t, norms = projection_lib.read(pending)
       projection_lib.check_sum(values, mean_t, norms, self.tolerance.rel_l2, step=t, paths=paths)
     except errors.ProjectionViolation as violation:
       self._append(entry)
@@ -859,6 +866,7 @@ class TrustedRuntime:
     checked witness) and projected with the step's vectors, against the
     worker's scalars of that shard (`projection.shard_errors`), and its loss."""
     vectors, values = check.projection
+    vectors = jax.device_put(tuple(vectors), self.device)  # (Host arrays, as sent to the worker.)
     paths = tuple(f"projection {p}" for p in self._paths[:-1]) + ("loss",)
 
     def against(s, ref_leaves, ref_loss) -> np.ndarray:
