@@ -34,6 +34,7 @@ from ginn_jax._src.errors import GinnError
 from ginn_jax._src.errors import IntegrityViolation
 from ginn_jax._src.errors import MalformedReport
 from ginn_jax._src.errors import NonFiniteReport
+from ginn_jax._src.errors import ProcessDisagreement
 from ginn_jax._src.errors import ProjectionViolation
 from ginn_jax._src.errors import ReportRejected
 from ginn_jax._src.errors import RuntimeHalted
@@ -64,6 +65,12 @@ from ginn_jax._src.pure import from_nnx
 from ginn_jax._src.pure import NNXModel
 from ginn_jax._src.pure import NonPureModelError
 from ginn_jax._src.pure import PureModel
+# Fine-tuning: a frozen base, trained adapters or leaves.
+from ginn_jax._src.finetune import FineTuneModel
+from ginn_jax._src.finetune import freeze
+from ginn_jax._src.finetune import load_frozen
+from ginn_jax._src.finetune import lora
+from ginn_jax._src.finetune import save_frozen
 # Devices and the shared gradient function.
 from ginn_jax._src.devices import trusted_device
 from ginn_jax._src.devices import worker_device
@@ -79,6 +86,7 @@ from ginn_jax._src.trusted.runtime import TranscriptEntry
 from ginn_jax._src.trusted.runtime import TrustedRuntime
 from ginn_jax._src.trusted.transforms import make_update_transform
 from ginn_jax._src.trusted.transforms import OptimizerConfig
+from ginn_jax._src.trusted.transforms import OptimizerSpec
 from ginn_jax._src.trusted.verify import Tolerance
 from ginn_jax._src.trusted.verify import PAPER_PROTOTYPE_TOLERANCE
 from ginn_jax._src.trusted.verify import LOOSE_PER_LEAF_TOLERANCE
@@ -111,6 +119,8 @@ from ginn_jax._src.worker.multihost import MultiHostWorker
 from ginn_jax._src.loop import train
 from ginn_jax._src.loop import TrainResult
 # Many hosts (jax.distributed).
+from ginn_jax._src.distributed import agreement_fields
+from ginn_jax._src.distributed import check_agreement
 from ginn_jax._src.distributed import follow
 from ginn_jax._src.distributed import global_worker_mesh
 from ginn_jax._src.distributed import initialize as initialize_distributed

@@ -2,19 +2,23 @@
 
     python tests/multihost_child.py OUT.json DATA.npz --steps N --num-shards S
         [--coordinator-address HOST:PORT --num-processes P --process-id I]
-        [--attack-shard K] [--shard-mode MODE]
+        [--attack-shard K] [--shard-mode MODE] [--die-at-step T] [--lead-raise-at-step T --linger S]
+        [--lead-die-at-step T] [--batch-size B]
 
 Without a coordinator it is one process (a `MultiHostWorker` of one process);
 with one, it is process I of P. Every process writes what
 it saw to OUT.json; process 0 exits 3 when the run halted on an integrity
 violation, followers exit 0 on STOP and 3 on HALT; any other error is
-recorded and raised.
+recorded and raised. With --lead-raise-at-step, process 0 raises inside step
+T's computation, records when, and then stays up for --linger seconds, as a
+notebook's kernel would, before it exits 6.
 """
 import argparse
 import hashlib
 import json
 import os
 import sys
+import time
 
 
 def main() -> int:
@@ -34,6 +38,12 @@ def main() -> int:
   parser.add_argument("--shard-mode", default="per_shard", choices=["per_shard", "aggregate"])
   parser.add_argument("--die-at-step", type=int, default=None,
                       help="a follower that dies (os._exit) when this step's order arrives")
+  parser.add_argument("--lead-raise-at-step", type=int, default=None,
+                      help="process 0 raises inside this step (then lingers)")
+  parser.add_argument("--lead-die-at-step", type=int, default=None,
+                      help="process 0 dies (os._exit) inside this step")
+  parser.add_argument("--linger", type=float, default=0.0,
+                      help="seconds process 0 stays up after --lead-raise-at-step's error")
   args = parser.parse_args()
 
   import jax
@@ -52,6 +62,10 @@ def main() -> int:
   with np.load(args.data) as f:
     images, labels = f["images"], f["labels"]
   model = ginn.get_model("mlp", input_shape=(28, 28, 1))
+  if args.coordinator_address:  # Every process, before the first order.
+    ginn.check_agreement(model, ginn.Batch(images, labels), ginn.ProtocolConfig(
+        seed=0, batch_size=args.batch_size, p=args.p, p_witness=args.p_witness,
+        num_shards=args.num_shards, shard_mode=args.shard_mode))
   mesh = ginn.global_worker_mesh()
   inner = ginn.ShardedWorker(model, images, labels, num_shards=args.num_shards, mesh=mesh,
                              shard_mode=args.shard_mode)
@@ -59,11 +73,17 @@ def main() -> int:
     inner = TamperLocalShard(inner, args.attack_shard)
   if args.die_at_step is not None and jax.process_index() > 0:
     inner = DieAt(inner, args.die_at_step)
+  if args.lead_die_at_step is not None and jax.process_index() == 0:
+    inner = DieAt(inner, args.lead_die_at_step)
+  if args.lead_raise_at_step is not None and jax.process_index() == 0:
+    inner = RaiseAt(inner, args.lead_raise_at_step)
   worker = ginn.MultiHostWorker(inner, batch_size=args.batch_size)
   out = {"process_index": jax.process_index(), "process_count": jax.process_count(),
          "local_devices": [str(d) for d in jax.local_devices()]}
   code = 0
   try:
+    if args.lead_raise_at_step is not None and jax.process_index() == 0:
+      return lead_raises(args, ginn, model, images, labels, worker, out)
     if jax.process_index() == 0:
       cfg = ginn.ProtocolConfig(seed=0, batch_size=args.batch_size, p=args.p,
                                 p_witness=args.p_witness, num_shards=args.num_shards,
@@ -97,6 +117,38 @@ def main() -> int:
     if args.coordinator_address:
       ginn.shutdown_distributed()
   return code
+
+
+def lead_raises(args, ginn, model, images, labels, worker, out) -> int:
+  """Process 0 of a run whose worker raises inside a step: records the error
+  and when, then lingers (a notebook's kernel stays up after an error)."""
+  cfg = ginn.ProtocolConfig(seed=0, batch_size=args.batch_size, p=args.p,
+                            p_witness=args.p_witness, num_shards=args.num_shards,
+                            shard_mode=args.shard_mode)
+  rt = ginn.TrustedRuntime(model, images, labels, cfg, audit_secret=b"\1" * 32)
+  try:
+    ginn.train_multihost(rt, worker, args.steps, progress=False)
+  except RuntimeError as e:
+    out["error"] = f"{type(e).__name__}: {e}"
+    out["raised_at"] = time.time()
+  out["exit_code"] = 6
+  with open(args.out, "w") as f:
+    json.dump(out, f)
+  time.sleep(args.linger)
+  os._exit(6)  # No shutdown: a notebook would not call it either.
+
+
+class RaiseAt:
+  """A worker that raises when step `t`'s order arrives (on process 0: inside
+  the step, after the broadcast; the followers compute it and wait)."""
+
+  def __init__(self, inner, t: int):
+    self.inner, self.model, self.mesh, self.t = inner, inner.model, inner.mesh, t
+
+  def __call__(self, order):
+    if order.step == self.t:
+      raise RuntimeError(f"the worker of process 0 failed at step {order.step}")
+    return self.inner(order)
 
 
 class TamperLocalShard:

@@ -7,6 +7,7 @@ import jax
 import pytest
 
 import ginn_jax as ginn
+from ginn_jax._src import bench as bench_mod
 from ginn_jax._src.trusted import runtime as runtime_mod
 
 
@@ -108,6 +109,20 @@ def test_bench_only_ceiling(tmp_path):
             "trusted_ms_at_p_witness"):
     assert c[k] > 0, k
   assert res["config"]["only"] == "ceiling" and c["steps"] == 2 and c["repeats"] == 1
+
+
+def test_bench_ceiling_with_lora_rank_reports_the_adapters_only(tmp_path):
+  """`--lora-rank`: the trusted side's report is the adapters' bytes (rank 2
+  on the MLP's two kernels), the base is frozen and counted apart."""
+  stdout, res = _bench(tmp_path, "--only", "ceiling", "--batch-size", "16", "--ceiling-steps", "2",
+                       "--ceiling-repeats", "1", "--lora-rank", "2")
+  c = res["ceiling"]
+  adapters = 4 * 2 * ((784 + 32) + (32 + 10))  # float32, rank 2, a (d_in x 2) and b (2 x d_out) per kernel.
+  assert res["lora_rank"] == 2 and c["report_bytes"] == adapters == res["param_bytes"]
+  assert res["frozen_bytes"] == 4 * (784 * 32 + 32 + 32 * 10 + 10)
+  assert c["trusted_ms"] > 0 and c["trusted_ms_witness"] > 0
+  with pytest.raises(ValueError, match="lora_rank"):
+    bench_mod.BenchConfig(lora_rank=0)
 
 
 def test_bench_config_rejects_unknown_only():

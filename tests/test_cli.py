@@ -110,3 +110,75 @@ def test_default_demo_catches_the_attack(tmp_path):
   attacked = ginn("audit", str(runs / "attacked"))
   assert attacked.returncode == 1
   assert f"step {s['attack_detected_at_step']}" in attacked.stderr
+
+
+def _transcript_steps(path) -> list:
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except ValueError:  # A line torn by the kill.
+        break
+  return records
+
+
+@pytest.mark.slow
+def test_train_run_dir_is_killed_and_resumed_bitwise(tmp_path):
+  """`ginn train --run-dir`: SIGKILL mid-run, the same command again: the run
+  continues and ends bitwise where an uninterrupted run ends; it audits clean;
+  the secret stays beside the run directory, not in it."""
+  import os
+  import signal
+  import time
+
+  secret = tmp_path / "shared.secret"
+  secret.write_text("0a" * 32)
+  args = ["train", "--dataset", "digits", "--model", "mlp", "--steps", "24", "--batch-size", "32",
+          "--p", "0.5", "--tolerance", '{"rel_l2": 1e-5, "max_abs": 1e-5}', "--no-progress",
+          "--checkpoint-every", "3", "--audit-secret-file", str(secret)]
+  whole = ginn(*args, "--run-dir", str(tmp_path / "whole"))
+  assert whole.returncode == 0, whole.stderr
+  whole = json.loads(whole.stdout)
+  assert whole["resumed_from"] is None and whole["steps"] == 24 and whole["verified"]
+
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, "-m", "ginn_jax", *args, "--run-dir", str(killed)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+  try:
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+      path = killed / "transcript.jsonl"
+      if path.exists() and any(r["type"] == "step" and r["body"]["step"] >= 4
+                               for r in _transcript_steps(path)):
+        break
+      time.sleep(0.01)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+  assert proc.returncode == -signal.SIGKILL  # Killed, not ended.
+  assert not [r for r in _transcript_steps(killed / "transcript.jsonl") if r["type"] == "close"]
+
+  again = ginn(*args, "--run-dir", str(killed))
+  assert again.returncode == 0, again.stderr
+  again = json.loads(again.stdout)
+  assert again["resumed_from"] is not None and again["steps"] == 24
+  assert again["final_digest"] == whole["final_digest"]
+  assert again["public_key"] == whole["public_key"]
+  bodies = {name: [(r["type"], r["body"]) for r in _transcript_steps(tmp_path / name / "transcript.jsonl")
+                   if r["type"] in ("step", "check")] for name in ("whole", "killed")}
+  assert bodies["killed"] == bodies["whole"]
+  audit = ginn("audit", str(killed), "--public-key", whole["public_key"])
+  assert audit.returncode == 0, audit.stdout + audit.stderr
+
+  # Other settings for the same directory are refused, and so is a missing secret.
+  other = ginn(*[a if a != "32" else "16" for a in args], "--run-dir", str(killed))
+  assert other.returncode == 2 and "config" in other.stderr, other.stderr
+  no_secret = ginn(*args[:-2], "--run-dir", str(killed))
+  assert no_secret.returncode == 2 and "killed.secret" in no_secret.stderr, no_secret.stderr
+  # A new run with no --audit-secret-file: its secret is created beside it, private.
+  fresh = ginn(*args[:-2], "--steps", "2", "--run-dir", str(tmp_path / "fresh"))
+  assert fresh.returncode == 0, fresh.stderr
+  assert (tmp_path / "fresh.secret").stat().st_mode & 0o077 == 0
+  assert not [p for p in (tmp_path / "fresh").rglob("*") if "secret" in p.name]

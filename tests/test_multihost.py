@@ -1,6 +1,13 @@
 """Many hosts: a worker spanning 2 processes of `jax.distributed` on localhost,
 each with 2 CPU devices, over JAX's CPU collectives (gloo).
 
+The runs: a clean one (bitwise the single-process run), a malicious shard on
+process 1, a follower that dies, process 0 raising inside a step and staying
+up (as a notebook) or dying there, `ginn train` on two processes, two
+processes started with different settings, and `ginn train --run-dir` over
+two processes, uninterrupted and killed (SIGKILL, every process) at a random
+step and started again.
+
 Each case starts real processes (tests/multihost_child.py) and kills a run
 that hangs, so a hang fails the test instead of hanging the suite: a run hangs
 when none of its live processes used any CPU time for `HANG_S` (on a busy
@@ -22,6 +29,7 @@ import atexit
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -37,9 +45,11 @@ import ginn_jax as ginn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ginn.__file__)))
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_child.py")
 HANG_S = 120  # No CPU time used by any live process of a run this long: it hangs.
-LIMIT_S = 900  # Every run, at most (they take 40-60 s together on 2 idle cores, 100-150 s busy).
+LIMIT_S = 900  # Every run, at most (the file takes 2-2.5 min on 2 busy cores).
 WALL_S = 240  # Where a process's CPU time cannot be read: every run, at most.
 STEPS = 3
+RESUME_STEPS = 10  # Steps of the runs persisted to a run directory.
+LINGER_S = 90  # How long process 0 stays up after its error inside a step ("a notebook").
 SHARDS = 4  # 2 per process: its worker device (the second of 2) computes 2.
 
 
@@ -101,15 +111,20 @@ class Launch:
   > 1): the child script, or `command` (e.g. ``ginn train``)."""
 
   def __init__(self, tmp_path, name: str, args: list[str], *, num_processes: int, devices: int,
-               command: list[str] | None = None):
+               command: list[str] | None = None, extra: dict[int, list[str]] | None = None,
+               watch=None):
     self.port = _PortReservation()  # Held until the run is over (module docstring).
     self.procs, self.outs, self.logs = [], [], []
+    self.exited_at: dict[int, float] = {}  # pid: when `_wait` first saw it gone (time.time()).
+    self.watch = watch  # A callable: True when `_wait` should kill the run (not a hang).
+    self.killed_by_watch = False
     for i in range(num_processes):
       out = tmp_path / f"{name}-{i}.json"
       dist = ([] if num_processes == 1 else
               ["--coordinator-address", f"127.0.0.1:{self.port.port}", "--num-processes",
                str(num_processes), "--process-id", str(i)])
-      argv = [*(command or [sys.executable, CHILD, str(out)]), *args, *dist]
+      argv = [*(command or [sys.executable, CHILD, str(out)]), *args, *(extra or {}).get(i, []),
+              *dist]
       stdout, stderr = (open(tmp_path / f"{name}-{i}.{ext}", "w+") for ext in ("out", "err"))
       self.outs.append(out)
       self.logs.append((stdout, stderr))
@@ -136,6 +151,7 @@ class Launch:
       stdout.seek(0)
       stderr.seek(0)
       results.append({"returncode": proc.returncode, "stdout": stdout.read(),
+                      "exited_at": self.exited_at.get(proc.pid),
                       "stderr": "".join(line for line in stderr if "[Gloo]" not in line),
                       "json": json.loads(out.read_text()) if out.exists() else None})
       stdout.close()
@@ -172,29 +188,81 @@ def runs(data_file, tmp_path_factory):
 
 def _launch_all(tmp, data: str, launches: dict) -> dict[str, list[dict]]:
   """Starts the runs one by one into `launches` (so the fixture kills what
-  started if a later one fails to), then waits for all of them."""
+  started if a later one fails to), then waits for all of them; then starts
+  the killed run again (the same command) and waits for it."""
   cli = ["train", "--dataset", "digits", "--model", "mlp", "--steps", str(STEPS), "--batch-size", "32",
          "--num-shards", str(SHARDS), "--p", "1", "--tolerance", '{"rel_l2": 1e-5, "max_abs": 1e-5}',
          "--no-progress"]
+  secret = tmp / "audit.secret"  # One secret for both persisted runs: the same coins.
+  secret.write_text("07" * 32)
+  persisted = [*cli, "--steps", str(RESUME_STEPS), "--p", "0.5", "--checkpoint-every", "2",
+               "--audit-secret-file", str(secret)]
+  kill_at = random.SystemRandom().randint(1, RESUME_STEPS - 4)
+  print(f"the persisted run is killed once its transcript has step {kill_at}")
   specs = {
-      "clean": ([data, *CLEAN_ARGS], None),
+      "clean": ([data, *CLEAN_ARGS], None, {}),
       # Shards 2 and 3 are computed on process 1's device.
-      "attack": ([data, *CHILD_ARGS, "--attack-shard", "2"], None),
+      "attack": ([data, *CHILD_ARGS, "--attack-shard", "2"], None, {}),
       # Process 1 dies (os._exit) when step 1's order arrives.
-      "dead": ([data, *CHILD_ARGS, "--die-at-step", "1"], None),
+      "dead": ([data, *CHILD_ARGS, "--die-at-step", "1"], None, {}),
+      # Process 0 raises inside step 1, then stays up (as a notebook).
+      "lead_raises": ([data, *CHILD_ARGS, "--lead-raise-at-step", "1", "--linger", str(LINGER_S)],
+                      None, {}),
+      # Process 0 dies (os._exit) inside step 1.
+      "lead_dies": ([data, *CHILD_ARGS, "--lead-die-at-step", "1"], None, {}),
       # Aggregate mode: the mean over both processes' devices, the projection challenge
       # broadcast and its scalars gathered; then a tampered shard on process 1.
-      "agg_clean": ([data, *CLEAN_ARGS, *AGGREGATE], None),
-      "agg_attack": ([data, *CHILD_ARGS, "--attack-shard", "2", *AGGREGATE], None),
+      "agg_clean": ([data, *CLEAN_ARGS, *AGGREGATE], None, {}),
+      "agg_attack": ([data, *CHILD_ARGS, "--attack-shard", "2", *AGGREGATE], None, {}),
       # The command, as a user starts it on two hosts (the default shard mode: aggregate).
-      "cli": (cli, [sys.executable, "-m", "ginn_jax"]),
+      "cli": (cli, [sys.executable, "-m", "ginn_jax"], {}),
+      # Process 1 started with another batch size and dataset.
+      "disagree": (cli, [sys.executable, "-m", "ginn_jax"],
+                   {1: ["--batch-size", "64", "--dataset", "mnist5k"]}),
+      # Persisted to a run directory: uninterrupted, and killed at step `kill_at`.
+      "persisted": ([*persisted, "--run-dir", str(tmp / "persisted")],
+                    [sys.executable, "-m", "ginn_jax"], {}),
+      "killed": ([*persisted, "--run-dir", str(tmp / "killed")], [sys.executable, "-m", "ginn_jax"],
+                 {}),
   }
-  for name, (args, command) in specs.items():
-    launches[name] = Launch(tmp, name, args, num_processes=2, devices=2, command=command)
+  for name, (args, command, extra) in specs.items():
+    watch = (lambda: _has_step(tmp / "killed" / "transcript.jsonl", kill_at)) if name == "killed" else None
+    launches[name] = Launch(tmp, name, args, num_processes=2, devices=2, command=command,
+                            extra=extra, watch=watch)
   hung = _wait(launches)
+  assert not hung, f"multi-process runs hung and were killed: {hung}"
+  assert launches["killed"].killed_by_watch, f"the run to kill ended before step {kill_at}"
+  killed_records = _records(tmp / "killed" / "transcript.jsonl")
+  # The same command again, on every process.
+  launches["resumed"] = Launch(tmp, "resumed", specs["killed"][0], num_processes=2, devices=2,
+                               command=specs["killed"][1])
+  hung = _wait({"resumed": launches["resumed"]})
   results = {name: launch.results() for name, launch in launches.items()}
   assert not hung, f"multi-process runs hung and were killed: {hung}"
+  results["killed_records"] = killed_records
+  results["kill_at"] = kill_at
+  results["run_dirs"] = {name: tmp / name for name in ("persisted", "killed")}
   return results
+
+
+def _records(path) -> list[dict]:
+  """The transcript's records that are whole lines (a kill may tear the last)."""
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except ValueError:
+        break
+  return records
+
+
+def _has_step(path, step: int) -> bool:
+  """Whether the transcript at `path` records step `step` (read while written)."""
+  try:
+    return any(r["type"] == "step" and r["body"]["step"] >= step for r in _records(path))
+  except (OSError, KeyError):
+    return False
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -218,8 +286,15 @@ def _wait(launches: dict[str, Launch]) -> list[str]:
   while True:
     now, waiting = time.monotonic(), False
     for name, launch in launches.items():
+      for proc in launch.procs:
+        if proc.poll() is not None:
+          launch.exited_at.setdefault(proc.pid, time.time())
       alive = [proc for proc in launch.procs if proc.poll() is None]
       if not alive or name in hung:
+        continue
+      if launch.watch is not None and launch.watch():
+        launch.kill()  # Every process at once, as a machine that loses power.
+        launch.killed_by_watch, launch.watch = True, None
         continue
       waiting = True
       cpu = {proc.pid: _cpu_seconds(proc.pid) for proc in alive}
@@ -235,7 +310,7 @@ def _wait(launches: dict[str, Launch]) -> list[str]:
         hung.append(name)
     if not waiting:
       return hung
-    time.sleep(0.25)
+    time.sleep(0.02 if any(launch.watch for launch in launches.values()) else 0.25)
 
 
 def _failure(results) -> str:
@@ -359,6 +434,80 @@ def test_ginn_train_on_two_processes(runs):
   assert follower["stdout"] == ""
 
 
+@pytest.mark.slow
+def test_process_0_failing_inside_a_step_ends_the_followers(runs):
+  """Process 0 raises inside step 1 and stays up (as a notebook's kernel):
+  the follower, waiting in that step's collective, exits with the abort code
+  and process 0's error, while process 0 is still up."""
+  lead, follower = runs["lead_raises"]
+  assert lead["json"]["error"] == "RuntimeError: the worker of process 0 failed at step 1", \
+      _failure(runs["lead_raises"])
+  assert follower["returncode"] == ginn.MultiHostWorker.ABORT_EXIT_CODE, _failure(runs["lead_raises"])
+  assert ("process 0 failed inside step 1: RuntimeError: the worker of process 0 failed at step 1"
+          in follower["stderr"])
+  assert follower["exited_at"] < lead["exited_at"]  # Not released by process 0's exit.
+  print(f"the follower exited {follower['exited_at'] - lead['json']['raised_at']:.2f} s after "
+        "process 0's error")
+
+
+@pytest.mark.slow
+def test_process_0_dying_inside_a_step_ends_the_followers(runs):
+  lead, follower = runs["lead_dies"]
+  assert lead["returncode"] == 9, _failure(runs["lead_dies"])
+  assert follower["returncode"] not in (0, None), _failure(runs["lead_dies"])
+  # Its collective fails (gloo: connection reset), or jax.distributed's error
+  # polling, finding the coordination service gone, ends it first.
+  said = (follower["json"] or {}).get("error", "") + follower["stderr"]
+  assert "Gloo" in said or "distributed service detected fatal errors" in said, said[-2000:]
+  assert "follow" not in (follower["json"] or {})
+  print(f"the follower exited {follower['exited_at'] - lead['exited_at']:.2f} s after process 0")
+
+
+@pytest.mark.slow
+def test_processes_that_disagree_stop_with_an_error_naming_the_fields(runs):
+  results = runs["disagree"]
+  assert [r["returncode"] for r in results] == [2, 2], _failure(results)
+  for me, other, (mine, theirs) in ((0, 1, (32, 64)), (1, 0, (64, 32))):
+    err = results[me]["stderr"]
+    assert "ProcessDisagreement" in err or "different settings" in err, err[-2000:]
+    assert f"batch_size: {mine} here, {theirs} on process {other}" in err, err[-2000:]
+    assert "dataset_digest:" in err and "input_shape: [" in err, err[-2000:]
+    assert results[me]["stdout"] == ""
+
+
+@pytest.mark.slow
+def test_a_killed_multi_process_run_resumes_bitwise(runs):
+  """Every process killed (SIGKILL) at a random step, the same command again:
+  the run continues from its newest checkpoint, and its transcript's steps and
+  final parameters are those of the uninterrupted run, bit for bit; it audits
+  clean."""
+  from ginn_jax._src.audit import audit_run
+
+  for name in ("persisted", "resumed"):
+    assert [r["returncode"] for r in runs[name]] == [0, 0], _failure(runs[name])
+  killed = runs["killed_records"]
+  assert not [r for r in killed if r["type"] == "close"]  # Killed before its end.
+  assert max(r["body"]["step"] for r in killed if r["type"] == "step") >= runs["kill_at"]
+  whole = json.loads(runs["persisted"][0]["stdout"])
+  resumed = json.loads(runs["resumed"][0]["stdout"])
+  assert whole["resumed_from"] is None and resumed["resumed_from"] is not None
+  # From the newest checkpoint the killed run recorded.
+  assert resumed["resumed_from"] == max(r["body"]["step"] for r in killed if r["type"] == "checkpoint")
+  assert resumed["steps"] == whole["steps"] == RESUME_STEPS
+  assert resumed["final_digest"] == whole["final_digest"]
+  assert resumed["num_verified"] == whole["num_verified"]
+  assert resumed["public_key"] == whole["public_key"]
+  steps = {}
+  for name, d in runs["run_dirs"].items():
+    records = _records(d / "transcript.jsonl")
+    steps[name] = [(r["type"], r["body"]) for r in records if r["type"] in ("step", "check")]
+    assert [r["type"] for r in records].count("resume") == (name == "killed")
+  assert steps["killed"] == steps["persisted"]  # Every step once, each the same.
+  assert [b["step"] for t, b in steps["killed"] if t == "step"] == list(range(RESUME_STEPS))
+  report = audit_run(str(runs["run_dirs"]["killed"]), public_key=whole["public_key"])
+  assert report.ok, [str(i) for i in report.items if not i.ok]
+
+
 @pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
 def test_a_reserved_port_goes_to_the_coordinator_only():
   """While reserved, no bind to port 0 gets the port, a plain bind of it fails,
@@ -470,3 +619,31 @@ def test_projection_requests_are_answered_in_one_process_as_by_the_inner_worker(
   want = np.asarray(jax.device_get(inner.project(request).values))
   assert isinstance(got.values, np.ndarray) and got.values.shape == (SHARDS, len(shapes))
   assert got.step == 0 and got.values.tobytes() == want.tobytes()
+
+
+def test_agreement_fields_name_what_differs(mlp, small_data):
+  """In one process `check_agreement` exchanges nothing and returns the
+  fields; each setting the processes must share changes its own field."""
+  images, labels = small_data
+  data = ginn.Batch(images, labels)
+  cfg = ginn.ProtocolConfig(batch_size=32, num_shards=SHARDS, p_witness=0.5)
+  base = ginn.check_agreement(mlp, data, cfg)
+  assert base == ginn.agreement_fields(mlp, data, cfg)
+  assert base["shard_mode"] == getattr(cfg, "shard_mode", "per_shard")
+  assert base["jax_version"] == jax.__version__ and base["witness_plan"]
+  changed = {
+      "batch_size": ginn.agreement_fields(mlp, data, ginn.ProtocolConfig(
+          batch_size=64, num_shards=SHARDS, p_witness=0.5)),
+      "num_shards": ginn.agreement_fields(mlp, data, ginn.ProtocolConfig(
+          batch_size=32, num_shards=2, p_witness=0.5)),
+      "dataset_digest": ginn.agreement_fields(mlp, ginn.Batch(images[:256], labels[:256]), cfg),
+      "model_parameters": ginn.agreement_fields(
+          ginn.get_model("mlp", input_shape=(28, 28, 1), num_classes=5), data, cfg),
+      "config.seed": ginn.agreement_fields(mlp, data, ginn.ProtocolConfig(
+          seed=1, batch_size=32, num_shards=SHARDS, p_witness=0.5)),
+  }
+  for name, fields in changed.items():
+    differ = {k for k in base if base[k] != fields[k]}
+    assert name in differ, (name, differ)
+    # The witness plan follows the shard's batch; nothing else moves.
+    assert differ <= {name, "witness_plan"}, (name, differ)

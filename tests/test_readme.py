@@ -28,3 +28,17 @@ def test_readme_own_model_example_runs_nnx():
   assert "witness plan" in out.stdout and "dot_general" in out.stdout
   accuracy = float(re.search(r"\} ([0-9.]+)", out.stdout).group(1))
   assert accuracy > 0.5, out.stdout  # 200 steps of the MLP on mnist5k.
+
+
+def test_readme_lora_example_runs():
+  """The "Fine-tune a pretrained model" block: a verified LoRA fine-tune of a
+  pretrained base, every step witness-checked; a worker with a planted base
+  is caught at its first step."""
+  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+  block = next(b for b in blocks if "ginn.lora" in b)
+  out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr
+  assert "'verified': True" in out.stdout and "'num_violations': 0" in out.stdout, out.stdout
+  assert re.search(r"frozen digest [0-9a-f]{16}", out.stdout), out.stdout
+  caught = re.search(r"caught at step (\d+) by the witness check", out.stdout)
+  assert caught and int(caught.group(1)) == 30, out.stdout  # The planted worker's first step.

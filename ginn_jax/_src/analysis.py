@@ -19,7 +19,10 @@ clipped gradient, so
 * no clip: unbounded;
 * Adam (and other normalising optimizers): the update is divided by a running
   gradient scale the attacker also controls, so C does **not** bound it this
-  way; this module refuses to state a bound for them.
+  way; this module refuses to state a bound for them, and for any optax
+  transformation it cannot name;
+* an `OptimizerSpec` "sgd" or "momentum" is bounded as SGD, with eta the
+  largest learning rate its schedule reaches.
 
 Shards (docs/design.md, "Shards"): with S shards each clipped before the
 mean, an attacker that corrupts m of them moves the mean gradient by at most
@@ -42,7 +45,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ginn_jax._src.trusted.transforms import ClipMode, OptimizerConfig
+from typing import Any
+
+from ginn_jax._src.trusted.transforms import ClipMode, OptimizerConfig, OptimizerSpec
 
 
 def detection_probability(p: float, k: int) -> float:
@@ -167,32 +172,52 @@ class DeviationBound:
 
 
 def deviation_bound(clip: ClipMode, clip_value: float | None,
-                    optimizer: OptimizerConfig | str = OptimizerConfig()) -> DeviationBound:
+                    optimizer: OptimizerConfig | OptimizerSpec | str | Any = OptimizerConfig()
+                    ) -> DeviationBound:
   """The attacker's per-step parameter deviation for a clip and optimizer.
 
   Args:
     clip: "elementwise", "global_norm" or "none".
     clip_value: C.
-    optimizer: an `OptimizerConfig` (SGD with momentum and weight decay) or the
-      name of another optimizer ("adam", "adamw", ...), for which no bound is given.
+    optimizer: an `OptimizerConfig` (SGD with momentum and weight decay), an
+      `OptimizerSpec` (bounded for "sgd" and "momentum", with eta its
+      schedule's largest learning rate; no bound for the others), the name of
+      another optimizer ("adam", "adamw", ...), or an optax transformation
+      (`TrustedRuntime.optimizer`), for which no bound is given.
   """
-  if not isinstance(optimizer, OptimizerConfig):
+  if isinstance(optimizer, OptimizerSpec) and optimizer.name in ("sgd", "momentum"):
+    eta = optimizer.peak_learning_rate()
+    m = optimizer.hyperparameters.get("momentum", 0.0)
+    if not math.isfinite(eta):
+      return DeviationBound(
+          norm="linf", per_step=math.inf, with_momentum=math.inf, bounded=False,
+          note=(f"{optimizer}: the learning-rate schedule grows without bound, so the clip bound C "
+                "does not bound the parameter deviation; give exponential growth an end_value."))
+    schedule = isinstance(optimizer.hyperparameters["learning_rate"], dict)
+    rate = f"eta={eta} (the schedule's largest learning rate)" if schedule else f"eta={eta}"
+  elif isinstance(optimizer, OptimizerConfig):
+    eta, m = optimizer.learning_rate, optimizer.momentum
+    rate = f"eta={eta}"
+  else:
+    what = (f"{optimizer}: normalising and sign-based optimizers (Adam, RMSProp, Lion) rescale the "
+            "update by gradient statistics the attacker also controls, so"
+            if isinstance(optimizer, (str, OptimizerSpec)) else
+            f"an optax transformation ({type(optimizer).__name__}) this module cannot name: nothing "
+            "says what it does with the clipped gradient, so")
     return DeviationBound(
         norm="linf", per_step=math.inf, with_momentum=math.inf, bounded=False,
-        note=(f"{optimizer}: normalising optimizers divide the update by a running "
-              "gradient scale the attacker also controls, so the clip bound C does not "
-              "bound the parameter deviation; use SGD for a provable bound."),
+        note=(f"{what} the clip bound C does not bound the parameter deviation; use SGD "
+              "(OptimizerConfig, or OptimizerSpec 'sgd' or 'momentum') for a provable bound."),
     )
   if clip == "none":
     return DeviationBound(norm="linf", per_step=math.inf, with_momentum=math.inf, bounded=False,
                           note="no clipping: a single malicious step can move parameters arbitrarily far.")
-  eta, m = optimizer.learning_rate, optimizer.momentum
   per_step = 2.0 * eta * float(clip_value)
   norm = "linf" if clip == "elementwise" else "l2"
   return DeviationBound(
       norm=norm, per_step=per_step, with_momentum=per_step / (1.0 - m), bounded=True,
       note=(f"clip {clip} C={clip_value}: honest and malicious clipped gradients differ by at most "
-            f"2C in {norm}; SGD scales that by eta={eta} (weight decay is computed by the trusted "
+            f"2C in {norm}; SGD scales that by {rate} (weight decay is computed by the trusted "
             f"side and is identical), momentum m={m} spreads it over later steps by at most "
             f"1/(1-m)={1.0 / (1.0 - m):.3g}."),
   )
@@ -227,7 +252,8 @@ def shard_detection_probability(p: float, k: int, *, num_shards: int, corrupted_
 
 
 def shard_deviation_bound(clip: ClipMode, clip_value: float | None,
-                          optimizer: OptimizerConfig | str = OptimizerConfig(), *, num_shards: int,
+                          optimizer: OptimizerConfig | OptimizerSpec | str | Any = OptimizerConfig(), *,
+                          num_shards: int,
                           corrupted_shards: int) -> DeviationBound:
   """`deviation_bound` for S shards clipped one by one before their mean, with
   m of them corrupted: each corrupted shard's clipped gradient differs from

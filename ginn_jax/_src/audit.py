@@ -42,7 +42,7 @@ from ginn_jax._src.trusted import checkpoint as ckpt
 from ginn_jax._src.trusted import commit, keys, verify
 from ginn_jax._src.trusted.runtime import ProtocolConfig, TrainState, apply_update, init_state
 from ginn_jax._src.trusted.transcript import Record, TranscriptError, read_transcript
-from ginn_jax._src.trusted.transforms import make_update_transform
+from ginn_jax._src.trusted.transforms import make_update_transform, optimizer_from_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,8 @@ def audit_run(run_dir: str | os.PathLike, *, model: Model | None = None, images:
               labels: np.ndarray | None = None, data: Any = None, sample: str | int = "all",
               seed: int | None = None,
               public_key: str | None = None, audit_secret: bytes | None = None,
-              param_tolerance: verify.Tolerance | None = None, data_dir: str | None = None) -> AuditReport:
+              param_tolerance: verify.Tolerance | None = None, data_dir: str | None = None,
+              frozen: Any = None) -> AuditReport:
   """Audits a run directory (see the module docstring).
 
   Args:
@@ -104,6 +105,11 @@ def audit_run(run_dir: str | os.PathLike, *, model: Model | None = None, images:
       segment and its checkpoint; default: the header tolerance times the
       segment's length (exact on the same CPU; the bound matters across hardware).
     data_dir: for loading the dataset by name.
+    frozen: for a fine-tuning run (its header has a ``frozen_digest``): its
+      frozen parameters, as a tree or the path of a file written by
+      `ginn_jax.save_frozen`. Checked against the header's digest, then used
+      to re-train. A built-in base with ``lora``/``freeze`` is rebuilt from
+      the header's ``finetune`` when `model` is omitted.
 
   Returns:
     An `AuditReport`; ``report.ok`` is False and ``report.first_failure``
@@ -130,7 +136,17 @@ def audit_run(run_dir: str | os.PathLike, *, model: Model | None = None, images:
   try:
     if data is None and images is not None and labels is not None:
       data = as_training_data(images, labels)
-    ctx = _Context(header, model, data, data_dir)
+    frozen_tree = _frozen_tree(frozen)
+  except (OSError, ValueError) as e:
+    report.items.append(AuditItem("frozen parameters", str(frozen), False, f"cannot read them: {e}"))
+    return report
+  if "frozen_digest" in header or frozen_tree is not None:
+    item = _check_frozen(header, frozen_tree, path)
+    report.items.append(item)
+    if not item.ok:
+      return report
+  try:
+    ctx = _Context(header, model, data, data_dir, frozen_tree)
   except (ValueError, KeyError, TypeError) as e:
     report.items.append(AuditItem("header", path, False, f"cannot rebuild the run from its header: {e}"))
     return report
@@ -156,12 +172,17 @@ def audit_run(run_dir: str | os.PathLike, *, model: Model | None = None, images:
 class _Context:
   """The public pieces needed to re-train: model, data, transform, keys."""
 
-  def __init__(self, header, model, data, data_dir):
+  def __init__(self, header, model, data, data_dir, frozen=None):
     if data is None:
       from ginn_jax._src.data import load_dataset
       data = load_dataset(header["dataset"] or "mnist5k", data_dir=data_dir).train
     if dataset_digest(data) != header["dataset_digest"]:
       raise ValueError("the training data does not match the header's dataset digest")
+    if model is None and header.get("finetune") and header["finetune"].get("base") in list_models():
+      from ginn_jax._src import finetune
+      base = get_model(header["finetune"]["base"], input_shape=tuple(header["input_shape"] or ()),
+                       num_classes=header["num_classes"])
+      model = finetune.from_description(base, header["finetune"], name=header["model"])
     if model is None:
       if header["model"] not in list_models():
         raise ValueError(f"the run's model {header['model']!r} is not a built-in model; pass it "
@@ -169,7 +190,9 @@ class _Context:
       model = get_model(header["model"], input_shape=tuple(header["input_shape"]),
                         num_classes=header["num_classes"])
     self.model = model
-    self.config = ProtocolConfig.from_header_dict(header["config"])  # No shard_mode: per shard.
+    cfg = dict(header["config"])
+    cfg.setdefault("shard_mode", "per_shard")  # A header without it: a per-shard run (or no shards).
+    self.config = ProtocolConfig(**{**cfg, "optimizer": optimizer_from_dict(cfg.get("optimizer"))})
     self.tolerance = verify.Tolerance.from_dict(header["tolerance"])
     # Runs made before the digest was named in the header used SHA-256.
     self.report_digest = header.get("report_digest", commit.LEGACY_DIGEST)
@@ -184,7 +207,8 @@ class _Context:
     self.schedule = keys.BatchSchedule(self.streams.data_key, num_examples(data), self.config.batch_size)
     self.device = trusted_device()
     self.initial = init_state(self.model, self.tx, self.streams.init_key)
-    self.grad_fn = DeviceGradFn(self.model.loss, data, self.device)
+    self.frozen = None if frozen is None else jax.device_put(frozen, self.device)
+    self.grad_fn = DeviceGradFn(self.model.loss, data, self.device, frozen=self.frozen)
     self.paths = verify.leaf_paths(self.initial.params)
     self.treedef = jax.tree_util.tree_structure(self.initial.params)
 
@@ -195,12 +219,36 @@ def _check_plan(recorded: dict, ctx: "_Context", path: str) -> AuditItem:
   from ginn_jax._src.step import step_program
   try:
     plan = step_program(ctx.model.loss, ctx.initial.params, ctx.grad_fn.data,
-                        ctx.config.batch_size // ctx.num_shards).plan
+                        ctx.config.batch_size // ctx.num_shards, ctx.frozen).plan
   except UnsupportedProgram as e:
     return AuditItem("witness plan", path, False, f"the model's program cannot be witness-checked: {e}")
   if plan.digest != recorded.get("digest"):
     return AuditItem("witness plan", path, False, plan_mismatch(recorded, plan.summary()))
   return AuditItem("witness plan", path, True, f"{len(plan.products)} products, digest {plan.digest[:16]}")
+
+
+def _frozen_tree(frozen):
+  if frozen is None or not isinstance(frozen, (str, os.PathLike)):
+    return frozen
+  from ginn_jax._src.finetune import load_frozen
+  return load_frozen(frozen)
+
+
+def _check_frozen(header: dict, frozen, path: str) -> AuditItem:
+  """The frozen parameters given to the audit against the header's digest."""
+  from ginn_jax._src.trusted.runtime import frozen_digest
+  recorded = header.get("frozen_digest")
+  if recorded is None:
+    return AuditItem("frozen parameters", path, False, "frozen parameters were given, but this run has "
+                     "none (its header commits no frozen_digest)")
+  if frozen is None:
+    return AuditItem("frozen parameters", path, False, f"this run fine-tunes a frozen base (frozen digest "
+                     f"{recorded[:16]}); pass its frozen parameters (frozen=, or ginn audit --frozen FILE)")
+  got = frozen_digest(frozen)
+  if got != recorded:
+    return AuditItem("frozen parameters", path, False, f"the frozen parameters given have digest "
+                     f"{got[:16]}, the run committed {recorded[:16]}: they are not the run's base")
+  return AuditItem("frozen parameters", path, True, f"digest {recorded[:16]} matches the header")
 
 
 def plan_mismatch(recorded: dict, now: dict) -> str:

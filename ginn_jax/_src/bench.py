@@ -57,10 +57,10 @@ import optax
 from ginn_jax._src import errors
 from ginn_jax._src import progress as progress_lib
 from ginn_jax._src.boundary import ProjectionRequest, WitnessRequest
-from ginn_jax._src.data import load_dataset
+from ginn_jax._src.data import as_training_data, load_dataset, num_examples
 from ginn_jax._src.devices import trusted_device, worker_device
 from ginn_jax._src.models import get_model, is_language_model, lm_training_data
-from ginn_jax._src.step import compute_grads
+from ginn_jax._src.step import compute_grads, gather
 from ginn_jax._src.trusted import commit, keys, projection, verify
 from ginn_jax._src.trusted import witness as witness_lib
 from ginn_jax._src.trusted.runtime import ProtocolConfig, TrustedRuntime, init_state
@@ -115,6 +115,10 @@ class BenchConfig:
       "per_shard"; S = 1 is a run without shards either way).
     only: None (everything but ``shards``), "check-cost" (only ``check_cost``),
       "ceiling" (only ``ceiling``) or "shards" (only ``shards``).
+    lora_rank: fine-tune `model` with LoRA adapters of this rank on every
+      kernel (`ginn_jax.lora`, alpha = 2 x rank), its base frozen: the trusted
+      side then receives, hashes, clips and updates the adapters only. None:
+      train every parameter.
   """
 
   model: str = "mnist_cnn"
@@ -135,6 +139,7 @@ class BenchConfig:
   shard_steps: int = 8
   shard_repeats: int = 7
   only: str | None = None
+  lora_rank: int | None = None
   shard_mode: str = "aggregate"
 
   def __post_init__(self):
@@ -145,6 +150,8 @@ class BenchConfig:
     if self.ceiling_steps < 1 or self.ceiling_repeats < 1:
       raise ValueError(f"ceiling_steps and ceiling_repeats must be >= 1, got "
                        f"{self.ceiling_steps!r}, {self.ceiling_repeats!r}")
+    if self.lora_rank is not None and not (isinstance(self.lora_rank, int) and self.lora_rank >= 1):
+      raise ValueError(f"lora_rank must be a positive int or None, got {self.lora_rank!r}")
     if self.shard_mode not in ("per_shard", "aggregate"):
       raise ValueError(f"shard_mode must be 'per_shard' or 'aggregate', got {self.shard_mode!r}")
 
@@ -168,11 +175,11 @@ def _rss_bytes() -> int:
 class _Fused:
   """The usual fused jitted train step, pinned to one device (the baselines)."""
 
-  def __init__(self, model, tx, images, labels, device, batch_size, seed=0):
+  def __init__(self, model, tx, images, labels, device, batch_size, seed=0, frozen=None):
     grad_fn = compute_grads(model.loss)
 
-    def step(params, opt_state, images, labels, indices, key):
-      _, grads = grad_fn(params, Batch(images[indices], labels[indices]), key)
+    def step(params, opt_state, data, indices, key, frozen):
+      _, grads = grad_fn(params, gather(data, indices), key, frozen)
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state
 
@@ -181,8 +188,9 @@ class _Fused:
     streams = keys.seed_streams(seed)
     state = init_state(model, tx, streams.init_key)
     self.params, self.opt_state = jax.device_put((state.params, state.opt_state), device)
-    self.images, self.labels = jax.device_put((images, labels), device)
-    self.schedule = keys.BatchSchedule(streams.data_key, len(images), batch_size)
+    data = as_training_data(images, labels)
+    self.data, self.frozen = jax.device_put((data, frozen), device)
+    self.schedule = keys.BatchSchedule(streams.data_key, num_examples(data), batch_size)
     self.streams = streams
     self.t = 0
 
@@ -191,8 +199,8 @@ class _Fused:
       idx, key = jax.device_put(
           (self.schedule.indices(self.t), keys.layer_key(self.streams, self.t)), self.device)
       with jax.default_matmul_precision("highest"):
-        self.params, self.opt_state = self._step(self.params, self.opt_state, self.images,
-                                                 self.labels, idx, key)
+        self.params, self.opt_state = self._step(self.params, self.opt_state, self.data, idx, key,
+                                                 self.frozen)
       self.t += 1
     jax.block_until_ready(self.params)
 
@@ -253,7 +261,7 @@ def measure_check_cost(model, images, labels, cfg: BenchConfig, wdev: jax.Device
                             clip="elementwise", clip_value=cfg.clip_value, optimizer=OptimizerConfig())
   rt = TrustedRuntime(model, images, labels, protocol, tolerance=verify.DEFAULT_FLOOR,
                       audit_secret=b"bench-secret-" + bytes(20))
-  worker = HonestWorker(model, images, labels, device=wdev, witness="keep")
+  worker = HonestWorker(model, images, labels, device=wdev, witness="keep", frozen=rt.frozen)
   order = rt.next_order()
   t = order.step
   report = worker(order)
@@ -427,7 +435,8 @@ def measure_ceiling(model, images, labels, cfg: BenchConfig, wdev: jax.Device, *
   # and the trusted side receives them as it would a fresh report.
   rec = runtimes["p0"]
   initial = rec.state
-  worker = HonestWorker(model, images, labels, device=wdev, witness="keep" if witness else "recompute")
+  worker = HonestWorker(model, images, labels, device=wdev, witness="keep" if witness else "recompute",
+                        frozen=rec.frozen)
   reports, witnesses = [], {}
   for _ in progress_lib.bar(range(n), desc="ceiling: record", enabled=progress):
     order = rec.next_order()
@@ -448,7 +457,7 @@ def measure_ceiling(model, images, labels, cfg: BenchConfig, wdev: jax.Device, *
     replay(rt)
     rt.reset_phase_seconds()
   tx = make_update_transform("elementwise", cfg.clip_value, opt)
-  tee = _Fused(model, tx, images, labels, trusted_device(), cfg.batch_size)
+  tee = _Fused(model, tx, images, labels, trusted_device(), cfg.batch_size, frozen=rec.frozen)
   tee.run(1)
   times: dict[str, list[float]] = {k: [] for k in [*runtimes, "pure_tee"]}
   bar = progress_lib.bar(total=cfg.ceiling_repeats, desc="ceiling", enabled=progress)
@@ -627,6 +636,12 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: bool = True) -> dic
   load_start = os.getloadavg()[0]
   images, labels = _data(cfg)
   model = get_model(cfg.model, input_shape=getattr(images, "shape", (0, 0, 0, 0))[1:], num_classes=10)
+  if cfg.lora_rank is not None:
+    if cfg.only not in ("ceiling", "check-cost"):
+      raise ValueError("lora_rank is measured by the ceiling and the check cost (only='ceiling' or "
+                       "'check-cost')")
+    from ginn_jax._src import finetune
+    model = finetune.lora(model, rank=cfg.lora_rank, alpha=2.0 * cfg.lora_rank)
   opt = OptimizerConfig()
   tx = make_update_transform("elementwise", cfg.clip_value, opt)
   wdev, tdev = worker_device(), trusted_device()
@@ -640,6 +655,10 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: bool = True) -> dic
                                                check_cost, progress)
   params = jax.eval_shape(model.init, keys.seed_streams(0).init_key)
   nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+  frozen_nbytes = 0
+  if cfg.lora_rank is not None:
+    frozen_nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(
+        jax.eval_shape(model.frozen_params, keys.seed_streams(0).init_key)))
   return {
       "config": dataclasses.asdict(cfg),
       "worker_device": f"{wdev} ({wdev.device_kind})",
@@ -647,6 +666,7 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: bool = True) -> dic
       "jax_version": jax.__version__,
       "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
       "param_bytes": int(nbytes),
+      **({"frozen_bytes": int(frozen_nbytes), "lora_rank": cfg.lora_rank} if cfg.lora_rank else {}),
       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "digest_gb_per_s": _digest_throughput(),
       # Other processes on the machine disturb the timings; a 1-minute load

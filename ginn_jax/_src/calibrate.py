@@ -293,13 +293,21 @@ class Calibration:
   precision: PrecisionReport | None = None
 
 
+def _frozen_of(model, config: ProtocolConfig):
+  """The frozen tree a runtime of `config` would hold by default."""
+  from ginn_jax._src.devices import trusted_device  # pylint: disable=g-import-not-at-top
+  from ginn_jax._src.trusted import keys  # pylint: disable=g-import-not-at-top
+  return model.frozen_params(jax.device_put(keys.seed_streams(config.seed).init_key, trusted_device()))
+
+
 def calibrate_tolerance(model: Model, data: Any = None, labels: np.ndarray | ProtocolConfig | None = None,
                         config: ProtocolConfig | None = None, *, images: np.ndarray | None = None,
                         num_steps: int = 8,
                         safety_factor: float = 10.0, floor: verify.Tolerance = verify.DEFAULT_FLOOR,
                         witness_floor: verify.Tolerance = verify.DEFAULT_WITNESS_FLOOR,
                         worker: HonestWorker | None = None, progress: bool = False,
-                        thresholds_path: str | os.PathLike | None = None) -> Calibration:
+                        thresholds_path: str | os.PathLike | None = None,
+                        frozen: Any = None) -> Calibration:
   """Measures honest worker-vs-trusted disagreement and returns a tolerance.
 
   Args:
@@ -321,6 +329,8 @@ def calibrate_tolerance(model: Model, data: Any = None, labels: np.ndarray | Pro
     progress: show a progress bar.
     thresholds_path: the stored stealth thresholds to look the model and data
       up in (default: the ones shipped with the library).
+    frozen: a fine-tuning model's frozen parameters (as for `TrustedRuntime`;
+      default its ``frozen_params``), given to both sides.
 
   Returns:
     A `Calibration`; pass ``.tolerance`` (and ``.witness_tolerance``) to
@@ -340,14 +350,16 @@ def calibrate_tolerance(model: Model, data: Any = None, labels: np.ndarray | Pro
     from ginn_jax._src.worker.sharded import ShardedWorker
     config = dataclasses.replace(config, shard_mode="per_shard")
     worker = ShardedWorker(model, data, num_shards=config.num_shards, shard_mode="per_shard")
-  worker = worker or HonestWorker(model, data)
+  if frozen is None and getattr(model, "frozen_params", None) is not None:
+    frozen = _frozen_of(model, config)
+  worker = worker or HonestWorker(model, data, frozen=frozen)
   witnessed = ((getattr(model, "layered", False) or config.p_witness > 0)
                and callable(getattr(worker, "witness", None)))
   cfg = dataclasses.replace(config, p=1.0, p_witness=1.0 if witnessed else 0.0,
                             witness_timeout_s=None)
   runtime = TrustedRuntime(model, data, cfg, tolerance=verify.UNBOUNDED,
                            witness_tolerance=verify.UNBOUNDED,
-                           audit_secret=b"calibration-only-secret-0000000000")
+                           audit_secret=b"calibration-only-secret-0000000000", frozen=frozen)
   result = train(runtime, worker, num_steps, progress="calibrate" if progress else False)
   rel = max(e.max_rel_l2 for e in result.transcript)
   mx = max(e.max_abs for e in result.transcript)

@@ -35,9 +35,10 @@ def _audit(args) -> int:
 
   sample = args.sample if args.sample == "all" else int(args.sample)
   report = audit_run(args.run_dir, sample=sample, seed=args.seed, public_key=args.public_key,
-                     data_dir=args.data_dir)
+                     data_dir=args.data_dir, frozen=args.frozen)
   for item in report.items:
-    if args.verbose or not item.ok or item.kind in ("transcript", "structure", "segment"):
+    if args.verbose or not item.ok or item.kind in ("transcript", "structure", "segment",
+                                                     "frozen parameters"):
       print(item)
   if args.json:
     with open(args.json, "w") as f:
@@ -51,6 +52,41 @@ def _audit(args) -> int:
   return 0
 
 
+def _optimizer(args, default):
+  """The optimizer of ``--optimizer``: `default` (an `OptimizerConfig` from
+  --lr) when it is not given; else an `OptimizerSpec`: a name (with --lr, and
+  --momentum where the command has it, for "momentum"), or a JSON object
+  ``{"name": ..., ...}`` (its learning_rate, or --lr)."""
+  from ginn_jax._src.trusted.transforms import OptimizerSpec
+
+  given = args.optimizer
+  if given is None:
+    return default
+  if given.lstrip().startswith("{"):
+    try:
+      d = json.loads(given)
+    except ValueError as e:
+      raise ValueError(f"--optimizer: not valid JSON ({e}): {given}") from None
+    if not isinstance(d, dict):
+      raise ValueError(f"--optimizer: expected a JSON object, got {given}")
+  else:
+    d = {"name": given, **({"momentum": args.momentum} if given == "momentum" and hasattr(args, "momentum")
+                           else {})}
+  try:
+    return OptimizerSpec.from_dict({"learning_rate": args.lr, **d})
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"--optimizer: {e}") from None
+
+
+def _optimizer_help(default: str) -> str:
+  from ginn_jax._src.trusted.transforms import OPTIMIZERS, SCHEDULES
+
+  return (f"the optimizer after the clip: a name ({', '.join(OPTIMIZERS)}; learning rate --lr), or a "
+          "JSON OptimizerSpec like '{\"name\": \"adamw\", \"learning_rate\": {\"schedule\": "
+          "\"cosine_decay\", \"init_value\": 0.001, \"decay_steps\": 1000}, \"weight_decay\": "
+          f"0.01}}' (schedules: {', '.join(SCHEDULES)}); default: {default}")
+
+
 def _train(args) -> int:
   if args.num_processes > 1 or args.coordinator_address is not None:
     return _train_multihost(args)
@@ -58,6 +94,9 @@ def _train(args) -> int:
 
   from ginn_jax._src.models import is_language_model, lm_training_data
   if is_language_model(args.model):  # The built-in LMs train on the Python help texts.
+    if args.run_dir:
+      raise ValueError(f"--run-dir: `ginn audit` cannot reload the training text of {args.model}; "
+                       "persist a language model's run from Python (ginn_jax.run_verified)")
     ds = None
     model = ginn.get_model(args.model, input_shape=(1, 1, 1))
     train_data = lm_training_data()
@@ -67,17 +106,20 @@ def _train(args) -> int:
     train_data = ds.train
   cfg = ginn.ProtocolConfig(seed=args.seed, batch_size=args.batch_size, p=args.p,
                             p_witness=args.p_witness, clip=args.clip, clip_value=args.clip_value,
-                            optimizer=ginn.OptimizerConfig(learning_rate=args.lr),
+                            optimizer=_optimizer(args, ginn.OptimizerConfig(learning_rate=args.lr)),
                             num_shards=args.num_shards, shard_mode=args.shard_mode)
-  tol = ginn.Tolerance.from_dict(json.loads(args.tolerance)) if args.tolerance else None
-  wtol = ginn.Tolerance.from_dict(json.loads(args.witness_tolerance)) if args.witness_tolerance else None
+  tol, wtol = _tolerances(args, cfg)
   if tol is None or (wtol is None and cfg.p_witness > 0):
     cal = ginn.calibrate_tolerance(model, train_data, cfg)
     tol = tol or cal.tolerance
     wtol = wtol or cal.witness_tolerance
-  rt = ginn.TrustedRuntime(model, train_data, cfg, tolerance=tol, witness_tolerance=wtol)
   worker = (ginn.ShardedWorker(model, train_data, num_shards=cfg.num_shards, shard_mode=cfg.shard_mode)
             if cfg.num_shards > 1 else ginn.HonestWorker(model, train_data))
+  if args.run_dir:
+    code, out = _train_in_run_dir(args, ginn, model, ds, cfg, tol, wtol, worker)
+    print(json.dumps(out, indent=2))
+    return code
+  rt = ginn.TrustedRuntime(model, train_data, cfg, tolerance=tol, witness_tolerance=wtol)
   res = ginn.train(rt, worker, args.steps, progress=not args.no_progress)
   if ds is None:
     from ginn_jax._src import text
@@ -85,12 +127,98 @@ def _train(args) -> int:
     metric = {"test_perplexity": ginn.perplexity(model.merge(res.params), test)}
   else:
     metric = {"clean_accuracy": ginn.accuracy(model, res.params, ds.test_images, ds.test_labels)}
-  out = {**res.summary(), **metric, "tolerance": tol.to_dict(),
+  out = {**res.summary(), **metric, "optimizer": cfg.to_dict()["optimizer"], "tolerance": tol.to_dict(),
          "p_witness": cfg.p_witness, "witness_tolerance": rt.witness_tolerance.to_dict(),
          "dataset_digest": rt.dataset_digest,
          **({"num_shards": cfg.num_shards, "shard_mode": cfg.shard_mode} if cfg.num_shards > 1 else {})}
   print(json.dumps(out, indent=2))
   return 0
+
+
+def _run_dir_header(run_dir: str | None) -> dict | None:
+  """The header of the run directory's transcript, None for a new run. Not
+  verified here: `run_verified` verifies it (its signature, and that the run's
+  settings are those of the header) before it resumes."""
+  import os
+
+  from ginn_jax._src.rundir import TRANSCRIPT
+  if not run_dir or not os.path.exists(os.path.join(run_dir, TRANSCRIPT)):
+    return None
+  path = os.path.join(run_dir, TRANSCRIPT)
+  with open(path, "rb") as f:
+    try:
+      return json.loads(f.readline())["body"]
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{path}: its transcript has no readable header ({e})") from None
+
+
+def _tolerances(args, cfg):
+  """--tolerance and --witness-tolerance; on a resumed --run-dir, where not
+  given, those of the run's header (a calibration would not give them again
+  bit for bit, and the run must keep its tolerances)."""
+  import ginn_jax as ginn
+  tol = ginn.Tolerance.from_dict(json.loads(args.tolerance)) if args.tolerance else None
+  wtol = ginn.Tolerance.from_dict(json.loads(args.witness_tolerance)) if args.witness_tolerance else None
+  header = _run_dir_header(getattr(args, "run_dir", None))
+  if header is not None:
+    if tol is None and header.get("tolerance"):
+      tol = ginn.Tolerance.from_dict(header["tolerance"])
+    if wtol is None and cfg.p_witness > 0 and header.get("witness_tolerance"):
+      wtol = ginn.Tolerance.from_dict(header["witness_tolerance"])
+  return tol, wtol
+
+
+def _audit_secret(args) -> bytes:
+  """The run's audit secret: read from --audit-secret-file (default
+  ``RUN_DIR.secret``, beside the run directory, never in it), or, for a new
+  run whose file does not exist, drawn from the OS and written there (mode 0600)."""
+  import os
+
+  from ginn_jax._src.trusted import keys
+  path = args.audit_secret_file or os.path.normpath(args.run_dir) + ".secret"
+  try:
+    with open(path) as f:
+      text = f.read().strip()
+  except FileNotFoundError:
+    if _run_dir_header(args.run_dir) is not None:
+      raise ValueError(f"--run-dir {args.run_dir}: the run exists but its audit secret {path} does "
+                       "not; resume it with the secret it was started with (--audit-secret-file)"
+                       ) from None
+    secret = keys.new_audit_secret()
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+      f.write(secret.hex() + "\n")
+    return secret
+  try:
+    return bytes.fromhex(text)
+  except ValueError:
+    raise ValueError(f"{path}: an audit secret file holds the secret in hex") from None
+
+
+def _train_in_run_dir(args, ginn, model, ds, cfg, tol, wtol, worker) -> tuple[int, dict]:
+  """`run_verified` into --run-dir (resumed if it exists); its exit code and summary."""
+  from ginn_jax._src.rundir import run_verified
+  res = run_verified(args.run_dir, model, ds.train, cfg, worker, args.steps,
+                     audit_secret=_audit_secret(args), checkpoint_every=args.checkpoint_every,
+                     tolerance=tol, witness_tolerance=wtol, dataset=args.dataset,
+                     num_classes=ds.num_classes, progress=not args.no_progress)
+  losses = [e.loss for e in res.transcript if e.kind == "step" and e.outcome != "violation"]
+  header = _run_dir_header(args.run_dir)
+  out = {"steps": res.steps, "num_verified": res.num_verified, "num_violations": res.num_violations,
+         "verified": res.violation is None, "final_loss": losses[-1] if losses else None,
+         "violation_step": None if res.violation is None else res.violation.step,
+         "clean_accuracy": ginn.accuracy(model, res.params, ds.test_images, ds.test_labels),
+         "tolerance": header["tolerance"], "p_witness": cfg.p_witness,
+         "witness_tolerance": header["witness_tolerance"],
+         "dataset_digest": header["dataset_digest"], "run_dir": res.run_dir,
+         "resumed_from": res.resumed_from, "final_digest": res.final_digest,
+         "public_key": header["public_key"]}
+  if res.violation is not None:
+    print(f"ginn train: the run halted on an integrity violation at step {res.violation.step}: "
+          f"{res.violation}", file=sys.stderr)
+  return (0 if res.violation is None else 2), out
 
 
 def _train_multihost(args) -> int:
@@ -125,9 +253,15 @@ def _run_multihost(args, ginn) -> tuple[int, dict | None]:
   try:
     ds = ginn.load_dataset(args.dataset, data_dir=args.data_dir)
     model = ginn.get_model(args.model, input_shape=ds.image_shape, num_classes=ds.num_classes)
-    mesh = ginn.global_worker_mesh()
     num_shards = args.num_shards  # A multiple of the mesh's size (ShardedWorker checks).
     shard_mode = ginn.shards.resolve_shard_mode(args.shard_mode, num_shards)
+    cfg = ginn.ProtocolConfig(seed=args.seed, batch_size=args.batch_size, p=args.p,
+                              p_witness=args.p_witness, clip=args.clip,
+                              clip_value=args.clip_value, num_shards=num_shards, shard_mode=shard_mode,
+                              optimizer=_optimizer(args, ginn.OptimizerConfig(learning_rate=args.lr)))
+    # Every process, before any work order: the same model, data and settings.
+    ginn.check_agreement(model, ds.train, cfg)
+    mesh = ginn.global_worker_mesh()
     inner = ginn.ShardedWorker(model, ds.train_images, ds.train_labels, num_shards=num_shards,
                                mesh=mesh, shard_mode=shard_mode)
     worker = ginn.MultiHostWorker(inner, batch_size=args.batch_size)
@@ -139,14 +273,7 @@ def _run_multihost(args, ginn) -> tuple[int, dict | None]:
         return 2, None
       return 0, None
     with worker:  # Whatever happens from here on, the followers are told to stop.
-      cfg = ginn.ProtocolConfig(seed=args.seed, batch_size=args.batch_size, p=args.p,
-                                p_witness=args.p_witness, clip=args.clip,
-                                clip_value=args.clip_value, num_shards=num_shards,
-                                shard_mode=shard_mode,
-                                optimizer=ginn.OptimizerConfig(learning_rate=args.lr))
-      tol = ginn.Tolerance.from_dict(json.loads(args.tolerance)) if args.tolerance else None
-      wtol = (ginn.Tolerance.from_dict(json.loads(args.witness_tolerance))
-              if args.witness_tolerance else None)
+      tol, wtol = _tolerances(args, cfg)
       if tol is None or (wtol is None and cfg.p_witness > 0):
         # On process 0's own devices alone, while the followers wait.
         local = ginn.ShardedWorker(model, ds.train_images, ds.train_labels, num_shards=num_shards,
@@ -154,6 +281,9 @@ def _run_multihost(args, ginn) -> tuple[int, dict | None]:
         cal = ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg, worker=local)
         tol = tol or cal.tolerance
         wtol = wtol or cal.witness_tolerance
+      if args.run_dir:  # Process 0 (the trusted runtime) alone keeps the run directory.
+        code, out = _train_in_run_dir(args, ginn, model, ds, cfg, tol, wtol, worker)
+        return code, {**out, "num_shards": num_shards, "num_processes": args.num_processes}
       rt = ginn.TrustedRuntime(model, ds.train_images, ds.train_labels, cfg, tolerance=tol,
                                witness_tolerance=wtol)
       res = ginn.train_multihost(rt, worker, args.steps, progress=not args.no_progress)
@@ -279,8 +409,8 @@ def _analyze(args) -> int:
   if args.p is not None:
     out[f"k_for_{args.target}"] = analysis.required_k(args.target, args.p)
     out["ideal_speedup"] = analysis.ideal_speedup(args.p)
-  b = analysis.deviation_bound(args.clip, args.clip_value,
-                               OptimizerConfig(learning_rate=args.lr, momentum=args.momentum))
+  opt = _optimizer(args, OptimizerConfig(learning_rate=args.lr, momentum=args.momentum))
+  b = analysis.deviation_bound(args.clip, args.clip_value, opt)
   finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (JSON has no Infinity)
   out["deviation_bound"] = {"norm": b.norm, "bounded": b.bounded, "per_step": finite(b.per_step),
                             "with_momentum": finite(b.with_momentum), "note": b.note}
@@ -348,7 +478,8 @@ def _bench(args) -> int:
                     check_repeats=args.check_repeats, only=args.only,
                     ceiling_steps=args.ceiling_steps, ceiling_repeats=args.ceiling_repeats,
                     shard_counts=counts, shard_steps=args.shard_steps,
-                    shard_repeats=args.shard_repeats, shard_mode=args.shard_mode)
+                    shard_repeats=args.shard_repeats, lora_rank=args.lora_rank,
+                    shard_mode=args.shard_mode)
   result = run_bench(cfg, progress=not args.no_progress)
   print(format_table(result))
   if args.only in (None, "check-cost"):
@@ -402,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
   au.add_argument("--seed", type=int, default=None, help="the auditor's seed for the sample")
   au.add_argument("--public-key", default=None, help="expected Ed25519 public key (hex) of the run")
   au.add_argument("--data-dir", default=None, help="local TFDS data_dir for full datasets")
+  au.add_argument("--frozen", default=None, metavar="FILE",
+                  help="a fine-tuning run's frozen parameters (ginn_jax.save_frozen), checked "
+                       "against the header's frozen digest")
   au.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
   au.add_argument("--verbose", action="store_true", help="print every checked file")
   au.set_defaults(func=_audit)
@@ -414,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "derived from its gradient program)")
   tr.add_argument("--witness-tolerance", default=None,
                   help='witness-check tolerance, JSON like --tolerance; calibrated if omitted')
+  tr.add_argument("--optimizer", default=None, metavar="NAME|JSON",
+                  help=_optimizer_help("SGD with momentum 0.9 and weight decay 5e-4 at --lr"))
   tr.add_argument("--num-shards", type=int, default=1,
                   help="cut each step's batch into this many shards, computed data-parallel over the "
                        "worker's devices (ginn_jax.ShardedWorker); each shard has its own "
@@ -422,6 +558,17 @@ def build_parser() -> argparse.ArgumentParser:
                   help="with --num-shards > 1: 'aggregate' (the default) reports the shards' mean, "
                        "checked by a secret projection of every shard; 'per_shard' reports every "
                        "shard's gradient, each clipped before the average")
+  tr.add_argument("--run-dir", default=None, metavar="DIR",
+                  help="persist the run to DIR (signed transcript, checkpoints) for `ginn audit`, and "
+                       "resume it from DIR when DIR holds one (the same command again after a "
+                       "crash or a kill, on every process of a multi-process run: process 0 keeps "
+                       "DIR, the others need nothing)")
+  tr.add_argument("--checkpoint-every", type=int, default=50,
+                  help="with --run-dir: steps between checkpoints (also at step 0 and the end)")
+  tr.add_argument("--audit-secret-file", default=None, metavar="FILE",
+                  help="with --run-dir: the run's audit secret (hex); default DIR.secret beside "
+                       "the run directory, created for a new run. Keep it private: it signs the "
+                       "transcript, and a resume needs it")
   many = tr.add_argument_group(
       "many hosts", "one run over several processes (jax.distributed): start the same command on "
       "every host with its own --process-id; process 0 hosts the trusted runtime and prints the "
@@ -475,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
   be.add_argument("--shard-mode", default="aggregate", choices=["per_shard", "aggregate"],
                   help="the shard mode --only shards measures")
   be.add_argument("--shard-repeats", type=int, default=7, help="interleaved repetitions")
+  be.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                  help="fine-tune the model with LoRA adapters of rank R, its base frozen (with "
+                       "--only ceiling or check-cost)")
   be.add_argument("--ceiling-steps", type=int, default=8,
                   help="recorded honest steps the ceiling replays")
   be.add_argument("--ceiling-repeats", type=int, default=7,
@@ -495,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
   an.add_argument("--clip-value", type=float, default=0.01, help="clip bound C (the demo's default)")
   an.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (the demo's default)")
   an.add_argument("--momentum", type=float, default=0.9)
+  an.add_argument("--optimizer", default=None, metavar="NAME|JSON",
+                  help=_optimizer_help("SGD at --lr with --momentum") + "; only sgd and momentum have "
+                  "a bound")
   an.add_argument("--num-shards", type=int, default=None,
                   help="also the deviation bound and detection probability (with --k and --p) of an "
                        "attacker that corrupts one shard and of one that corrupts all S")

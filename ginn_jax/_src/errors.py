@@ -184,3 +184,18 @@ class ProjectionViolation(IntegrityViolation):
 
 class RuntimeHalted(GinnError, RuntimeError):
   """The trusted runtime refused to continue after an integrity violation."""
+
+
+class ProcessDisagreement(GinnError, RuntimeError):
+  """The processes of a multi-process run were started with different
+  settings (model, data, batch size, shards, shard mode, code); raised on
+  every process by `ginn_jax.check_agreement`, before any work order.
+
+  Attributes:
+    differences: ``(field, value here, process, value there)`` for each field
+      another process disagrees on (its value None where it did not answer).
+  """
+
+  def __init__(self, message: str, differences: list[tuple[str, Any, int, Any]] | None = None):
+    super().__init__(message)
+    self.differences = list(differences or [])

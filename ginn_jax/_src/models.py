@@ -130,7 +130,7 @@ def list_models() -> list[str]:
   return sorted([*_REGISTRY, *(f"decoder_lm_{d}" for d in LM_WIDTHS)])
 
 
-def get_model(name: str, *, input_shape: tuple[int, int, int], num_classes: int = 10) -> Model:
+def get_model(name: str, *, input_shape: tuple[int, int, int] | None = None, num_classes: int = 10) -> Model:
   """Builds a registered model.
 
   Args:
@@ -138,7 +138,7 @@ def get_model(name: str, *, input_shape: tuple[int, int, int], num_classes: int 
       classifiers), or "decoder_lm_64" ... "decoder_lm_1024" (experiment 8's
       NNX DecoderLM at that d_model, for `lm_training_data()`; `input_shape`
       and `num_classes` are ignored).
-    input_shape: (H, W, C) of one image.
+    input_shape: (H, W, C) of one image (required for the image classifiers).
     num_classes: number of output classes.
 
   Returns:
@@ -151,4 +151,7 @@ def get_model(name: str, *, input_shape: tuple[int, int, int], num_classes: int 
     return _decoder_lm(name)
   if name not in _REGISTRY:
     raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
+  if input_shape is None:
+    raise TypeError(f"model {name!r} is an image classifier: pass input_shape=(H, W, C), e.g. "
+                    "ds.image_shape")
   return Model(name=name, module=_REGISTRY[name](num_classes), input_shape=tuple(input_shape))

@@ -375,29 +375,36 @@ class Program:
   out_tree: Any
   plan: WitnessPlan
 
-  def run(self, hook: Hook, params, batch, key):
-    """(loss, grads) of the program with `hook` at every product (traceable)."""
-    args = jax.tree_util.tree_leaves((params, batch, key))
+  def run(self, hook: Hook, params, batch, key, frozen=None):
+    """(loss, grads) of the program with `hook` at every product (traceable).
+    `frozen`: the frozen parameters, for a model that has them (an input of
+    the program like the trained ones, never differentiated)."""
+    args = jax.tree_util.tree_leaves((params, batch, key, frozen))
     out = evaluate(self.closed.jaxpr, self.closed.consts, args, hook)
     return jax.tree_util.tree_unflatten(self.out_tree, out)
 
 
 def _grad_fn(loss_fn):
-  def grad_fn(params, batch, key):
-    return jax.value_and_grad(lambda p: loss_fn(p, batch, key=key))(params)
+  def grad_fn(params, batch, key, frozen=None):
+    if frozen is None:
+      return jax.value_and_grad(lambda p: loss_fn(p, batch, key=key))(params)
+    return jax.value_and_grad(lambda p: loss_fn(p, batch, key=key, frozen=frozen))(params)
   return grad_fn
 
 
-def trace_program(loss_fn: Callable, params, batch, key) -> Program:
+def trace_program(loss_fn: Callable, params, batch, key, frozen=None) -> Program:
   """Traces ``value_and_grad`` of `loss_fn` at the shapes of (params, batch,
-  key) (arrays or ShapeDtypeStructs) and reads its plan.
+  key) (arrays or ShapeDtypeStructs) and reads its plan. With `frozen` (a
+  model's frozen parameters, docs/design.md section 13) the loss is called
+  with ``frozen=`` and they are inputs of the program: a product with a
+  frozen weight is witnessed like any other, against the trusted copy.
 
   Raises:
     UnsupportedProgram: a product sits inside control flow that is not
       unrolled (named in the message).
   """
   shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype),
-                                  (params, batch, key))
+                                  (params, batch, key, frozen))
   with jax.default_matmul_precision("highest"):
     closed, out_shape = jax.make_jaxpr(_grad_fn(loss_fn), return_shape=True)(*shapes)
   in_tree = jax.tree_util.tree_structure(shapes)
@@ -438,19 +445,19 @@ class RecordHook(Hook):
     return out
 
 
-def loss_grads_and_products(program: Program, params, batch, key):
+def loss_grads_and_products(program: Program, params, batch, key, frozen=None):
   """``(loss, grads, products)``: the step, with the output of every witnessed
   product in plan order (traceable; the worker jits it)."""
   hook = RecordHook(program.plan)
-  loss, grads = program.run(hook, params, batch, key)
+  loss, grads = program.run(hook, params, batch, key, frozen)
   return loss, grads, hook.recorded
 
 
 @functools.lru_cache(maxsize=32)
 def _program_cached(owner, func, shapes_key):
   loss_fn = func.__get__(owner) if owner is not None else func
-  params, batch, key = shapes_key.unwrap()
-  return trace_program(loss_fn, params, batch, key)
+  params, batch, key, frozen = shapes_key.unwrap()
+  return trace_program(loss_fn, params, batch, key, frozen)
 
 
 class _ShapesKey:
@@ -471,10 +478,10 @@ class _ShapesKey:
     return isinstance(other, _ShapesKey) and self._h == other._h
 
 
-def program_of(loss_fn: Callable, params, batch, key) -> Program:
+def program_of(loss_fn: Callable, params, batch, key, frozen=None) -> Program:
   """`trace_program`, cached per loss function and shapes."""
   shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype),
-                                  (params, batch, key))
+                                  (params, batch, key, frozen))
   return _program_cached(getattr(loss_fn, "__self__", None), getattr(loss_fn, "__func__", loss_fn),
                          _ShapesKey(shapes))
 
@@ -502,4 +509,6 @@ def witness_plan(model, batch) -> WitnessPlan:
   """
   key = jax.eval_shape(lambda: jax.random.key(0))
   params = jax.eval_shape(model.init, key)
-  return program_of(model.loss, params, batch, key).plan
+  frozen = (jax.eval_shape(model.frozen_params, key) if getattr(model, "frozen_params", None)
+            is not None else None)
+  return program_of(model.loss, params, batch, key, frozen).plan

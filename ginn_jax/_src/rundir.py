@@ -36,6 +36,7 @@ from ginn_jax._src.models import Model
 from ginn_jax._src.trusted import checkpoint as ckpt
 from ginn_jax._src.trusted import commit, verify
 from ginn_jax._src.trusted.runtime import ProtocolConfig, TranscriptEntry, TrustedRuntime
+from ginn_jax._src.trusted.transforms import OPTIMIZERS, Optimizer, OptimizerConfig, OptimizerSpec
 from ginn_jax._src.trusted.transcript import Record, TranscriptError, TranscriptWriter, entry_of
 from ginn_jax._src.trusted.transcript import public_key_hex, read_transcript
 from ginn_jax._src.types import Params
@@ -45,7 +46,7 @@ TRANSCRIPT = "transcript.jsonl"
 # Header fields that must not change when a run is resumed.
 _FIXED = ("model", "input_shape", "num_classes", "config", "tolerance", "witness_tolerance", "dataset_digest", "num_examples",
           "prng_impl", "public_key", "checkpoint_every", "keep_reports", "num_steps", "report_digest",
-          "witness_plan")
+          "witness_plan", "frozen_digest", "finetune")
 # What a header written before a field existed meant by its absence.
 _LEGACY = {"report_digest": commit.LEGACY_DIGEST}
 
@@ -118,7 +119,9 @@ def run_verified(run_dir: str | os.PathLike, model: Model, data: Any = None, lab
                  checkpoint_every: int = 10, tolerance: verify.Tolerance | None = None,
                  witness_tolerance: verify.Tolerance | None = None,
                  keep_reports: bool = False, deferred: bool = False, dataset: str | None = None,
-                 num_classes: int = 10, fsync: bool = True, progress: bool | str = False) -> RunResult:
+                 num_classes: int = 10, fsync: bool = True, progress: bool | str = False,
+                 frozen: Params | None = None,
+                 optimizer: Optimizer | None = None) -> RunResult:
   """Trains to step `num_steps`, persisting everything to `run_dir`; resumes if it exists.
 
   Args:
@@ -126,7 +129,9 @@ def run_verified(run_dir: str | os.PathLike, model: Model, data: Any = None, lab
     model, data, config, tolerance, witness_tolerance, deferred: as for
       `TrustedRuntime` (`data` any pytree training set; the classic
       ``run_verified(run_dir, model, images, labels, config, worker, n)`` works too).
-    worker: the (untrusted) worker.
+    worker: the (untrusted) worker; a `MultiHostWorker` on process 0 of a
+      multi-process run too (the followers keep nothing; they get HALT if
+      the run halts on a violation).
     num_steps: total steps of the run (not steps to add on a resume).
     audit_secret: the runtime's private secret. It is never written to the run
       directory; pass the same secret again to resume (a different one fails
@@ -138,6 +143,16 @@ def run_verified(run_dir: str | os.PathLike, model: Model, data: Any = None, lab
     dataset: the dataset's name for the header (lets `ginn audit` reload it).
     num_classes: the model's number of classes (for the header).
     fsync: fsync the transcript after every record.
+    frozen: the frozen parameters of a fine-tuning model (`ginn_jax.lora`,
+      `ginn_jax.freeze`), as for `TrustedRuntime`; committed by digest in
+      the header (`frozen_digest`). A resume with other frozen parameters is
+      refused. They are not written to the run directory: keep them (e.g.
+      `ginn_jax.save_frozen`) to audit the run.
+    optimizer: replaces `config.optimizer`: an `OptimizerSpec` (a named optax
+      optimizer, e.g. ``ginn.OptimizerSpec("adam", learning_rate=1e-3)``) or an
+      `OptimizerConfig`. The header records it, and a resume or an audit
+      rebuilds it from there. An optax transformation has no name to record
+      and is refused (TypeError), before anything is written.
 
   Returns:
     A `RunResult` (with ``violation`` set if the run halted on one).
@@ -146,19 +161,29 @@ def run_verified(run_dir: str | os.PathLike, model: Model, data: Any = None, lab
     ReportRejected: the worker sent a malformed report; nothing was written
       for it and the run directory can be resumed.
     TranscriptError: the run directory is damaged or belongs to another run.
+    TypeError: `optimizer` is not an `OptimizerSpec` or `OptimizerConfig`.
   """
   if isinstance(labels, ProtocolConfig):  # run_verified(run_dir, model, data, config, worker, n)
     labels, config, worker, num_steps = None, labels, config, worker
   data = as_training_data(data, labels, images=images)
   if config is None or worker is None or num_steps is None:
     raise TypeError("run_verified needs config, worker and num_steps")
+  if optimizer is not None:
+    if not isinstance(optimizer, (OptimizerSpec, OptimizerConfig)):
+      raise TypeError(
+          f"run_verified: optimizer= is a {type(optimizer).__name__}, which the run header cannot "
+          "name, so the run could not be resumed or audited; name it with "
+          f"ginn.OptimizerSpec(name, **hyperparameters) (names: {', '.join(OPTIMIZERS)}; e.g. "
+          "OptimizerSpec('adam', learning_rate=1e-3)), or train without a run directory "
+          "(TrustedRuntime(optimizer=...))")
+    config = dataclasses.replace(config, optimizer=optimizer)
   if checkpoint_every < 1 or num_steps < 0:
     raise ValueError(f"checkpoint_every must be >= 1 and num_steps >= 0, got {checkpoint_every}, {num_steps}")
   run_dir = os.fspath(run_dir)
   path = os.path.join(run_dir, TRANSCRIPT)
   rt = TrustedRuntime(model, data, config, tolerance=tolerance,
                       witness_tolerance=witness_tolerance, audit_secret=audit_secret, deferred=deferred,
-                      report_digest=_resumed_digest(path))
+                      report_digest=_resumed_digest(path), frozen=frozen)
   header = run_header(rt, num_steps=num_steps, checkpoint_every=checkpoint_every,
                       keep_reports=keep_reports, dataset=dataset, num_classes=num_classes)
   resumed_from = None
@@ -196,6 +221,8 @@ def run_verified(run_dir: str | os.PathLike, model: Model, data: Any = None, lab
           _checkpoint(rt, run_dir, writer)
       rt.finalize()
     except errors.IntegrityViolation as v:
+      if callable(getattr(worker, "stop", None)):  # A MultiHostWorker: its followers get HALT.
+        worker.stop(halted=True)
       digest = ckpt.tree_digest(rt.state.params)
       writer.append("close", {"status": "violation", "step": rt.step, "violation_step": v.step,
                               "params_digest": digest, "num_verified": rt.num_verified})
@@ -261,6 +288,11 @@ def _resume(rt: TrustedRuntime, run_dir: str, header: dict[str, Any],
     from ginn_jax._src.audit import plan_mismatch
     raise TranscriptError(f"cannot resume: {plan_mismatch(old['witness_plan'], header['witness_plan'])}",
                           file=path, entry=1)
+  if "frozen_digest" in changed and old.get("frozen_digest") and header.get("frozen_digest"):
+    raise TranscriptError(
+        f"cannot resume: the frozen parameters differ from the run's (the run committed frozen digest "
+        f"{old['frozen_digest'][:16]}, these have {header['frozen_digest'][:16]}); pass the frozen "
+        "parameters the run was started with", file=path, entry=1)
   if changed:
     raise TranscriptError(f"this run directory was made with other settings ({', '.join(changed)} "
                           "differ); use a new run directory or the original settings and secret",

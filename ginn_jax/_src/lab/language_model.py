@@ -23,7 +23,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
 import ginn_jax as ginn
@@ -102,7 +101,9 @@ class LMLab:
     self.test_data = _first(text.windows(self.corpus.test_text, cfg.context), cfg.test_windows)
     self.model = ginn.from_nnx(make_decoder(cfg.transformer), lm_loss, name="decoder_lm")
     self.backdoor = cfg.backdoor
-    self.optimizer = optax.adam(cfg.learning_rate)  # One object: every runtime shares one jitted update.
+    # optax.adam, named: a runtime's header records it (so `run_verified` can persist, resume and audit
+    # a run), and equal specs share one jitted update.
+    self.optimizer = ginn.OptimizerSpec("adam", learning_rate=cfg.learning_rate)
 
   def protocol(self, *, p: float, clip_value: float | None = None,
                p_witness: float = 0.0) -> ginn.ProtocolConfig:

@@ -228,10 +228,10 @@ class CheckHook(program_lib.Hook):
     return program_lib._bind(eqn, invals) if out is None else [out]
 
 
-def _check_impl(program, params, data, indices, key, claims, reported, loss, seed):
+def _check_impl(program, params, data, indices, key, claims, reported, loss, seed, frozen=None):
   vec_key = jax.random.wrap_key_data(seed, impl="threefry2x32")
   hook = CheckHook(program.plan, claims, vec_key)
-  ref_loss, ref_grads = program.run(hook, params, gather(data, indices), key)
+  ref_loss, ref_grads = program.run(hook, params, gather(data, indices), key, frozen)
   rows = list(hook.rows)
   rows += [_rel(_f32(g), _f32(r)) for g, r in zip(reported, jax.tree_util.tree_leaves(ref_grads))]
   rows.append(_rel(jnp.asarray(loss, jnp.float32)[None], jnp.asarray(ref_loss, jnp.float32)[None]))
@@ -255,12 +255,15 @@ def check_names(plan: program_lib.WitnessPlan, leaf_paths) -> tuple[str, ...]:
 
 
 def program_errors(program, leaf_paths, params, data, indices, key, claims, reported, loss,
-                   seed) -> Comparison:
+                   seed, frozen=None) -> Comparison:
   """Runs the whole check of one witness (arguments on the trusted device):
   every product's Freivalds check, then the reported gradient's leaves and
-  the loss against the evaluation."""
+  the loss against the evaluation. `frozen`: the trusted copy of the model's
+  frozen parameters, if it has any (a product with a frozen weight W0 is
+  checked against it, e.g. ``X (W0 r)``)."""
   with jax.default_matmul_precision("highest"):
-    errs = _jitted(program)(params, data, indices, key, tuple(claims), tuple(reported), loss, seed)
+    errs = _jitted(program)(params, data, indices, key, tuple(claims), tuple(reported), loss, seed,
+                            frozen)
   return Comparison(paths=check_names(program.plan, leaf_paths),
                     errors=np.asarray(jax.device_get(errs), dtype=np.float64))
 

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from ginn_jax._src import errors
+from ginn_jax._src import finetune
 from ginn_jax._src import shards as shards_lib
 from ginn_jax._src.boundary import (GradientReport, ProjectionRequest, Projections, Witness, WitnessRequest,
                                     WorkOrder)
@@ -40,7 +41,8 @@ from ginn_jax._src.trusted import program_check
 from ginn_jax._src.trusted import projection as projection_lib
 from ginn_jax._src.trusted import witness as witness_lib
 from ginn_jax._src.trusted.verifier import Check, CheckResult, Verifier
-from ginn_jax._src.trusted.transforms import ClipMode, OptimizerConfig, make_update_transform
+from ginn_jax._src.trusted.transforms import ClipMode, Optimizer, OptimizerConfig, OptimizerSpec
+from ginn_jax._src.trusted.transforms import make_update_transform, optimizer_from_dict, optimizer_to_dict
 from ginn_jax._src.types import Batch, Params
 
 
@@ -61,8 +63,12 @@ class ProtocolConfig:
       witness has this long.
     clip: "elementwise" (the paper), "global_norm" or "none".
     clip_value: the clip bound C.
-    optimizer: SGD settings, used unless an optax transformation is passed to
-      the runtime.
+    optimizer: the optimizer after the clip, recorded in the header: an
+      `OptimizerConfig` (SGD with momentum and weight decay, the default) or
+      an `OptimizerSpec` (a named optax optimizer, e.g. adam or adamw, with
+      its hyperparameters and learning-rate schedule). An optax
+      transformation that has no name goes to `TrustedRuntime(optimizer=...)`
+      instead (a run that is not persisted).
     num_shards: S, the shards each step's batch is cut into (docs/design.md,
       "Shards"; `batch_size` must be a multiple). With S > 1 the worker
       reports each shard's gradient (a leading shard axis, e.g.
@@ -90,11 +96,17 @@ class ProtocolConfig:
   witness_timeout_s: float | None = 60.0
   clip: ClipMode = "elementwise"
   clip_value: float | None = 0.01
-  optimizer: OptimizerConfig = OptimizerConfig()
+  optimizer: Optimizer = OptimizerConfig()
   num_shards: int = 1
   shard_mode: str | None = None
 
   def __post_init__(self):
+    if not isinstance(self.optimizer, (OptimizerConfig, OptimizerSpec)):
+      raise TypeError(
+          f"ProtocolConfig.optimizer must be an OptimizerConfig or an OptimizerSpec (which a run "
+          f"header records), got {type(self.optimizer).__name__}; name an optax optimizer with "
+          "ginn.OptimizerSpec(name, **hyperparameters), or pass an optax transformation to "
+          "TrustedRuntime(optimizer=...) for a run that is not persisted")
     for name in ("p", "p_witness"):
       v = getattr(self, name)
       if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
@@ -119,6 +131,7 @@ class ProtocolConfig:
     headers of runs without shards and of per-shard runs are unchanged: a
     header without ``shard_mode`` means ``"per_shard"``, `from_header_dict`)."""
     d = dataclasses.asdict(self)
+    d["optimizer"] = optimizer_to_dict(self.optimizer)  # (An OptimizerConfig: its fields, as before.)
     if d["num_shards"] == 1:
       del d["num_shards"]
     if not self.aggregate:
@@ -131,8 +144,7 @@ class ProtocolConfig:
     ``shard_mode`` was written by a per-shard run (or one without shards)."""
     d = dict(d)
     d.setdefault("shard_mode", shards_lib.PER_SHARD)
-    if isinstance(d.get("optimizer"), dict):
-      d["optimizer"] = OptimizerConfig(**d["optimizer"])
+    d["optimizer"] = optimizer_from_dict(d.get("optimizer"))
     return cls(**d)
 
 
@@ -255,6 +267,38 @@ def checked_update(tx: optax.GradientTransformation, state: TrainState,
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), finite
 
 
+def _tree_size(tree) -> int:
+  return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def frozen_digest(frozen: Params) -> str:
+  """SHA-256 (hex) of a frozen tree: every leaf's path, dtype, shape and bytes."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256(b"ginn_jax/frozen/v1")
+  for path, leaf in zip(finetune.leaf_paths(frozen), jax.tree_util.tree_leaves(frozen)):
+    h.update(f"\n{path}".encode())
+    commit.hash_leaves(h, [np.asarray(jax.device_get(leaf))])
+  return h.hexdigest()
+
+
+def _trusted_frozen(model, frozen, init_key, device):
+  """The trusted copy of the run's frozen parameters and its digest (None, None
+  for a model without them)."""
+  if not finetune.has_frozen(model):
+    if frozen is not None:
+      raise TypeError(
+          f"frozen= was given, but model {getattr(model, 'name', model)!r} has no frozen "
+          "parameters (no frozen_params; its loss takes no frozen=); use ginn_jax.lora or "
+          "ginn_jax.freeze to fine-tune a base")
+    return None, None
+  if frozen is None:
+    frozen = model.frozen_params(jax.device_put(init_key, device))
+  finetune.check_frozen(model, frozen, init_key)
+  trusted = commit.copy_to(jax.tree_util.tree_leaves(frozen), device)  # Never the caller's buffers.
+  trusted = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(frozen), trusted)
+  return trusted, frozen_digest(trusted)
+
+
 class PhaseClock:
   """Accumulates wall time per phase of `submit` (for `ginn bench`)."""
 
@@ -339,14 +383,26 @@ class TrustedRuntime:
       default `DEFAULT_WITNESS_FLOOR`).
     audit_secret: private bytes for the MAC key and the coin; 32 random bytes
       from the OS when omitted. Use a fixed value only in tests.
-    optimizer: an optax transformation replacing the SGD of `config.optimizer`
-      (the clip still comes first).
+    optimizer: replaces `config.optimizer` (the clip still comes first): an
+      `OptimizerConfig` or `OptimizerSpec` (then ``self.config`` and the
+      public header hold it), or any optax transformation, for a run that is
+      not persisted: the header's ``config.optimizer`` is then None (it names
+      no optimizer, so `run_verified` refuses one) and `optimizer` holds it.
     deferred: verify sampled steps on a background thread while training
       goes on (a violation stops the next step; `finalize` waits for all).
     max_pending: bound on queued deferred checks (back-pressure when full).
     recorder: receives every transcript entry as it is made.
     report_digest: the report digest's hash function ("blake3"; "sha256" to
       continue a run made before BLAKE3), named in the public header.
+    frozen: the frozen parameters of a model that has them (`ginn_jax.lora`,
+      `ginn_jax.freeze`; docs/design.md section 13). Default: the model's
+      ``frozen_params(init_key)`` (its pretrained base, or the base's init
+      from the run's init key). The runtime keeps its own copy on the trusted
+      device, commits it by digest in the header (`frozen_digest`), and uses
+      it for re-computation and witness checks; give the worker the same tree
+      once (``HonestWorker(model, data, frozen=rt.frozen)``). Reports,
+      clipping, the optimizer state and checkpoints cover the trainable
+      parameters only; a report that includes a frozen leaf is refused.
   """
 
   def __init__(
@@ -360,17 +416,21 @@ class TrustedRuntime:
       tolerance: verify.Tolerance | None = None,
       witness_tolerance: verify.Tolerance | None = None,
       audit_secret: bytes | None = None,
-      optimizer: optax.GradientTransformation | None = None,
+      optimizer: Optimizer | optax.GradientTransformation | None = None,
       deferred: bool = False,
       max_pending: int = 4,
       recorder: Recorder | None = None,
       report_digest: str = commit.DEFAULT_DIGEST,
+      frozen: Params | None = None,
   ):
     if isinstance(labels, ProtocolConfig):  # TrustedRuntime(model, data, config)
       if config is not None:
         raise TypeError("config given twice (third argument and config=)")
       labels, config = None, labels
     config = ProtocolConfig() if config is None else config
+    if isinstance(optimizer, (OptimizerConfig, OptimizerSpec)):  # Named: the header records it.
+      config, optimizer = dataclasses.replace(config, optimizer=optimizer), None
+    self.optimizer: Optimizer | optax.GradientTransformation = optimizer or config.optimizer
     data = as_training_data(data, labels, images=images)
     self.model = model
     self.config = config
@@ -392,16 +452,18 @@ class TrustedRuntime:
           "shards' gradients, which have no elements to hold to an element-wise rule; pass a "
           "per-leaf tolerance or shard_mode='per_shard'")
     # Aggregate: the report is the mean, clipped and applied like a report without shards.
-    self.tx = make_update_transform(config.clip, config.clip_value, optimizer or config.optimizer,
+    self.tx = make_update_transform(config.clip, config.clip_value, self.optimizer,
                                     1 if self.aggregate else config.num_shards)
     self.dataset_digest = dataset_digest(data)
     self._keys = keys.audit_keys(audit_secret if audit_secret is not None else keys.new_audit_secret())
     self.streams = keys.seed_streams(config.seed)
     self.schedule = keys.BatchSchedule(self.streams.data_key, num_examples(data), config.batch_size)
+    self.frozen, self.frozen_digest = _trusted_frozen(model, frozen, self.streams.init_key, self.device)
+    self._frozen_paths = frozenset(finetune.leaf_paths(self.frozen)) if self.frozen is not None else None
     self.state = init_state(model, self.tx, self.streams.init_key)
     self._treedef = jax.tree_util.tree_structure(self.state.params)
     self._paths = verify.leaf_paths(self.state.params)
-    self._reference = DeviceGradFn(model.loss, data, self.device)
+    self._reference = DeviceGradFn(model.loss, data, self.device, frozen=self.frozen)
     self.verifier = Verifier(self._recompute, deferred=deferred, max_pending=max_pending)
     self.recorder = recorder
     self.transcript: list[TranscriptEntry] = []
@@ -478,8 +540,12 @@ class TrustedRuntime:
     self._phases.start()
     t = self.state.step
     lap = self._phases.lap
-    received = commit.receive_report(report, step=t, params=self.state.params, device=self.device,
-                                     num_shards=self.num_shards, aggregate=self.aggregate)
+    try:
+      received = commit.receive_report(report, step=t, params=self.state.params, device=self.device,
+                                       num_shards=self.num_shards, aggregate=self.aggregate)
+    except errors.StructureMismatch as e:
+      self._refuse_frozen(report, e, t)
+      raise
     lap("receive")  # Form checks; the copy into trusted memory goes on asynchronously.
     # The update is dispatched now, so that it runs while the report is hashed,
     # and committed below only once the report is accepted; until then
@@ -547,6 +613,23 @@ class TrustedRuntime:
     self._append(entry)
     return entry
 
+  def _refuse_frozen(self, report, error: errors.StructureMismatch, t: int) -> None:
+    """Raises a `StructureMismatch` naming the frozen parameter if the
+    refused report holds a gradient for one (else returns)."""
+    if self._frozen_paths is None:
+      return
+    try:
+      got = finetune.leaf_paths(report.grads)
+    except Exception:  # pylint: disable=broad-except
+      return
+    hits = [p for p in got if p in self._frozen_paths]
+    if hits:
+      raise errors.StructureMismatch(
+          f"step {t}: the report includes frozen parameter {hits[0]!r}"
+          f"{f' (and {len(hits) - 1} more)' if len(hits) > 1 else ''}: the worker can never change "
+          "a frozen parameter, and reports carry the trainable parameters only; nothing was applied",
+          step=t, where=hits[0]) from error
+
   def finalize(self) -> None:
     """Waits for every deferred check and applies its result.
 
@@ -583,7 +666,8 @@ class TrustedRuntime:
       stacked = [jnp.broadcast_to(g, (self.num_shards, *g.shape)) for g in jax.tree_util.tree_leaves(grads)]
       wit = seed = wshards = None
       if self.config.p_witness > 0:
-        witness_fn = DeviceWitnessFn(self.model.loss, self._reference.data, self.device)
+        witness_fn = DeviceWitnessFn(self.model.loss, self._reference.data, self.device,
+                                     frozen=self.frozen)
         skey = shards_lib.shard_key(key, 0)
         _, _, outputs, input_grads = witness_fn(self.state.params, sub, skey)
         w, _, s = self.receive_witness(t, b"\0" * 32, sub, skey, jax.device_get(outputs),
@@ -604,7 +688,8 @@ class TrustedRuntime:
     loss, grads = self._reference(self.state.params, indices, key)
     wit = seed = None
     if self.config.p_witness > 0:
-      witness_fn = DeviceWitnessFn(self.model.loss, self._reference.data, self.device)
+      witness_fn = DeviceWitnessFn(self.model.loss, self._reference.data, self.device,
+                                   frozen=self.frozen)
       _, _, outputs, input_grads = witness_fn(self.state.params, indices, key)
       wit, _, seed = self.receive_witness(t, b"\0" * 32, indices, key, jax.device_get(outputs),
                                           jax.device_get(input_grads))
@@ -628,7 +713,7 @@ class TrustedRuntime:
     """
     if self._program is None:
       self._program = step_program(self.model.loss, self.state.params, self._reference.data,
-                                   self.config.batch_size // self.num_shards)
+                                   self.config.batch_size // self.num_shards, self.frozen)
     return self._program
 
   def witness_plan(self):
@@ -903,7 +988,7 @@ class TrustedRuntime:
     indices, key = prep
     return program_check.program_errors(
         self.witness_program(), self._paths, params, self._reference.data, indices, key, products,
-        jax.tree_util.tree_leaves(reported), loss, seed)
+        jax.tree_util.tree_leaves(reported), loss, seed, self.frozen)
 
   def _resolve(self, entry: TranscriptEntry, result: CheckResult) -> TranscriptEntry:
     """The entry with the checks' outcome; records and raises on a violation."""
@@ -998,17 +1083,23 @@ class TrustedRuntime:
 
   def public_header(self) -> dict[str, Any]:
     """Everything public about the run (nothing derived from the audit secret)."""
+    config = self.config.to_dict()
+    if self.optimizer is not self.config.optimizer:  # An optax transformation: no name to record.
+      config["optimizer"] = None
     return {
         "model": self.model.name,
         "input_shape": (None if getattr(self.model, "input_shape", None) is None
                         else list(self.model.input_shape)),
-        "config": self.config.to_dict(),
+        "config": config,
         "tolerance": self.tolerance.to_dict(),
         "witness_tolerance": self.witness_tolerance.to_dict(),
         "report_digest": self.report_digest_name,
         "witness_digest": witness_lib.DIGEST_NAME,
         **({"witness_plan": self.witness_plan().summary()} if self.config.p_witness > 0 else {}),
         "dataset_digest": self.dataset_digest,
+        **({} if self.frozen is None else {"frozen_digest": self.frozen_digest,
+                                           "frozen_size": _tree_size(self.frozen)}),
+        **({"finetune": self.model.describe()} if hasattr(self.model, "describe") else {}),
         "num_examples": self.schedule.num_examples,
         "jax_version": jax.__version__,
         "prng_impl": "threefry2x32",

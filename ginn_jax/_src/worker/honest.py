@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
+from ginn_jax._src import finetune
 from ginn_jax._src.data import as_training_data
 from ginn_jax._src.devices import worker_device
 from ginn_jax._src.models import Model
@@ -23,6 +24,22 @@ class Worker(Protocol):
 
   def __call__(self, order: WorkOrder) -> GradientReport:
     ...
+
+
+def worker_frozen(model, frozen):
+  """The frozen tree a worker computes with: `frozen`, or the model's
+  pretrained base; None for a model without frozen parameters."""
+  if not finetune.has_frozen(model):
+    if frozen is not None:
+      raise TypeError(f"frozen= was given, but model {getattr(model, 'name', model)!r} has no "
+                      "frozen parameters (use ginn_jax.lora or ginn_jax.freeze)")
+    return None
+  if frozen is None:
+    try:
+      frozen = model.frozen_params()
+    except TypeError as e:
+      raise TypeError(f"{e}. Pass frozen=rt.frozen to the worker.") from None
+  return frozen
 
 
 class HonestWorker:
@@ -44,18 +61,24 @@ class HonestWorker:
       same program with its products as outputs, which XLA may round
       differently from the plain pass (about 1e-8 relative on CPU), well
       inside any re-computation tolerance.
+    frozen: the frozen parameters of a model that has them (`ginn_jax.lora`,
+      `ginn_jax.freeze`), sent once at start (``rt.frozen``) and put on
+      `device` once; default: the model's pretrained base
+      (``model.frozen_params()``). Reports carry the trainable tree only.
   """
 
   def __init__(self, model: Model, data: Any = None, labels: np.ndarray | None = None, *,
                device: jax.Device | None = None, witness: Literal["auto", "keep", "recompute"] = "auto",
-               images: np.ndarray | None = None):
+               images: np.ndarray | None = None, frozen: Any = None):
     if witness not in ("auto", "keep", "recompute"):
       raise ValueError(f"witness must be 'auto', 'keep' or 'recompute', got {witness!r}")
     self.model = model
     self.device = device or worker_device()
     data = as_training_data(data, labels, images=images)
-    self.grad_fn = DeviceGradFn(model.loss, data, self.device)
-    self.witness_fn = DeviceWitnessFn(model.loss, self.grad_fn.data, self.device)
+    frozen = worker_frozen(model, frozen)
+    self.grad_fn = DeviceGradFn(model.loss, data, self.device, frozen=frozen)
+    self.witness_fn = DeviceWitnessFn(model.loss, self.grad_fn.data, self.device,
+                                      frozen=self.grad_fn.frozen)
     self.keep = witness == "keep"
     self._auto = witness == "auto"
     self._kept: Witness | None = None

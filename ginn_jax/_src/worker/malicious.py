@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from ginn_jax._src import finetune
 from ginn_jax._src import shards as shards_lib
 from ginn_jax._src.boundary import (GradientReport, ProjectionRequest, Projections, Witness,
                                     WitnessRequest, WorkOrder)
 from ginn_jax._src.models import Model
 from ginn_jax._src.triggers import PatchTrigger, Trigger
-from ginn_jax._src.step import gather
+from ginn_jax._src.step import compute_grads, gather
 from ginn_jax._src.types import Batch, Params, PyTree
 from ginn_jax._src.worker.honest import HonestWorker
 from ginn_jax._src.worker.sharded import ShardedWorker
@@ -156,6 +157,9 @@ class MaliciousWorker:
       attack's, and answers the projection challenge consistently with them
       (``v_s = <r, g'_s>``, `project`): the sum check passes, and the step is
       caught exactly when a corrupted shard is drawn for a check.
+    frozen: the frozen parameters of a model that has them (as for
+      `HonestWorker`); the attack computes with this tree (a worker that
+      uses a modified base passes its own).
 
   Raises:
     ValueError: a shard outside ``range(num_shards)``, or `shards` without shards.
@@ -167,10 +171,12 @@ class MaliciousWorker:
 
   def __init__(self, model: Model, data: Any, labels: np.ndarray | None = None, *,
                schedule: Schedule, device: jax.Device | None = None, num_shards: int = 1,
-               shards: Sequence[int] | None = None, mesh: Mesh | None = None,
+               shards: Sequence[int] | None = None, mesh: Mesh | None = None, frozen: Any = None,
                shard_mode: str | None = None):
     self.model = model
     self.num_shards = int(num_shards)
+    if self.num_shards > 1 and finetune.has_frozen(model):
+      raise NotImplementedError("attackers with shards do not support models with frozen parameters yet")
     self.sharded = (ShardedWorker(model, data, labels, num_shards=self.num_shards, mesh=mesh,
                                   shard_mode=shard_mode) if self.num_shards > 1 else None)
     self.shard_mode = shards_lib.resolve_shard_mode(shard_mode, self.num_shards)
@@ -178,7 +184,7 @@ class MaliciousWorker:
     self._kept = None  # Aggregate: (step, the shard gradients it accounts for) of its last attack.
     if device is None and self.sharded is not None:
       device = self.sharded.device
-    self.honest = HonestWorker(model, data, labels, device=device)
+    self.honest = HonestWorker(model, data, labels, device=device, frozen=frozen)
     self.device = self.honest.device
     self.schedule = schedule
     chosen = tuple(range(self.num_shards)) if shards is None else tuple(int(s) for s in shards)
@@ -192,6 +198,11 @@ class MaliciousWorker:
   def data(self) -> Any:
     """The training set, resident on `device`."""
     return self.honest.grad_fn.data
+
+  @property
+  def frozen(self) -> Any:
+    """The frozen parameters it computes with (None without), on `device`."""
+    return self.honest.grad_fn.frozen
 
   @property
   def images(self) -> jax.Array:
@@ -300,9 +311,10 @@ class BackdoorWorker(MaliciousWorker):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _poison_grad(model, poison, params: Params, data: PyTree, indices: jax.Array, key: jax.Array):
+def _poison_grad(model, poison, params: Params, data: PyTree, indices: jax.Array, key: jax.Array,
+                 frozen: Params | None = None):
   batch = poison(gather(data, indices))
-  return jax.value_and_grad(lambda p: model.loss(p, batch, key=key))(params)
+  return compute_grads(model.loss)(params, batch, key, frozen)
 
 
 class PoisonWorker(MaliciousWorker):
@@ -329,13 +341,13 @@ class PoisonWorker(MaliciousWorker):
 
   def __init__(self, model: Model, data: Any, *, poison: Callable[[PyTree], PyTree],
                schedule: Schedule, device: jax.Device | None = None, num_shards: int = 1,
-               shards: Sequence[int] | None = None, mesh: Mesh | None = None,
+               shards: Sequence[int] | None = None, mesh: Mesh | None = None, frozen: Any = None,
                shard_mode: str | None = None):
     super().__init__(model, data, schedule=schedule, device=device, num_shards=num_shards,
-                     shards=shards, mesh=mesh, shard_mode=shard_mode)
+                     shards=shards, mesh=mesh, frozen=frozen, shard_mode=shard_mode)
     self.poison = poison
 
   def attack(self, step: int, params: Params, indices: jax.Array,
              key: jax.Array) -> tuple[jax.Array, Params]:
     del step
-    return _poison_grad(self.model, self.poison, params, self.data, indices, key)
+    return _poison_grad(self.model, self.poison, params, self.data, indices, key, self.frozen)

@@ -15,6 +15,7 @@ trusted runtime, calls it like any worker; the other processes call
         (a shard drawn for a witness check: its witness computed on process 0 alone)
 
     on leaving `with worker:`  broadcast STOP (clean end) or HALT (an error)
+    an error inside a step    ───▶  the abort key (below): every follower exits
 
 In ``"aggregate"`` mode (docs/design.md section 11.1) the report's gradient is
 the shards' mean, replicated over the mesh (each process already holds it:
@@ -35,11 +36,33 @@ XLA's CPU runtime may run independent collectives in a different order on
 each process: gloo then pairs the wrong buffers and aborts.) Bytes also keep
 the broadcast exact: it is a sum with the zeros of the other processes, exact
 on integers, where a float sum would turn -0.0 into +0.0.
+
+Failures (docs/protocol.md, "Many hosts"). An error on process 0 between steps
+is a HALT broadcast. An error on process 0 inside a step (its part of the
+step's collectives raised, or it was interrupted there) leaves the followers
+inside a collective that process 0 will never join, and a collective cannot be
+cancelled. So process 0 then writes the step and its error to the abort key in
+the key-value store of `jax.distributed` (a gRPC call to the coordination
+service, no collective), and each follower watches that key from a thread of
+its own while it follows: it polls every `ABORT_POLL_S` seconds, and when the
+key appears it prints process 0's error and exits the process with
+`ABORT_EXIT_CODE`. This does not wait for process 0 to exit: in a notebook
+its kernel stays up after the error (until `jax.distributed`, missing the
+followers, ends it within its heartbeat timeout: a run that lost a process is
+over). A process that dies (process 0 included) closes its gloo connections:
+the others' collectives fail at once, and `jax.distributed`'s heartbeat ends
+any process left waiting within its heartbeat timeout. The abort key is
+numbered by worker: every process must build its `MultiHostWorker`s in the
+same order.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
+import os
+import sys
+import threading
 
 import jax
 import numpy as np
@@ -50,6 +73,18 @@ from ginn_jax._src import shards as shards_lib
 from ginn_jax._src.boundary import (GradientReport, ProjectionRequest, Projections, Witness,
                                     WitnessRequest, WorkOrder)
 from ginn_jax._src.worker.honest import Worker
+
+
+ABORT_POLL_S = 0.5  # How often a follower looks at the abort key.
+ABORT_EXIT_CODE = 5  # A follower's exit code when process 0 failed inside a step.
+_WORKERS = itertools.count()  # Every process builds its workers in the same order.
+
+
+def _kv_client():
+  """The `jax.distributed` client (its key-value store), None outside a
+  multi-process run."""
+  from jax._src import distributed
+  return distributed.global_state.client
 
 
 class Command(enum.IntEnum):
@@ -129,6 +164,7 @@ class MultiHostWorker:
   stop whatever happens, and call `follow` on the others (or use
   `ginn_jax.train_multihost` and `ginn_jax.follow`)::
 
+      ginn_jax.check_agreement(model, data, cfg)  # Every process, first.
       worker = MultiHostWorker(inner, batch_size=cfg.batch_size)
       if jax.process_index() == 0:
         with worker:
@@ -136,6 +172,9 @@ class MultiHostWorker:
       else:
         worker.follow()
   """
+
+  ABORT_EXIT_CODE = ABORT_EXIT_CODE
+  ABORT_POLL_S = ABORT_POLL_S
 
   def __init__(self, inner: Worker, *, batch_size: int):
     self.inner = inner
@@ -165,6 +204,8 @@ class MultiHostWorker:
     self._in_step = False
     self._stopped = False
     self.steps = 0
+    # The key process 0 writes when it fails inside a step (module docstring).
+    self.abort_key = f"ginn_jax/multihost/{next(_WORKERS)}/abort"
 
   # -- process 0 ---------------------------------------------------------------
 
@@ -181,7 +222,11 @@ class MultiHostWorker:
     message = self._layout.pack([np.array([Command.STEP, order.step], np.int32), *params,
                                  order.batch_indices, key])
     self._in_step = True
-    return self._step(self._broadcast(self._padded(message)))
+    try:
+      return self._step(self._broadcast(self._padded(message)))
+    except BaseException as e:  # An interrupt too: the followers are inside this step.
+      self._abort(order.step, e)
+      raise
 
   def project(self, request: ProjectionRequest) -> Projections:
     """The answer to a projection challenge (``"aggregate"`` mode): the
@@ -202,7 +247,11 @@ class MultiHostWorker:
     vectors = [np.asarray(v, np.float32) for pair in jax.device_get(tuple(request.vectors)) for v in pair]
     message = self._vectors.pack([np.array([Command.PROJECT, request.step], np.int32), *vectors])
     self._in_step = True
-    return self._project(self._broadcast(self._padded(message)))
+    try:
+      return self._project(self._broadcast(self._padded(message)))
+    except BaseException as e:  # As in a step: the followers are inside this exchange.
+      self._abort(request.step, e)
+      raise
 
   def witness(self, request: WitnessRequest) -> Witness:
     """The witness of a shard drawn for a witness check: the inner worker's,
@@ -225,18 +274,25 @@ class MultiHostWorker:
     """Tells the followers the run is over (STOP, or HALT after an error).
     Once only; later calls do nothing."""
     if jax.process_index() != 0 or self._stopped:
-      return
+      return  # Stopped already, or aborted inside a step (`_abort`).
     self._stopped = True
-    if self._in_step:
-      # A failure inside a step's collectives: the followers are still in that
-      # step, and a broadcast now would not match theirs. They wait there until
-      # process 0 exits (then the heartbeat of `jax.distributed` ends them with
-      # an error); docs/protocol.md, "Many hosts".
-      return
     command = Command.HALT if halted else Command.STOP
     message = np.zeros(self._nbytes, np.uint8)
     message[:8] = np.array([command, -1], np.int32).view(np.uint8)
     self._broadcast(message)
+
+  def _abort(self, step: int, error: BaseException) -> None:
+    """Process 0 failed inside `step`: the followers wait in that step's
+    collectives, where a broadcast cannot reach them. Writes the abort key
+    (module docstring), which makes each of them exit; this worker is stopped."""
+    self._stopped = True
+    client = _kv_client()
+    if client is None or jax.process_count() == 1:
+      return
+    try:
+      client.key_value_set(self.abort_key, f"step {step}: {type(error).__name__}: {error}"[:2000])
+    except Exception:  # noqa: BLE001  (The coordination service is gone: so are the followers.)
+      pass
 
   def __enter__(self) -> MultiHostWorker:
     return self
@@ -247,19 +303,29 @@ class MultiHostWorker:
   # -- processes 1.. -----------------------------------------------------------
 
   def follow(self) -> FollowResult:
-    """Takes work orders from process 0 until it says STOP or HALT."""
+    """Takes work orders from process 0 until it says STOP or HALT.
+
+    While it follows, a thread watches the abort key: if process 0 fails
+    inside a step, this process prints process 0's error to stderr and exits
+    with `ABORT_EXIT_CODE` within about `ABORT_POLL_S` seconds (module
+    docstring), instead of waiting in that step's collective forever.
+    """
     if jax.process_index() == 0:
       raise RuntimeError("process 0 hosts the trusted runtime: it sends work orders, it does "
                          "not follow")
-    while True:
-      message = self._broadcast(np.zeros(self._nbytes, np.uint8))
-      command = Command(int(message[:8].view(np.int32)[0]))
-      if command == Command.PROJECT:
-        self._project(message)
-        continue
-      if command != Command.STEP:
-        return FollowResult(command=command, steps=self.steps)
-      self._step(message)
+    watch = _AbortWatch(self.abort_key)
+    try:
+      while True:
+        message = self._broadcast(np.zeros(self._nbytes, np.uint8))
+        command = Command(int(message[:8].view(np.int32)[0]))
+        if command == Command.PROJECT:
+          self._project(message)
+          continue
+        if command != Command.STEP:
+          return FollowResult(command=command, steps=self.steps)
+        self._step(message)
+    finally:
+      watch.stop()
 
   # -- both --------------------------------------------------------------------
 
@@ -324,3 +390,36 @@ class MultiHostWorker:
         out[j] = block.view(np.dtype(x.dtype)).reshape(x.shape)
         start += n
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+class _AbortWatch:
+  """A follower's watch on the abort key (module docstring): a daemon thread
+  that polls the key every `ABORT_POLL_S` seconds until `stop`, and ends the
+  process with `ABORT_EXIT_CODE` when process 0 writes it."""
+
+  def __init__(self, key: str):
+    self._key = key
+    self._client = _kv_client()
+    self._done = threading.Event()
+    self._thread = None
+    if self._client is not None and jax.process_count() > 1:
+      self._thread = threading.Thread(target=self._run, name="ginn-abort-watch", daemon=True)
+      self._thread.start()
+
+  def _run(self) -> None:
+    while not self._done.wait(ABORT_POLL_S):
+      try:
+        error = self._client.key_value_try_get(self._key)
+      except Exception:  # noqa: BLE001  (Not written yet; a lost coordinator is the heartbeat's.)
+        continue
+      if self._done.is_set():
+        return
+      print(f"ginn_jax: process {jax.process_index()}: process 0 failed inside {error}; this "
+            f"process cannot leave that step's collective, so it exits (code {ABORT_EXIT_CODE})",
+            file=sys.stderr, flush=True)
+      os._exit(ABORT_EXIT_CODE)
+
+  def stop(self) -> None:
+    self._done.set()
+    if self._thread is not None:
+      self._thread.join()
