@@ -23,6 +23,8 @@ if (
 
 # Boundary messages.
 from ginn_jax._src.boundary import GradientReport
+from ginn_jax._src.boundary import ProjectionRequest
+from ginn_jax._src.boundary import Projections
 from ginn_jax._src.boundary import Witness
 from ginn_jax._src.boundary import WitnessRequest
 from ginn_jax._src.boundary import WorkOrder
@@ -33,6 +35,7 @@ from ginn_jax._src.errors import IntegrityViolation
 from ginn_jax._src.errors import MalformedReport
 from ginn_jax._src.errors import NonFiniteReport
 from ginn_jax._src.errors import ProcessDisagreement
+from ginn_jax._src.errors import ProjectionViolation
 from ginn_jax._src.errors import ReportRejected
 from ginn_jax._src.errors import RuntimeHalted
 from ginn_jax._src.errors import ShapeMismatch
@@ -109,6 +112,7 @@ from ginn_jax._src.worker.attacks import ScaledBackdoorWorker
 from ginn_jax._src.worker.attacks import StealthWorker
 from ginn_jax._src.worker.attacks import ToleranceAwareWorker
 from ginn_jax._src.worker.attacks import WitnessForgeryWorker
+from ginn_jax._src.worker.aggregate_attacks import AggregateLiarWorker
 from ginn_jax._src.worker.multihost import FollowResult
 from ginn_jax._src.worker.multihost import MultiHostWorker
 # Loop, calibration, metrics, analysis.

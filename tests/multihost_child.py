@@ -2,7 +2,7 @@
 
     python tests/multihost_child.py OUT.json DATA.npz --steps N --num-shards S
         [--coordinator-address HOST:PORT --num-processes P --process-id I]
-        [--attack-shard K] [--die-at-step T] [--lead-raise-at-step T --linger S]
+        [--attack-shard K] [--shard-mode MODE] [--die-at-step T] [--lead-raise-at-step T --linger S]
         [--lead-die-at-step T] [--batch-size B]
 
 Without a coordinator it is one process (a `MultiHostWorker` of one process);
@@ -35,6 +35,7 @@ def main() -> int:
   parser.add_argument("--process-id", type=int, default=0)
   parser.add_argument("--attack-shard", type=int, default=None,
                       help="corrupt this shard of every report, on the process that computes it")
+  parser.add_argument("--shard-mode", default="per_shard", choices=["per_shard", "aggregate"])
   parser.add_argument("--die-at-step", type=int, default=None,
                       help="a follower that dies (os._exit) when this step's order arrives")
   parser.add_argument("--lead-raise-at-step", type=int, default=None,
@@ -64,9 +65,10 @@ def main() -> int:
   if args.coordinator_address:  # Every process, before the first order.
     ginn.check_agreement(model, ginn.Batch(images, labels), ginn.ProtocolConfig(
         seed=0, batch_size=args.batch_size, p=args.p, p_witness=args.p_witness,
-        num_shards=args.num_shards))
+        num_shards=args.num_shards, shard_mode=args.shard_mode))
   mesh = ginn.global_worker_mesh()
-  inner = ginn.ShardedWorker(model, images, labels, num_shards=args.num_shards, mesh=mesh)
+  inner = ginn.ShardedWorker(model, images, labels, num_shards=args.num_shards, mesh=mesh,
+                             shard_mode=args.shard_mode)
   if args.attack_shard is not None:
     inner = TamperLocalShard(inner, args.attack_shard)
   if args.die_at_step is not None and jax.process_index() > 0:
@@ -84,7 +86,8 @@ def main() -> int:
       return lead_raises(args, ginn, model, images, labels, worker, out)
     if jax.process_index() == 0:
       cfg = ginn.ProtocolConfig(seed=0, batch_size=args.batch_size, p=args.p,
-                                p_witness=args.p_witness, num_shards=args.num_shards)
+                                p_witness=args.p_witness, num_shards=args.num_shards,
+                                shard_mode=args.shard_mode)
       rt = ginn.TrustedRuntime(model, images, labels, cfg, audit_secret=b"\1" * 32)
       try:
         res = ginn.train_multihost(rt, worker, args.steps, progress=False)
@@ -98,6 +101,7 @@ def main() -> int:
       out["digests"] = [e.digest for e in res.transcript]
       out["witness_digests"] = [e.witness_digest for e in res.transcript]
       out["witness_shards"] = [e.witness_shards for e in res.transcript]
+      out["projections_digests"] = [e.projections_digest for e in res.transcript]
     else:
       result = ginn.follow(worker)
       out["follow"] = {"command": result.command.name, "steps": result.steps}
@@ -119,7 +123,8 @@ def lead_raises(args, ginn, model, images, labels, worker, out) -> int:
   """Process 0 of a run whose worker raises inside a step: records the error
   and when, then lingers (a notebook's kernel stays up after an error)."""
   cfg = ginn.ProtocolConfig(seed=0, batch_size=args.batch_size, p=args.p,
-                            p_witness=args.p_witness, num_shards=args.num_shards)
+                            p_witness=args.p_witness, num_shards=args.num_shards,
+                            shard_mode=args.shard_mode)
   rt = ginn.TrustedRuntime(model, images, labels, cfg, audit_secret=b"\1" * 32)
   try:
     ginn.train_multihost(rt, worker, args.steps, progress=False)
@@ -148,31 +153,39 @@ class RaiseAt:
 
 class TamperLocalShard:
   """A compromised process: adds 1e-2 to every gradient entry of shard `k` if
-  one of its devices computes it (every other shard stays honest)."""
+  one of its devices computes it (every other shard stays honest). In
+  aggregate mode it does so before the mean over the mesh, and answers the
+  projection challenge with the tampered shard's gradient (consistently)."""
 
   def __init__(self, inner, k: int):
     self.inner, self.model, self.mesh, self.k = inner, inner.model, inner.mesh, k
+    if inner.aggregate:
+      self.project = inner.project
 
   def __call__(self, order):
     import dataclasses
 
     import jax
+
+    if self.inner.aggregate:
+      loss, grads = self.inner.compute(order.params, order.batch_indices, order.layer_key)
+      return self.inner.aggregate_report(order.step, loss, jax.tree_util.tree_map(self._tamper, grads))
+    report = self.inner(order)
+    return dataclasses.replace(report, grads=jax.tree_util.tree_map(self._tamper, report.grads))
+
+  def _tamper(self, leaf):
+    import jax
     import numpy as np
 
-    report = self.inner(order)
-
-    def tamper(leaf):
-      shards = []
-      for s in leaf.addressable_shards:  # This process's devices' blocks of shards.
-        data, rows = s.data, s.index[0]
-        if rows.start <= self.k < rows.stop:
-          host = np.array(data)
-          host[self.k - rows.start] += np.float32(1e-2)
-          data = jax.device_put(host, s.device)
-        shards.append(data)
-      return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, shards)
-
-    return dataclasses.replace(report, grads=jax.tree_util.tree_map(tamper, report.grads))
+    shards = []
+    for s in leaf.addressable_shards:  # This process's devices' blocks of shards.
+      data, rows = s.data, s.index[0]
+      if rows.start <= self.k < rows.stop:
+        host = np.array(data)
+        host[self.k - rows.start] += np.float32(1e-2)
+        data = jax.device_put(host, s.device)
+      shards.append(data)
+    return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, shards)
 
 
 class DieAt:

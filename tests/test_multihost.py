@@ -169,6 +169,7 @@ def data_file(small_data, tmp_path_factory):
 
 CHILD_ARGS = ["--steps", str(STEPS), "--num-shards", str(SHARDS)]
 CLEAN_ARGS = [*CHILD_ARGS, "--p-witness", "1"]  # Every shard re-computed and witness-checked.
+AGGREGATE = ["--shard-mode", "aggregate"]  # (The child's default is per_shard.)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +210,11 @@ def _launch_all(tmp, data: str, launches: dict) -> dict[str, list[dict]]:
                       None, {}),
       # Process 0 dies (os._exit) inside step 1.
       "lead_dies": ([data, *CHILD_ARGS, "--lead-die-at-step", "1"], None, {}),
-      # The command, as a user starts it on two hosts.
+      # Aggregate mode: the mean over both processes' devices, the projection challenge
+      # broadcast and its scalars gathered; then a tampered shard on process 1.
+      "agg_clean": ([data, *CLEAN_ARGS, *AGGREGATE], None, {}),
+      "agg_attack": ([data, *CHILD_ARGS, "--attack-shard", "2", *AGGREGATE], None, {}),
+      # The command, as a user starts it on two hosts (the default shard mode: aggregate).
       "cli": (cli, [sys.executable, "-m", "ginn_jax"], {}),
       # Process 1 started with another batch size and dataset.
       "disagree": (cli, [sys.executable, "-m", "ginn_jax"],
@@ -323,12 +328,31 @@ def single_process_run(mlp, small_data):
   """The reference: a plain run in this process (2 CPU devices: the 4 shards
   on its one worker device, `cpu:1`), no `MultiHostWorker`."""
   images, labels = small_data[0][:256], small_data[1][:256]
-  cfg = ginn.ProtocolConfig(seed=0, batch_size=32, p=1.0, p_witness=1.0, num_shards=SHARDS)
+  cfg = ginn.ProtocolConfig(seed=0, batch_size=32, p=1.0, p_witness=1.0, num_shards=SHARDS,
+                            shard_mode="per_shard")
   rt = ginn.TrustedRuntime(mlp, images, labels, cfg, audit_secret=b"\1" * 32)
-  res = ginn.train(rt, ginn.ShardedWorker(mlp, images, labels, num_shards=SHARDS), STEPS,
-                   progress=False)
+  res = ginn.train(rt, ginn.ShardedWorker(mlp, images, labels, num_shards=SHARDS, shard_mode="per_shard"),
+                   STEPS, progress=False)
   return {"params": _sha256(res.params), "digests": [e.digest for e in res.transcript],
           "witness_digests": [e.witness_digest for e in res.transcript]}
+
+
+@pytest.fixture(scope="module")
+def aggregate_single_process_run(mlp, small_data):
+  """The aggregate reference: this process's two CPU devices as the mesh, two
+  shards each, as the two processes hold them: the mean over the mesh adds
+  the same two partial sums (a sum of two is the same in either order)."""
+  from jax.sharding import Mesh
+
+  images, labels = small_data[0][:256], small_data[1][:256]
+  cfg = ginn.ProtocolConfig(seed=0, batch_size=32, p=1.0, p_witness=1.0, num_shards=SHARDS,
+                            shard_mode="aggregate")
+  rt = ginn.TrustedRuntime(mlp, images, labels, cfg, audit_secret=b"\1" * 32)
+  mesh = Mesh(np.array(jax.devices("cpu")[:2]), ("shards",))
+  res = ginn.train(rt, ginn.ShardedWorker(mlp, images, labels, num_shards=SHARDS, mesh=mesh,
+                                          shard_mode="aggregate"), STEPS, progress=False)
+  return {"params": _sha256(res.params), "digests": [e.digest for e in res.transcript],
+          "projections_digests": [e.projections_digest for e in res.transcript]}
 
 
 @pytest.mark.slow
@@ -362,6 +386,32 @@ def test_a_malicious_shard_on_process_1_is_caught(runs):
 
 
 @pytest.mark.slow
+def test_two_processes_in_aggregate_mode_verify_clean(runs, aggregate_single_process_run):
+  results = runs["agg_clean"]
+  assert [r["returncode"] for r in results] == [0, 0], _failure(results)
+  lead, follower = (r["json"] for r in results)
+  assert lead["summary"]["verified"] is True and lead["summary"]["num_verified"] == STEPS
+  assert follower["follow"] == {"command": "STOP", "steps": STEPS}
+  assert lead["witness_shards"] == [list(range(SHARDS))] * STEPS
+  # The mean over both processes (so every coin and projection), bit for bit.
+  ref = aggregate_single_process_run
+  assert lead["digests"] == ref["digests"] and lead["params"] == ref["params"]
+  assert lead["projections_digests"] == ref["projections_digests"]
+
+
+@pytest.mark.slow
+def test_a_tampered_shard_on_process_1_is_caught_in_aggregate_mode(runs):
+  """Shard 2 (process 1's) tampered before the mean and answered for
+  consistently: the sum adds up, its re-computation does not."""
+  results = runs["agg_attack"]
+  assert [r["returncode"] for r in results] == [3, 3], _failure(results)
+  lead, follower = (r["json"] for r in results)
+  assert lead["violation"]["step"] == 0 and lead["violation"]["shard"] == 2
+  assert lead["violation"]["leaf"].startswith("projection ")
+  assert lead["summary"]["steps"] == 0 and follower["follow"] == {"command": "HALT", "steps": 1}
+
+
+@pytest.mark.slow
 def test_a_dead_follower_is_an_error_not_a_hang(runs):
   lead, follower = runs["dead"]
   assert follower["returncode"] == 9
@@ -380,6 +430,7 @@ def test_ginn_train_on_two_processes(runs):
   assert summary["verified"] is True and summary["steps"] == STEPS
   assert summary["num_verified"] == STEPS and summary["num_violations"] == 0
   assert summary["num_shards"] == SHARDS and summary["num_processes"] == 2
+  assert summary["shard_mode"] == "aggregate"
   assert follower["stdout"] == ""
 
 
@@ -549,6 +600,25 @@ def test_process_0_does_not_follow(multihost_worker):
   _, worker = multihost_worker
   with pytest.raises(RuntimeError, match="process 0 hosts the trusted runtime"):
     ginn.follow(worker)
+
+
+def test_projection_requests_are_answered_in_one_process_as_by_the_inner_worker(mlp, small_data,
+                                                                                 multihost_worker):
+  from ginn_jax._src.trusted import projection
+
+  images, labels = small_data
+  inner, worker = multihost_worker
+  assert inner.aggregate  # The default shard mode for S > 1.
+  rt = ginn.TrustedRuntime(mlp, images, labels, ginn.ProtocolConfig(batch_size=32, num_shards=SHARDS))
+  order = rt.next_order()
+  worker(order)
+  shapes = [p.shape for p in jax.tree_util.tree_leaves(order.params)]
+  vectors = projection.projection_vectors(np.array([5, 6], np.uint32), shapes, ginn.trusted_device())
+  request = ginn.ProjectionRequest(step=0, order=order, vectors=vectors)
+  got = worker.project(request)
+  want = np.asarray(jax.device_get(inner.project(request).values))
+  assert isinstance(got.values, np.ndarray) and got.values.shape == (SHARDS, len(shapes))
+  assert got.step == 0 and got.values.tobytes() == want.tobytes()
 
 
 def test_agreement_fields_name_what_differs(mlp, small_data):

@@ -1,6 +1,9 @@
 """Shards (docs/design.md, "Shards"): the sharded worker, per-shard clipping,
 coins and checks, and the attackers that corrupt chosen shards.
 
+Every run here is in "per_shard" mode (named explicitly: "aggregate" is the
+default for S > 1 and has tests/test_aggregate.py).
+
 The suite has two CPU devices, so the meshes here are `[cpu:1]` (several
 shards per device) and `[cpu:0, cpu:1]` (a 2-device mesh; a mesh may hold any
 devices, the trusted one included, since the test only checks the numbers).
@@ -62,7 +65,7 @@ def test_shard_keys_are_fold_ins_of_the_layer_key():
 @pytest.mark.parametrize("num_shards,mesh", [(4, (1,)), (2, (0, 1)), (4, (0, 1))])
 def test_each_shard_is_bitwise_the_trusted_per_shard_gradient(mlp, small_data, num_shards, mesh):
   order = order_of(mlp, small_data)
-  w = ginn.ShardedWorker(mlp, *small_data, num_shards=num_shards, mesh=mesh_of(*mesh))
+  w = ginn.ShardedWorker(mlp, *small_data, num_shards=num_shards, shard_mode="per_shard", mesh=mesh_of(*mesh))
   report = w(order)
   leaves = jax.tree_util.tree_leaves(report.grads)
   assert all(g.shape[0] == num_shards for g in leaves) and report.loss.shape == (num_shards,)
@@ -93,7 +96,7 @@ def test_shard_count_must_be_a_multiple_of_the_mesh(mlp, small_data):
 
 def test_sharded_report_validates_with_its_shard_axis(mlp, small_data):
   order = order_of(mlp, small_data)
-  report = ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1))(order)
+  report = ginn.ShardedWorker(mlp, *small_data, num_shards=4, shard_mode="per_shard", mesh=mesh_of(1))(order)
   leaves, loss = commit.validate_report(report, step=0, params=order.params, num_shards=4)
   assert loss.shape == (4,) and leaves[0].shape[0] == 4
   with pytest.raises(ginn.MalformedReport, match=r"shape \(2,\) \(one per shard\)"):
@@ -108,7 +111,8 @@ def test_sharded_report_validates_with_its_shard_axis(mlp, small_data):
 
 
 def config(**kw):
-  base = dict(seed=3, batch_size=32, p=1.0, clip="elementwise", clip_value=0.01, num_shards=4)
+  base = dict(seed=3, batch_size=32, p=1.0, clip="elementwise", clip_value=0.01, num_shards=4,
+              shard_mode="per_shard")
   base.update(kw)
   return ginn.ProtocolConfig(**base)
 
@@ -132,7 +136,7 @@ def test_config_refuses_a_batch_not_divisible_by_the_shards():
 @pytest.mark.parametrize("mesh", [(1,), (0, 1)])
 def test_honest_sharded_run_verifies_every_shard_bitwise(mlp, small_data, mesh):
   rt = runtime(mlp, small_data)
-  res = ginn.train(rt, ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(*mesh)), 12,
+  res = ginn.train(rt, ginn.ShardedWorker(mlp, *small_data, num_shards=4, shard_mode="per_shard", mesh=mesh_of(*mesh)), 12,
                    progress=False)
   assert res.verified and res.num_verified == 12
   assert all(e.shards == [0, 1, 2, 3] and e.max_rel_l2 == 0.0 and e.max_abs == 0.0
@@ -143,7 +147,7 @@ def test_update_clips_each_shard_then_averages(mlp, small_data):
   """The trusted update equals clip-each, mean, SGD computed by hand (and
   differs from clipping the mean)."""
   rt = runtime(mlp, small_data, p=0.0)
-  w = ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1))
+  w = ginn.ShardedWorker(mlp, *small_data, num_shards=4, shard_mode="per_shard", mesh=mesh_of(1))
   order = rt.next_order()
   report = w(order)
   rt.submit(report)
@@ -179,7 +183,7 @@ def _mixed_draws(coins) -> bool:
 
 def test_coins_are_drawn_per_shard(mlp, small_data):
   rt = runtime(mlp, small_data, p=0.5)
-  res = ginn.train(rt, ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1)), 10,
+  res = ginn.train(rt, ginn.ShardedWorker(mlp, *small_data, num_shards=4, shard_mode="per_shard", mesh=mesh_of(1)), 10,
                    progress=False)
   drawn = [e.shards for e in res.transcript]
   # Each step re-computed exactly the shards its digest's coins drew.
@@ -217,7 +221,7 @@ def _bad(report, kind):
                                   "one_shard_wrong_leaf_count", "nan_in_shard_2", "inf_loss_of_shard_1"])
 def test_bad_sharded_reports_are_refused_with_nothing_changed(mlp, small_data, kind):
   rt = runtime(mlp, small_data, p=0.5)
-  w = ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1))
+  w = ginn.ShardedWorker(mlp, *small_data, num_shards=4, shard_mode="per_shard", mesh=mesh_of(1))
   ginn.train(rt, w, 2, progress=False)
   before = snapshot(rt)
   order = rt.next_order()
@@ -237,7 +241,7 @@ def test_witness_checks_per_shard(mlp, small_data):
   """Each shard has its own witness coin; a challenged shard's witness is that
   of its sub-batch; a one-shard attacker is caught by its shard's witness check."""
   rt = runtime(mlp, small_data, p=0.0, p_witness=0.5)
-  w = ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1))
+  w = ginn.ShardedWorker(mlp, *small_data, num_shards=4, shard_mode="per_shard", mesh=mesh_of(1))
   res = ginn.train(rt, w, 6, progress=False)
   assert res.verified and assert_coins_as_drawn(SECRET, rt.config, res.transcript)
   assert _mixed_draws(keys.shard_witness_coins)
@@ -247,7 +251,7 @@ def test_witness_checks_per_shard(mlp, small_data):
       assert len(e.witness_digest.split(",")) == len(e.witness_shards) and e.witness_max_abs < 1e-4
   rt = runtime(mlp, small_data, p=0.0, p_witness=1.0)
   before = snapshot(rt)
-  attacker = _attacker("backdoor", mlp, small_data, num_shards=4, shards=[2], mesh=mesh_of(1))
+  attacker = _attacker("backdoor", mlp, small_data, num_shards=4, shards=[2], mesh=mesh_of(1), shard_mode="per_shard")
   with pytest.raises(ginn.WitnessViolation) as info:
     rt.submit(attacker(rt.next_order()), witness=attacker.witness)
   assert info.value.shard == 2 and "step 0, shard 2" in str(info.value)
@@ -288,8 +292,8 @@ ATTACKERS = ["backdoor", "combined", "scaled", "label_flip", "noise", "model_rep
                                                                           ("noise", (0, 3))])
 def test_attackers_corrupt_only_the_chosen_shards(mlp, small_data, name, chosen):
   order = order_of(mlp, small_data)
-  bad = _attacker(name, mlp, small_data, num_shards=4, shards=chosen, mesh=mesh_of(1))(order)
-  good = ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1))(order)
+  bad = _attacker(name, mlp, small_data, num_shards=4, shards=chosen, mesh=mesh_of(1), shard_mode="per_shard")(order)
+  good = ginn.ShardedWorker(mlp, *small_data, num_shards=4, shard_mode="per_shard", mesh=mesh_of(1))(order)
   corrupted = set(range(4) if chosen is None else chosen)
   for b, g in zip(*(jax.device_get(jax.tree_util.tree_leaves(r.grads)) for r in (bad, good))):
     assert b.shape == g.shape == (4, *b.shape[1:])
@@ -302,7 +306,7 @@ def test_a_corrupted_shard_is_named_by_the_violation(mlp, small_data, name):
   rt = runtime(mlp, small_data, p=1.0)
   before = snapshot(rt)
   with pytest.raises(ginn.IntegrityViolation) as info:
-    rt.submit(_attacker(name, mlp, small_data, num_shards=4, shards=[2], mesh=mesh_of(1))(rt.next_order()))
+    rt.submit(_attacker(name, mlp, small_data, num_shards=4, shards=[2], mesh=mesh_of(1), shard_mode="per_shard")(rt.next_order()))
   v = info.value
   assert v.step == 0 and v.shard == 2 and "at step 0, shard 2: leaf" in str(v)
   assert snapshot(rt)[:3] == before[:3]
@@ -327,7 +331,7 @@ def test_detection_rate_of_shard_attackers_matches_the_formula(corrupted):
   model, data = exact_model(), exact_data()
   attacker = ginn.PoisonWorker(model, data, poison=exact_poison, schedule=ginn.schedules.Steps(range(k)),
                                num_shards=num_shards, shards=None if corrupted == num_shards else [3],
-                               mesh=mesh_of(1))
+                               mesh=mesh_of(1), shard_mode="per_shard")
   cfg = config(p=p, num_shards=num_shards)
   detected = 0
   for trial in range(trials):
@@ -372,7 +376,8 @@ def test_shard_deviation_bound(clip, S, m, want):
 def test_ginn_analyze_num_shards(capsys):
   from ginn_jax._src import cli
 
-  assert cli.main(["analyze", "--k", "10", "--p", "0.25", "--num-shards", "4"]) == 0
+  assert cli.main(["analyze", "--k", "10", "--p", "0.25", "--num-shards", "4", "--shard-mode",
+                   "per_shard"]) == 0
   out = json.loads(capsys.readouterr().out)["shards"]
   assert out["one_shard"]["detection_probability"] == pytest.approx(1 - 0.75**10)
   assert out["all_shards"]["detection_probability"] == pytest.approx(1 - 0.75**40)
@@ -383,8 +388,8 @@ def test_ginn_train_num_shards(capsys):
   from ginn_jax._src import cli
 
   assert cli.main(["train", "--model", "mlp", "--steps", "4", "--batch-size", "32", "--p", "1",
-                   "--num-shards", "4", "--tolerance", '{"rel_l2": 1e-5, "max_abs": 1e-5}',
-                   "--no-progress"]) == 0
+                   "--num-shards", "4", "--shard-mode", "per_shard",
+                   "--tolerance", '{"rel_l2": 1e-5, "max_abs": 1e-5}', "--no-progress"]) == 0
   out = json.loads(capsys.readouterr().out)
   assert out["verified"] is True and out["steps"] == 4 and out["num_verified"] == 4
   assert cli.main(["train", "--model", "mlp", "--batch-size", "30", "--num-shards", "4"]) == 2
@@ -399,7 +404,7 @@ def test_sharded_run_dir_audits_clean_and_exposes_an_uncaught_shard(tmp_path, ml
   from ginn_jax._src.rundir import run_verified
 
   cfg = config(p=0.3)
-  w = ginn.ShardedWorker(mlp, *small_data, num_shards=4, mesh=mesh_of(1))
+  w = ginn.ShardedWorker(mlp, *small_data, num_shards=4, shard_mode="per_shard", mesh=mesh_of(1))
   res = run_verified(tmp_path / "ok", mlp, *small_data, cfg, w, 6, audit_secret=SECRET,
                      checkpoint_every=3, keep_reports=True, fsync=False)
   assert res.violation is None and res.steps == 6
@@ -409,7 +414,7 @@ def test_sharded_run_dir_audits_clean_and_exposes_an_uncaught_shard(tmp_path, ml
   assert sum(i.kind == "segment" for i in report.items) == 2
   # A one-shard attacker on steps no coin drew: the kept report of its shard fails the audit.
   attacker = ginn.NoiseWorker(mlp, *small_data, schedule=ginn.schedules.Steps([4]), scale=0.01,
-                              num_shards=4, shards=[1], mesh=mesh_of(1))
+                              num_shards=4, shards=[1], mesh=mesh_of(1), shard_mode="per_shard")
   res = run_verified(tmp_path / "bad", mlp, *small_data, config(p=0.0), attacker, 6, audit_secret=SECRET,
                      checkpoint_every=3, keep_reports=True, fsync=False)
   assert res.violation is None
@@ -425,7 +430,8 @@ def test_measure_shards_smoke(mlp, small_data):
   """In-process, on this suite's one worker device (both shards on it)."""
   from ginn_jax._src.bench import BenchConfig, format_shards, measure_shards
 
-  cfg = BenchConfig(model="mlp", batch_size=32, shard_counts=(1, 2), shard_steps=2, shard_repeats=1)
+  cfg = BenchConfig(model="mlp", batch_size=32, shard_counts=(1, 2), shard_steps=2, shard_repeats=1,
+                    shard_mode="per_shard")
   res = measure_shards(mlp, *small_data, cfg)
   for name in ("trusted", "step", "recompute"):
     assert set(res[f"{name}_ms"]) == {"1", "2"} and all(v > 0 for v in res[f"{name}_ms"].values())

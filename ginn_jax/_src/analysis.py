@@ -31,6 +31,14 @@ by ``2 * eta * C * m / S``; each shard has its own coin, so a step whose m
 corrupted shards all differ from the truth is caught with probability
 ``1 - (1-p)^m``: p for a one-shard attacker, ``1 - (1-p)^S`` for one that
 corrupts every shard (`shard_detection_probability`, `shard_deviation_bound`).
+
+Aggregate shards (docs/design.md section 11.1): the worker reports the mean,
+the trusted side clips it (a malicious step moves it by up to 2C, not 2C/S)
+and checks it with a secret projection: a changed mean needs a lie about at
+least one shard, caught when that shard's coin comes up
+(`aggregate_detection_probability`, `aggregate_deviation_bound`,
+`projection_miss_probability`); the trusted bytes per step do not grow with S
+(`shard_trusted_bytes`, `aggregate_check_cost`).
 """
 from __future__ import annotations
 
@@ -262,6 +270,125 @@ def shard_deviation_bound(clip: ClipMode, clip_value: float | None,
       norm=b.norm, per_step=b.per_step * share, with_momentum=b.with_momentum * share, bounded=True,
       note=(f"{corrupted_shards} of {num_shards} shards corrupted, each clipped before the mean: the "
             f"mean moves by at most {corrupted_shards}*2C/{num_shards}; " + b.note))
+
+
+def aggregate_detection_probability(p: float, k: int, *, num_shards: int, lied_shards: int = 1,
+                                    p_witness: float = 0.0) -> float:
+  """P(an ``"aggregate"`` attack of k malicious steps is caught), per step and over k.
+
+  In ``"aggregate"`` mode (docs/design.md section 11.1) a worker that moved
+  the committed mean by delta had to commit it before the secret vectors r
+  existed, so ``<r, delta> != 0`` (up to `projection_miss_probability`) and
+  the scalars ``v_s = <r, g_s>`` can add up to S ``<r, m>`` only if at least
+  one v_s is a lie. The worker chooses which (m = `lied_shards` of them)
+  before any coin is drawn, and each shard is re-computed with probability p
+  and witness-checked with probability `p_witness`, independently: a step
+  escapes with ``((1-p)(1-p_witness))^m``, k steps with its k-th power:
+  ``1 - ((1-p)(1-p_witness))^(m k)``. One lied shard (the cheapest lie) gives
+  `combined_detection_probability` of one shard's coins: the same rate per
+  malicious step as a one-shard attacker in ``"per_shard"`` mode, whose clip,
+  however, bounds it S times tighter (`aggregate_deviation_bound`).
+
+  >>> round(aggregate_detection_probability(0.1, 10, num_shards=8), 4)
+  0.6513
+  """
+  _check_p(p)
+  _check_p(p_witness, "p_witness")
+  _check_shards(num_shards, lied_shards)
+  if lied_shards < 1:
+    raise ValueError("lied_shards must be >= 1: a changed mean needs a lie about some shard")
+  if k < 0:
+    raise ValueError(f"k must be >= 0, got {k}")
+  return 1.0 - ((1.0 - p) * (1.0 - p_witness)) ** (lied_shards * k)
+
+
+def aggregate_deviation_bound(clip: ClipMode, clip_value: float | None,
+                              optimizer: OptimizerConfig | str = OptimizerConfig()) -> DeviationBound:
+  """`deviation_bound` of an ``"aggregate"`` run: the clip applies to the
+  mean, so a malicious step moves the parameters by up to 2·eta·C whatever
+  the number of shards it corrupted (``"per_shard"``: 2·eta·C·m/S,
+  `shard_deviation_bound`)."""
+  b = deviation_bound(clip, clip_value, optimizer)
+  if not b.bounded:
+    return b
+  return dataclasses.replace(b, note="aggregate: the clip bounds the shards' mean, so any number of "
+                             "corrupted shards moves it by at most 2C; " + b.note)
+
+
+def projection_miss_probability(x: float) -> float:
+  """P(|a^T D b| <= x ||D||_F) for standard Gaussian a, b and a change D of
+  rank one: the probability that the sum check of an ``"aggregate"`` step
+  does not see a change D of one leaf of the mean whose size is only
+  ``1/x`` times the check's tolerance in the projection's units (then the
+  worker needs no lie about any shard). For D of rank one, a^T D b =
+  ``||D||_F X Y`` with X, Y independent standard normals, and
+  ``P(|XY| <= x) = (2/pi) int_0^x K_0(z) dz`` (K_0: the modified Bessel
+  function), about ``(2/pi) x (ln(2/x) + 0.42)`` for small x. Changes of
+  higher rank spread a^T D b over more products and concentrate less near 0.
+
+  >>> round(projection_miss_probability(1e-3), 5)
+  0.00511
+  """
+  if not x >= 0:
+    raise ValueError(f"x must be >= 0, got {x!r}")
+  if x == 0:
+    return 0.0
+  if x >= 20:
+    return 1.0
+  gamma = 0.5772156649015329
+  h, u, term, total = 0.0, x / 2, 1.0, 0.0
+  for k in range(120):  # int_0^x K_0 = sum_k 2 u^(2k+1) / (k!^2 (2k+1)) (-ln u + 1/(2k+1) - gamma + H_k)
+    if k:
+      h += 1.0 / k
+      term /= k * k
+    total += 2 * u ** (2 * k + 1) * term / (2 * k + 1) * (-math.log(u) + 1 / (2 * k + 1) - gamma + h)
+  return min(1.0, max(0.0, 2 / math.pi * total))
+
+
+def shard_trusted_bytes(param_bytes: int, *, num_shards: int, shard_mode: str,
+                        num_leaves: int = 0, vector_elements: int = 0) -> dict[str, int]:
+  """Bytes the trusted side handles per step with S shards.
+
+  ``"per_shard"``: it receives, hashes and clips S gradients (``S·P``).
+  ``"aggregate"``: it receives, hashes and clips one (``P``), projects it once
+  (one more pass over P), sends the vectors (4 bytes per element: sum over
+  leaves of rows + columns) and receives ``S·L`` float32 scalars.
+
+  Args:
+    param_bytes: P, the bytes of one gradient (the parameters').
+    num_shards: S.
+    shard_mode: ``"per_shard"`` or ``"aggregate"``.
+    num_leaves: L, the gradient's leaves.
+    vector_elements: elements of one step's projection vectors.
+
+  Returns:
+    ``{"received": ..., "hashed": ..., "sent": ..., "passes_over_gradient": ...}``
+    (passes: reads of a gradient's size, hashing and the update counted once).
+
+  >>> shard_trusted_bytes(1000, num_shards=8, shard_mode="aggregate", num_leaves=4, vector_elements=100)
+  {'received': 1128, 'hashed': 1128, 'sent': 400, 'passes_over_gradient': 2}
+  """
+  if shard_mode not in ("per_shard", "aggregate"):
+    raise ValueError(f"shard_mode must be 'per_shard' or 'aggregate', got {shard_mode!r}")
+  _check_shards(num_shards, 0)
+  if shard_mode == "per_shard" or num_shards == 1:
+    return {"received": num_shards * param_bytes, "hashed": num_shards * param_bytes, "sent": 0,
+            "passes_over_gradient": num_shards}
+  scalars = 4 * num_shards * num_leaves
+  return {"received": param_bytes + scalars, "hashed": param_bytes + scalars, "sent": 4 * vector_elements,
+          "passes_over_gradient": 2}
+
+
+def aggregate_check_cost(p: float, p_witness: float = 0.0, witness_ratio: float = 1.0, *,
+                         num_shards: int) -> float:
+  """Expected trusted check cost per step of an ``"aggregate"`` run, in units
+  of one pure-TEE step T: S shards, each re-computed with probability p (T/S
+  plus its projection) and witness-checked with probability `p_witness`
+  (T/(S·witness_ratio)): ``p + p_witness / witness_ratio``, as a run without
+  shards at the same rates, on top of the per-step projection pass
+  (`shard_trusted_bytes`)."""
+  _check_shards(num_shards, 0)
+  return trusted_cost(p, p_witness, witness_ratio)  # S shards, each 1/S of a step.
 
 
 def _least(f, guess: float, target: float) -> float:

@@ -191,6 +191,7 @@ class _Context:
                         num_classes=header["num_classes"])
     self.model = model
     cfg = dict(header["config"])
+    cfg.setdefault("shard_mode", "per_shard")  # A header without it: a per-shard run (or no shards).
     self.config = ProtocolConfig(**{**cfg, "optimizer": optimizer_from_dict(cfg.get("optimizer"))})
     self.tolerance = verify.Tolerance.from_dict(header["tolerance"])
     # Runs made before the digest was named in the header used SHA-256.
@@ -199,8 +200,9 @@ class _Context:
       raise ValueError(f"the header names an unknown report digest {self.report_digest!r} "
                        f"(this version knows {', '.join(commit.DIGEST_NAMES)})")
     self.num_shards = self.config.num_shards
+    self.aggregate = self.config.aggregate  # Reports are the shards' mean, clipped as one.
     self.tx = make_update_transform(self.config.clip, self.config.clip_value, self.config.optimizer,
-                                    self.num_shards)
+                                    1 if self.aggregate else self.num_shards)
     self.streams = keys.seed_streams(self.config.seed)
     self.schedule = keys.BatchSchedule(self.streams.data_key, num_examples(data), self.config.batch_size)
     self.device = trusted_device()
@@ -352,6 +354,11 @@ def _check_files(records, run_dir, path, ctx: _Context, mac, report: AuditReport
   return states, reports
 
 
+@jax.jit
+def _shard_mean(grads):
+  return jax.tree_util.tree_map(lambda g: g.mean(axis=0), grads)
+
+
 def _replay(ctx: _Context, start: TrainState, end: TrainState, reports, tol) -> AuditItem:
   """Re-trains [start.step, end.step) and compares with `end`."""
   name = f"steps {start.step}..{end.step}"
@@ -363,10 +370,12 @@ def _replay(ctx: _Context, start: TrainState, end: TrainState, reports, tol) -> 
     else:  # Each shard as the worker and the verifier compute it; the update clips each.
       loss, grads = shards_lib.sharded_grads(ctx.grad_fn, state.params, ctx.schedule.indices(t),
                                              keys.layer_key(ctx.streams, t), ctx.num_shards)
+      if ctx.aggregate:  # The shards' mean, clipped and applied as one gradient.
+        grads = _shard_mean(grads)
     if t in reports:
       leaves, rep_loss = jax.device_put(reports[t], ctx.device)
       ref = jax.tree_util.tree_leaves(grads)
-      if ctx.num_shards == 1:
+      if ctx.num_shards == 1 or ctx.aggregate:
         c = verify.compare(leaves, rep_loss, ref, loss, ctx.paths, tolerance=ctx.tolerance)
       else:
         rows = [shards_lib.shard_row([*leaves, rep_loss, *ref, loss], s) for s in range(ctx.num_shards)]

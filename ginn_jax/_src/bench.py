@@ -56,12 +56,12 @@ import optax
 
 from ginn_jax._src import errors
 from ginn_jax._src import progress as progress_lib
-from ginn_jax._src.boundary import WitnessRequest
+from ginn_jax._src.boundary import ProjectionRequest, WitnessRequest
 from ginn_jax._src.data import as_training_data, load_dataset, num_examples
 from ginn_jax._src.devices import trusted_device, worker_device
 from ginn_jax._src.models import get_model, is_language_model, lm_training_data
 from ginn_jax._src.step import compute_grads, gather
-from ginn_jax._src.trusted import commit, keys, verify
+from ginn_jax._src.trusted import commit, keys, projection, verify
 from ginn_jax._src.trusted import witness as witness_lib
 from ginn_jax._src.trusted.runtime import ProtocolConfig, TrustedRuntime, init_state
 from ginn_jax._src.trusted.transforms import OptimizerConfig, make_update_transform
@@ -111,6 +111,8 @@ class BenchConfig:
       the baseline; each must divide `batch_size`).
     shard_steps: recorded steps per shard count the shard measurement replays.
     shard_repeats: interleaved repetitions of the shard measurement.
+    shard_mode: the shard mode it measures for S > 1 ("aggregate" or
+      "per_shard"; S = 1 is a run without shards either way).
     only: None (everything but ``shards``), "check-cost" (only ``check_cost``),
       "ceiling" (only ``ceiling``) or "shards" (only ``shards``).
     lora_rank: fine-tune `model` with LoRA adapters of this rank on every
@@ -138,6 +140,7 @@ class BenchConfig:
   shard_repeats: int = 7
   only: str | None = None
   lora_rank: int | None = None
+  shard_mode: str = "aggregate"
 
   def __post_init__(self):
     if self.only is not None and self.only not in ONLY:
@@ -149,6 +152,8 @@ class BenchConfig:
                        f"{self.ceiling_steps!r}, {self.ceiling_repeats!r}")
     if self.lora_rank is not None and not (isinstance(self.lora_rank, int) and self.lora_rank >= 1):
       raise ValueError(f"lora_rank must be a positive int or None, got {self.lora_rank!r}")
+    if self.shard_mode not in ("per_shard", "aggregate"):
+      raise ValueError(f"shard_mode must be 'per_shard' or 'aggregate', got {self.shard_mode!r}")
 
 
 def _data(cfg: BenchConfig):
@@ -374,7 +379,7 @@ def _nbytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
-def replay_seconds(rt: TrustedRuntime, initial, reports, *, witness=None) -> float:
+def replay_seconds(rt: TrustedRuntime, initial, reports, *, witness=None, project=None) -> float:
   """Seconds per step for `rt`, restored to `initial`, to take `reports` again
   (recorded from an honest worker, so the trajectory is the same and every
   report is accepted): the trusted side's own cost, the worker's none."""
@@ -382,7 +387,7 @@ def replay_seconds(rt: TrustedRuntime, initial, reports, *, witness=None) -> flo
   t0 = time.perf_counter()
   for report in reports:
     rt.next_order()
-    rt.submit(report, witness=witness)
+    rt.submit(report, witness=witness, project=project)
     jax.block_until_ready(rt.state.params)
   return (time.perf_counter() - t0) / len(reports)
 
@@ -520,6 +525,14 @@ def measure_shards(model, images, labels, cfg: BenchConfig, *, progress: bool = 
   * ``recompute_ms``: the trusted re-computation and comparison of one
     shard (S > 1) or of the whole batch (S = 1).
 
+  In ``cfg.shard_mode == "aggregate"`` (S > 1) the reports are the shards'
+  means, and every step includes the projection challenge: the recorded
+  answers (the worker's projections, kept on its devices) are replayed with
+  the reports, so ``trusted_ms`` counts the trusted side's own work (drawing
+  the vectors, projecting the mean, receiving and checking the scalars), the
+  worker's none; ``recompute_ms`` re-computes one shard and compares its
+  projections. ``mode`` in the result names the mode.
+
   Returns medians in milliseconds per S (keys ``"1"``, ``"2"``, ...) and the
   ratios against the baseline: ``trusted_ratio`` and ``step_ratio`` (goal:
   within 1.10), ``recompute_ratio`` (goal: about 1/S).
@@ -530,17 +543,26 @@ def measure_shards(model, images, labels, cfg: BenchConfig, *, progress: bool = 
   setups = {}
   for S in counts:
     protocol = ProtocolConfig(seed=0, batch_size=cfg.batch_size, p=0.0, clip="elementwise",
-                              clip_value=cfg.clip_value, optimizer=opt, num_shards=S)
+                              clip_value=cfg.clip_value, optimizer=opt, num_shards=S,
+                              shard_mode=cfg.shard_mode)
     rt = TrustedRuntime(model, images, labels, protocol, audit_secret=b"shards-" + bytes(25))
     live = TrustedRuntime(model, images, labels, protocol, audit_secret=b"shards-" + bytes(25))
-    worker = ShardedWorker(model, images, labels, num_shards=S, mesh=default_mesh(S))
+    worker = ShardedWorker(model, images, labels, num_shards=S, mesh=default_mesh(S),
+                           shard_mode=protocol.shard_mode)
     initial = rt.state
-    reports = []
+    reports, answers = [], {}
+    project = worker.project if protocol.aggregate else None
+
+    def record(request, answers=answers, worker=worker):
+      answers[request.step] = worker.project(request)
+      jax.block_until_ready(answers[request.step].values)
+      return answers[request.step]
+
     for _ in range(n):  # Record honest reports (computed, kept on the worker's devices).
       report = worker(rt.next_order())
       jax.block_until_ready((report.grads, report.loss))
       reports.append(report)
-      rt.submit(report)
+      rt.submit(report, project=record if protocol.aggregate else None)
     order = rt.next_order()
     indices, key = order.batch_indices, order.layer_key
     if S == 1:
@@ -550,25 +572,33 @@ def measure_shards(model, images, labels, cfg: BenchConfig, *, progress: bool = 
       check = Check(step=order.step, params=order.params, batch_indices=indices, layer_key=key,
                     reported=[], loss=np.zeros(S, np.float32), recompute=True, shards=(0,))
     report = worker(order)
-    leaves, loss = commit.validate_report(report, step=order.step, params=order.params, num_shards=S)
+    leaves, loss = commit.validate_report(report, step=order.step, params=order.params, num_shards=S,
+                                          aggregate=protocol.aggregate)
     check = dataclasses.replace(check, reported=jax.device_put(leaves, rt.device), loss=loss)
-    setups[S] = (rt, live, worker, initial, reports, check)
+    if protocol.aggregate:  # The projected check of one shard, against honest scalars.
+      vectors = projection.projection_vectors(np.array([1, 2], np.uint32), [x.shape for x in leaves],
+                                              rt.device)
+      values = np.asarray(jax.device_get(worker.project(
+          ProjectionRequest(step=order.step, order=order, vectors=vectors)).values), np.float32)
+      check = dataclasses.replace(check, projection=(vectors, values))
+    setups[S] = (rt, live, worker, initial, reports, check, answers, project)
 
   def replay(S) -> float:
-    rt, _, _, initial, reports, _ = setups[S]
-    return replay_seconds(rt, initial, reports)
+    rt, _, _, initial, reports, _, answers, project = setups[S]
+    return replay_seconds(rt, initial, reports,
+                          project=None if project is None else (lambda r: answers[r.step]))
 
   def live_steps(S) -> float:
-    _, live, worker, initial, _, _ = setups[S]
+    _, live, worker, initial, _, _, _, project = setups[S]
     live.restore(initial, [], 0)
     t0 = time.perf_counter()
     for _ in range(n):
-      live.submit(worker(live.next_order()))
+      live.submit(worker(live.next_order()), project=project)
       jax.block_until_ready(live.state.params)
     return (time.perf_counter() - t0) / n
 
   def recompute(S) -> float:
-    rt, *_, check = setups[S]
+    rt, *_, check, _, _ = setups[S]
     t0 = time.perf_counter()
     comparison, _ = rt._recompute(check)
     verify.check(comparison, rt.tolerance, step=check.step)  # An honest report: it must pass.
@@ -590,7 +620,8 @@ def measure_shards(model, images, labels, cfg: BenchConfig, *, progress: bool = 
     rt.close()
     live.close()
   base = counts[0]
-  out: dict[str, Any] = {"batch_size": cfg.batch_size, "shard_counts": list(counts), "steps": n,
+  out: dict[str, Any] = {"mode": cfg.shard_mode, "batch_size": cfg.batch_size,
+                         "shard_counts": list(counts), "steps": n,
                          "repeats": cfg.shard_repeats,
                          "devices": {str(S): setups[S][2].mesh.size for S in counts}}
   for name in parts:
@@ -791,7 +822,8 @@ def format_shards(result: dict[str, Any]) -> str:
   if c is None:
     return ""
   base = c["shard_counts"][0]
-  lines = [f"shards at batch {c['batch_size']} (vs S = {base}; worker devices per S: "
+  lines = [f"shards ({c.get('mode', 'per_shard')}) at batch {c['batch_size']} (vs S = {base}; "
+           "worker devices per S: "
            + ", ".join(f"S={s}: {d}" for s, d in c["devices"].items()) + ")"]
   for S in c["shard_counts"]:
     k = str(S)

@@ -3,7 +3,11 @@
 The trusted runtime sends a `WorkOrder`; the worker answers with a
 `GradientReport`. On a step drawn for a witness check, and only after its
 report is committed, the runtime also sends a `WitnessRequest` and the worker
-answers with a `Witness`. Nothing derived from the audit secret (MAC key,
+answers with a `Witness`. In a run of S > 1 shards in ``"aggregate"`` mode,
+after the report of the shards' mean is committed, the runtime sends a
+`ProjectionRequest` (the secret vectors r of that step, drawn only now) and
+the worker answers with `Projections` (the S x L scalars ``<r_l, g_{s,l}>``).
+Apart from those vectors, nothing derived from the audit secret (MAC key,
 coins, Freivalds vectors) is ever part of a message to the worker.
 """
 from __future__ import annotations
@@ -82,3 +86,38 @@ class Witness:
   step: Any
   outputs: Any
   input_grads: Any = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionRequest:
+  """The runtime's projection challenge of an ``"aggregate"`` run (docs/design.md
+  section 11.1), sent after the report of `step` (the shards' mean) was
+  committed and before any shard's coin is drawn.
+
+  Attributes:
+    step: the step just reported.
+    order: that step's work order (a worker that kept no shard gradients can
+      compute them again from it).
+    vectors: one ``(a_l, b_l)`` pair of float32 vectors per gradient leaf, in
+      the parameters' tree order, on the trusted device: leaf l read as a
+      matrix G (`ginn_jax._src.shards.matrix_shape`) is projected as
+      ``a_l^T G b_l``. Drawn from the audit secret, the step and the report
+      digest; they reveal nothing of the coins.
+  """
+
+  step: int
+  order: WorkOrder
+  vectors: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Projections:
+  """What a worker claims about the shards behind its mean: ``values[s, l] =
+  a_l^T G_{s,l} b_l`` for the gradient G_{s,l} of shard s at leaf l
+  (`ginn_jax._src.shards.project_leaves`), an ``(S, L)`` float array.
+
+  Untrusted, like a report: the runtime validates every field.
+  """
+
+  step: Any
+  values: Any

@@ -345,8 +345,11 @@ def calibrate_tolerance(model: Model, data: Any = None, labels: np.ndarray | Pro
   config = ProtocolConfig() if config is None else config
   data = as_training_data(data, labels, images=images)
   if worker is None and config.num_shards > 1:
+    # Per shard, whatever the run's mode: whole shard gradients compared, the errors
+    # an "aggregate" run's projected checks see too (in the same units, ||g||_F).
     from ginn_jax._src.worker.sharded import ShardedWorker
-    worker = ShardedWorker(model, data, num_shards=config.num_shards)
+    config = dataclasses.replace(config, shard_mode="per_shard")
+    worker = ShardedWorker(model, data, num_shards=config.num_shards, shard_mode="per_shard")
   if frozen is None and getattr(model, "frozen_params", None) is not None:
     frozen = _frozen_of(model, config)
   worker = worker or HonestWorker(model, data, frozen=frozen)

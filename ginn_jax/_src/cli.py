@@ -107,13 +107,13 @@ def _train(args) -> int:
   cfg = ginn.ProtocolConfig(seed=args.seed, batch_size=args.batch_size, p=args.p,
                             p_witness=args.p_witness, clip=args.clip, clip_value=args.clip_value,
                             optimizer=_optimizer(args, ginn.OptimizerConfig(learning_rate=args.lr)),
-                            num_shards=args.num_shards)
+                            num_shards=args.num_shards, shard_mode=args.shard_mode)
   tol, wtol = _tolerances(args, cfg)
   if tol is None or (wtol is None and cfg.p_witness > 0):
     cal = ginn.calibrate_tolerance(model, train_data, cfg)
     tol = tol or cal.tolerance
     wtol = wtol or cal.witness_tolerance
-  worker = (ginn.ShardedWorker(model, train_data, num_shards=cfg.num_shards)
+  worker = (ginn.ShardedWorker(model, train_data, num_shards=cfg.num_shards, shard_mode=cfg.shard_mode)
             if cfg.num_shards > 1 else ginn.HonestWorker(model, train_data))
   if args.run_dir:
     code, out = _train_in_run_dir(args, ginn, model, ds, cfg, tol, wtol, worker)
@@ -129,7 +129,8 @@ def _train(args) -> int:
     metric = {"clean_accuracy": ginn.accuracy(model, res.params, ds.test_images, ds.test_labels)}
   out = {**res.summary(), **metric, "optimizer": cfg.to_dict()["optimizer"], "tolerance": tol.to_dict(),
          "p_witness": cfg.p_witness, "witness_tolerance": rt.witness_tolerance.to_dict(),
-         "dataset_digest": rt.dataset_digest}
+         "dataset_digest": rt.dataset_digest,
+         **({"num_shards": cfg.num_shards, "shard_mode": cfg.shard_mode} if cfg.num_shards > 1 else {})}
   print(json.dumps(out, indent=2))
   return 0
 
@@ -253,15 +254,16 @@ def _run_multihost(args, ginn) -> tuple[int, dict | None]:
     ds = ginn.load_dataset(args.dataset, data_dir=args.data_dir)
     model = ginn.get_model(args.model, input_shape=ds.image_shape, num_classes=ds.num_classes)
     num_shards = args.num_shards  # A multiple of the mesh's size (ShardedWorker checks).
+    shard_mode = ginn.shards.resolve_shard_mode(args.shard_mode, num_shards)
     cfg = ginn.ProtocolConfig(seed=args.seed, batch_size=args.batch_size, p=args.p,
                               p_witness=args.p_witness, clip=args.clip,
-                              clip_value=args.clip_value, num_shards=num_shards,
+                              clip_value=args.clip_value, num_shards=num_shards, shard_mode=shard_mode,
                               optimizer=_optimizer(args, ginn.OptimizerConfig(learning_rate=args.lr)))
     # Every process, before any work order: the same model, data and settings.
     ginn.check_agreement(model, ds.train, cfg)
     mesh = ginn.global_worker_mesh()
     inner = ginn.ShardedWorker(model, ds.train_images, ds.train_labels, num_shards=num_shards,
-                               mesh=mesh)
+                               mesh=mesh, shard_mode=shard_mode)
     worker = ginn.MultiHostWorker(inner, batch_size=args.batch_size)
     if args.process_id != 0:
       result = ginn.follow(worker)
@@ -275,7 +277,7 @@ def _run_multihost(args, ginn) -> tuple[int, dict | None]:
       if tol is None or (wtol is None and cfg.p_witness > 0):
         # On process 0's own devices alone, while the followers wait.
         local = ginn.ShardedWorker(model, ds.train_images, ds.train_labels, num_shards=num_shards,
-                                   mesh=ginn.global_worker_mesh(process=0))
+                                   mesh=ginn.global_worker_mesh(process=0), shard_mode=shard_mode)
         cal = ginn.calibrate_tolerance(model, ds.train_images, ds.train_labels, cfg, worker=local)
         tol = tol or cal.tolerance
         wtol = wtol or cal.witness_tolerance
@@ -288,7 +290,7 @@ def _run_multihost(args, ginn) -> tuple[int, dict | None]:
     acc = ginn.accuracy(model, res.params, ds.test_images, ds.test_labels)
     out = {**res.summary(), "clean_accuracy": acc, "tolerance": tol.to_dict(),
            "p_witness": cfg.p_witness, "witness_tolerance": rt.witness_tolerance.to_dict(),
-           "dataset_digest": rt.dataset_digest, "num_shards": num_shards,
+           "dataset_digest": rt.dataset_digest, "num_shards": num_shards, "shard_mode": shard_mode,
            "num_processes": args.num_processes}
     return 0, out
   except Exception as e:
@@ -356,6 +358,34 @@ def _margin_lines(cal) -> list[str]:
   return lines
 
 
+def _shard_mode(args) -> str:
+  from ginn_jax._src.shards import resolve_shard_mode
+  return resolve_shard_mode(args.shard_mode, args.num_shards)
+
+
+def _analyze_aggregate(args, analysis, finite) -> dict:
+  """`ginn analyze --num-shards S --shard-mode aggregate`: a lie on one shard
+  (the cheapest way to account for a changed mean) and on all S, the clip's
+  bound (2C whatever the shards) and the trusted cost per step."""
+  from ginn_jax._src.trusted.transforms import OptimizerConfig
+
+  S = args.num_shards
+  b = analysis.aggregate_deviation_bound(args.clip, args.clip_value,
+                                         OptimizerConfig(learning_rate=args.lr, momentum=args.momentum))
+  out = {"num_shards": S, "shard_mode": "aggregate", "deviation_per_step": finite(b.per_step),
+         "deviation_with_momentum": finite(b.with_momentum), "note": b.note,
+         "trusted_gradients_per_step": 1, "trusted_scalars_per_step_per_leaf": S,
+         "check_cost_per_step": analysis.aggregate_check_cost(
+             args.p or 0.0, args.p_witness or 0.0, args.witness_ratio or 1.0, num_shards=S),
+         "sum_check_miss_probability_at_x": {str(x): analysis.projection_miss_probability(x)
+                                             for x in (1e-3, 1e-2, 1e-1)}}
+  for name, m in (("lie_on_one_shard", 1), ("lie_on_all_shards", S)):
+    if args.k is not None and args.p is not None:
+      out[name] = {"lied_shards": m, "detection_probability": analysis.aggregate_detection_probability(
+          args.p, args.k, num_shards=S, lied_shards=m, p_witness=args.p_witness or 0.0)}
+  return out
+
+
 def _analyze(args) -> int:
   from ginn_jax._src import analysis
   from ginn_jax._src.trusted.transforms import OptimizerConfig
@@ -384,7 +414,10 @@ def _analyze(args) -> int:
   finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (JSON has no Infinity)
   out["deviation_bound"] = {"norm": b.norm, "bounded": b.bounded, "per_step": finite(b.per_step),
                             "with_momentum": finite(b.with_momentum), "note": b.note}
-  if args.num_shards is not None:  # The one-shard and the all-shard attacker.
+  if args.num_shards is not None and _shard_mode(args) == "aggregate":
+    out["shards"] = _analyze_aggregate(args, analysis, finite)
+  elif args.num_shards is not None:  # The one-shard and the all-shard attacker.
+    opt = OptimizerConfig(learning_rate=args.lr, momentum=args.momentum)
     S = args.num_shards
     shards = {}
     for name, m in (("one_shard", 1), ("all_shards", S)):
@@ -395,7 +428,7 @@ def _analyze(args) -> int:
       if args.k is not None and args.p is not None:
         shards[name]["detection_probability"] = analysis.shard_detection_probability(
             args.p, args.k, num_shards=S, corrupted_shards=m)
-    out["shards"] = {"num_shards": S, **shards}
+    out["shards"] = {"num_shards": S, "shard_mode": "per_shard", **shards}
   if "ideal_speedup" in out:
     out["ideal_speedup"] = finite(out["ideal_speedup"])
   if f"k_for_{args.target}" in out:
@@ -445,7 +478,8 @@ def _bench(args) -> int:
                     check_repeats=args.check_repeats, only=args.only,
                     ceiling_steps=args.ceiling_steps, ceiling_repeats=args.ceiling_repeats,
                     shard_counts=counts, shard_steps=args.shard_steps,
-                    shard_repeats=args.shard_repeats, lora_rank=args.lora_rank)
+                    shard_repeats=args.shard_repeats, lora_rank=args.lora_rank,
+                    shard_mode=args.shard_mode)
   result = run_bench(cfg, progress=not args.no_progress)
   print(format_table(result))
   if args.only in (None, "check-cost"):
@@ -518,8 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
                   help=_optimizer_help("SGD with momentum 0.9 and weight decay 5e-4 at --lr"))
   tr.add_argument("--num-shards", type=int, default=1,
                   help="cut each step's batch into this many shards, computed data-parallel over the "
-                       "worker's devices (ginn_jax.ShardedWorker); each shard is clipped before the "
-                       "average and has its own verification coin (--batch-size must be a multiple)")
+                       "worker's devices (ginn_jax.ShardedWorker); each shard has its own "
+                       "verification coin (--batch-size must be a multiple)")
+  tr.add_argument("--shard-mode", default=None, choices=["per_shard", "aggregate"],
+                  help="with --num-shards > 1: 'aggregate' (the default) reports the shards' mean, "
+                       "checked by a secret projection of every shard; 'per_shard' reports every "
+                       "shard's gradient, each clipped before the average")
   tr.add_argument("--run-dir", default=None, metavar="DIR",
                   help="persist the run to DIR (signed transcript, checkpoints) for `ginn audit`, and "
                        "resume it from DIR when DIR holds one (the same command again after a "
@@ -581,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
   be.add_argument("--shard-counts", default="1,2,4",
                   help="shard counts --only shards compares (the first is the baseline)")
   be.add_argument("--shard-steps", type=int, default=8, help="recorded steps per shard count")
+  be.add_argument("--shard-mode", default="aggregate", choices=["per_shard", "aggregate"],
+                  help="the shard mode --only shards measures")
   be.add_argument("--shard-repeats", type=int, default=7, help="interleaved repetitions")
   be.add_argument("--lora-rank", type=int, default=None, metavar="R",
                   help="fine-tune the model with LoRA adapters of rank R, its base frozen (with "
@@ -611,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
   an.add_argument("--num-shards", type=int, default=None,
                   help="also the deviation bound and detection probability (with --k and --p) of an "
                        "attacker that corrupts one shard and of one that corrupts all S")
+  an.add_argument("--shard-mode", default=None, choices=["per_shard", "aggregate"],
+                  help="the shard mode --num-shards analyses (default: 'aggregate', as ginn train)")
   an.set_defaults(func=_analyze)
 
   data = sub.add_parser("data", help="list, prepare (needs network) or digest datasets")

@@ -147,6 +147,41 @@ class WitnessViolation(IntegrityViolation):
     GinnError.__init__(self, msg)
 
 
+class ProjectionViolation(IntegrityViolation):
+  """A step of an ``"aggregate"`` run failed its projection challenge
+  (docs/design.md section 11.1): the worker's scalars ``v_{s,l} = <r_l, g_{s,l}>``
+  were missing, late or malformed (`reason` says what, `error` is None), did
+  not add up to S times the projection of the committed mean (`shard` None),
+  or disagreed with the trusted side's own projection of a checked shard.
+
+  `leaf` names the gradient leaf (``"projections"`` when no leaf is at fault).
+  """
+
+  check = "projection"
+
+  def __init__(self, *, step: int, leaf: str, error: dict[str, float] | None = None,
+               tolerance: Any = None, reason: str | None = None, shard: int | None = None,
+               breaks: list[dict[str, Any]] | None = None):
+    self.step = step
+    self.shard = shard
+    self.leaf = leaf
+    self.error = error
+    self.tolerance = tolerance
+    self.reason = reason
+    self.breaks = breaks
+    self.result: Any = None
+    at = f"step {step}" if shard is None else f"step {step}, shard {shard}"
+    if error is None:
+      what = f"the projection challenge failed at {leaf}: {reason}"
+    else:
+      what = (f"the projection of leaf {leaf} is off by {error['rel']:.3e} (tolerance "
+              f"{error['tolerance']:.3e}){': ' + reason if reason else ''}")
+    GinnError.__init__(
+        self, f"integrity violation at {at}: {what}. The step's mean gradient was already "
+        "committed, so every failure to account for it is a violation; training is halted and "
+        "no further update is applied.")
+
+
 class RuntimeHalted(GinnError, RuntimeError):
   """The trusted runtime refused to continue after an integrity violation."""
 

@@ -93,11 +93,12 @@ def train(runtime: TrustedRuntime, worker: Worker, num_steps: int, *,
     ReportRejected: the worker sent a malformed report (state unchanged).
   """
   witness = getattr(worker, "witness", None)  # Asked only on steps drawn for a witness check.
+  project = getattr(worker, "project", None)  # Asked on every step of an "aggregate" run.
   desc = progress if isinstance(progress, str) else "ginn train"
   bar = progress_lib.bar(total=num_steps, desc=desc, enabled=bool(progress))
   try:
     for i in range(num_steps):
-      entry = runtime.submit(worker(runtime.next_order()), witness=witness)
+      entry = runtime.submit(worker(runtime.next_order()), witness=witness, project=project)
       bar.update(1)
       if i % 10 == 0 or i == num_steps - 1:
         bar.set_postfix(loss=f"{entry.loss:.4f}", verified=runtime.num_verified,

@@ -206,7 +206,8 @@ def run_verified(run_dir: str | os.PathLike, model: Model, data: Any = None, lab
         order = rt.next_order()
         report = worker(order)
         try:
-          rt.submit(report, witness=getattr(worker, "witness", None))
+          rt.submit(report, witness=getattr(worker, "witness", None),
+                    project=getattr(worker, "project", None))
         except errors.IntegrityViolation as v:
           if keep_reports and v.step == order.step:  # Keep the violating report as evidence.
             _keep_report(run_dir, writer, rt, report, order.step, order.params)
@@ -255,7 +256,8 @@ def _resumed_digest(path: str) -> str:
 def _keep_report(run_dir: str, writer: TranscriptWriter, rt: TrustedRuntime, report, step: int,
                  params: Params) -> None:
   """Stores an accepted report (MAC'ed) and records its SHA-256."""
-  leaves, loss = commit.validate_report(report, step=step, params=params, num_shards=rt.num_shards)
+  leaves, loss = commit.validate_report(report, step=step, params=params, num_shards=rt.num_shards,
+                                        aggregate=rt.aggregate)
   name = report_name(step)
   sha = ckpt.save_report(os.path.join(run_dir, name), step, leaves, loss, authenticate=rt.authenticate)
   writer.append("report", {"step": step, "file": name, "sha256": sha})

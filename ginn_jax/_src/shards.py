@@ -17,6 +17,15 @@ The gradient of shard s is then ``grad_fn(params, data[indices[s]], keys[s])``
 with the one gradient function of `step.py`; a report of S > 1 shards stacks
 them along a leading shard axis (every gradient leaf ``(S, *param.shape)``,
 the loss ``(S,)``).
+
+Two shard modes (`SHARD_MODES`, docs/design.md section 11.1): ``"per_shard"``
+reports every shard's gradient as above; ``"aggregate"`` reports their mean
+(every leaf shaped as its parameter) and the S losses, and answers a secret
+projection challenge with the scalars ``<r_l, g_{s,l}>`` (`project_leaves`,
+one per shard and leaf). The projection is defined here once, for both sides:
+leaf l read as a matrix G (`matrix_shape`: all axes but the last as rows) and
+``<r_l, G> = a_l^T G b_l`` for the vectors ``(a_l, b_l)`` the trusted side
+drew.
 """
 from __future__ import annotations
 
@@ -28,6 +37,58 @@ import numpy as np
 
 # The mesh axis a sharded worker splits the shards over.
 SHARD_AXIS = "shards"
+
+PER_SHARD = "per_shard"
+AGGREGATE = "aggregate"
+SHARD_MODES = (PER_SHARD, AGGREGATE)
+# The mode of a run with S > 1 shards when none is named (docs/performance.md,
+# "Shards": the trusted cost per step of `aggregate` does not grow with S).
+DEFAULT_SHARD_MODE = AGGREGATE
+
+
+def resolve_shard_mode(shard_mode: str | None, num_shards: int) -> str:
+  """The shard mode of a run: `shard_mode` checked, or the default for
+  `num_shards` when None (`DEFAULT_SHARD_MODE` for S > 1; ``"per_shard"``
+  for one shard, where the two modes are the same run without shards).
+
+  Raises:
+    ValueError: `shard_mode` is not None or one of `SHARD_MODES`.
+  """
+  if shard_mode is None:
+    return DEFAULT_SHARD_MODE if num_shards > 1 else PER_SHARD
+  if shard_mode not in SHARD_MODES:
+    raise ValueError(f"shard_mode must be one of {SHARD_MODES} (or None for the default), got "
+                     f"{shard_mode!r}")
+  return shard_mode if num_shards > 1 else PER_SHARD
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+  """How the projection reads a leaf of `shape` as a matrix: ``(rows, cols)``
+  with the last axis as columns and every other axis as rows (a scalar leaf
+  is 1 x 1, a vector 1 x n).
+
+  >>> matrix_shape((3, 3, 16, 32)), matrix_shape((10,)), matrix_shape(())
+  ((144, 32), (1, 10), (1, 1))
+  """
+  shape = tuple(int(d) for d in shape)
+  if not shape:
+    return 1, 1
+  return int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
+
+
+def project_leaf(g: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+  """``a^T G b`` of one leaf (traceable): G is `g` as a ``matrix_shape`` matrix,
+  in float32 at the highest precision, as ``a . (G b)``: one pass over G."""
+  rows, cols = matrix_shape(g.shape)
+  m = g.reshape(rows, cols).astype(jnp.float32)
+  gb = jnp.dot(m, b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  return jnp.dot(a.astype(jnp.float32), gb, precision=jax.lax.Precision.HIGHEST)
+
+
+def project_leaves(leaves, vectors) -> jax.Array:
+  """The ``(L,)`` float32 projections ``a_l^T G_l b_l`` of the leaves of one
+  gradient (traceable; `vectors` holds one ``(a_l, b_l)`` per leaf)."""
+  return jnp.stack([project_leaf(g, a, b) for g, (a, b) in zip(leaves, vectors)])
 
 
 def check_num_shards(batch_size: int, num_shards: int) -> None:

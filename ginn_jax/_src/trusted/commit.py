@@ -52,7 +52,7 @@ def _path_str(path) -> str:
 
 
 def _check_form(
-    report: object, *, step: int, params: Params, num_shards: int = 1
+    report: object, *, step: int, params: Params, num_shards: int = 1, aggregate: bool = False
 ) -> tuple[list[jax.Array | np.ndarray], list[str], np.float32 | np.ndarray]:
   """Checks a report's form against the parameters it is a gradient of.
 
@@ -62,6 +62,8 @@ def _check_form(
     params: the parameters of that step (gives structure, shapes, dtypes).
     num_shards: S. With S > 1 every gradient leaf must have shape
       ``(S, *param.shape)`` and the loss shape ``(S,)`` (a leading shard axis).
+    aggregate: with S > 1, an ``"aggregate"`` report: every gradient leaf
+      shaped as its parameter (the shards' mean), the loss shape ``(S,)``.
 
   Returns:
     The gradient leaves as the worker sent them, in the parameters' tree
@@ -113,14 +115,16 @@ def _check_form(
           f"step {step}: gradient leaf {where} is a {type(g).__name__}, not an array",
           step=step, where=where,
       )
-    want = tuple(p.shape) if num_shards == 1 else (num_shards, *p.shape)
+    want = tuple(p.shape) if num_shards == 1 or aggregate else (num_shards, *p.shape)
     if tuple(g.shape) != want:
-      axis = ("" if num_shards == 1 else
+      axis = ("" if num_shards == 1 or aggregate else
               f" (a leading shard axis of num_shards={num_shards}, then the parameter's shape "
               f"{tuple(p.shape)})")
       raise errors.ShapeMismatch(
           f"step {step}: gradient leaf {where} has shape {tuple(g.shape)}, "
           + (f"the parameter has shape {tuple(p.shape)}" if num_shards == 1 else
+             f"the parameter has shape {tuple(p.shape)} (an aggregate report carries the mean of "
+             f"the {num_shards} shards, without a shard axis)" if aggregate else
              f"expected {want}{axis}"),
           step=step, where=where,
       )
@@ -135,7 +139,7 @@ def _check_form(
 
 
 def validate_report(
-    report: object, *, step: int, params: Params, num_shards: int = 1
+    report: object, *, step: int, params: Params, num_shards: int = 1, aggregate: bool = False
 ) -> tuple[list[np.ndarray], np.float32 | np.ndarray]:
   """Checks a report's form and values; returns host copies of its leaves.
 
@@ -150,10 +154,11 @@ def validate_report(
     MalformedReport, StepMismatch, StructureMismatch, ShapeMismatch,
     DtypeMismatch, NonFiniteReport: each with the step and the leaf path.
   """
-  arrays, paths, loss = _check_form(report, step=step, params=params, num_shards=num_shards)
+  arrays, paths, loss = _check_form(report, step=step, params=params, num_shards=num_shards,
+                                    aggregate=aggregate)
   host = [np.array(jax.device_get(g), order="C", copy=True) for g in arrays]
   for where, h in zip(paths, host):
-    if num_shards == 1:
+    if num_shards == 1 or aggregate:
       _check_finite(h.reshape(-1), step, where)
     else:
       for s in range(num_shards):
@@ -171,7 +176,8 @@ class ReceivedReport:
       copies), in the parameters' tree order.
     paths: each leaf's path (for messages).
     loss: the reported loss (float32; shape (S,) for S > 1 shards).
-    num_shards: S (every leaf then has a leading shard axis of size S).
+    num_shards: S when every leaf has a leading shard axis of size S; 1
+      otherwise (an ``"aggregate"`` report, whose `loss` still has S entries).
   """
 
   step: int
@@ -182,9 +188,9 @@ class ReceivedReport:
 
 
 def receive_report(report: object, *, step: int, params: Params, device: jax.Device,
-                   num_shards: int = 1) -> ReceivedReport:
-  """Checks the report's form (with S = `num_shards` shards, see `_check_form`),
-  then copies its leaves to `device`.
+                   num_shards: int = 1, aggregate: bool = False) -> ReceivedReport:
+  """Checks the report's form (with S = `num_shards` shards and `aggregate`,
+  see `_check_form`), then copies its leaves to `device`.
 
   The copy is one batched transfer that is not waited for (`digest_received`
   reads each leaf as it lands). It is always a copy, even of arrays already on
@@ -194,9 +200,10 @@ def receive_report(report: object, *, step: int, params: Params, device: jax.Dev
     MalformedReport, StepMismatch, StructureMismatch, ShapeMismatch,
     DtypeMismatch: each with the step and the leaf path; nothing was copied.
   """
-  arrays, paths, loss = _check_form(report, step=step, params=params, num_shards=num_shards)
+  arrays, paths, loss = _check_form(report, step=step, params=params, num_shards=num_shards,
+                                    aggregate=aggregate)
   return ReceivedReport(step=step, leaves=copy_to(arrays, device), paths=paths, loss=loss,
-                        num_shards=num_shards)
+                        num_shards=1 if aggregate else num_shards)
 
 
 def copy_to(arrays: list, device: jax.Device) -> list[jax.Array]:

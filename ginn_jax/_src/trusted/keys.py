@@ -117,6 +117,7 @@ class AuditKeys:
   storage_key: bytes = dataclasses.field(repr=False)
   signing_seed: bytes = dataclasses.field(repr=False)
   freivalds_key: bytes = dataclasses.field(repr=False)
+  projection_key: bytes = dataclasses.field(repr=False)
 
 
 def new_audit_secret() -> bytes:
@@ -132,7 +133,8 @@ def audit_keys(secret: bytes) -> AuditKeys:
   return AuditKeys(mac_key=derive(b"ginn_jax/mac-key/v1"), coin_key=derive(b"ginn_jax/coin-key/v1"),
                    storage_key=derive(b"ginn_jax/storage-key/v1"),
                    signing_seed=derive(b"ginn_jax/ed25519-seed/v1"),
-                   freivalds_key=derive(b"ginn_jax/freivalds-key/v1"))
+                   freivalds_key=derive(b"ginn_jax/freivalds-key/v1"),
+                   projection_key=derive(b"ginn_jax/projection-key/v1"))
 
 
 def storage_mac(keys: AuditKeys, data: bytes, *, label: bytes) -> bytes:
@@ -187,3 +189,13 @@ def shard_witness_coins(keys: AuditKeys, step: int, report_digest: bytes, p_witn
     return (witness_coin(keys, step, report_digest, p_witness),)
   return tuple(_coin(keys, b"ginn_jax/shard-witness-coin/v1", step,
                      s.to_bytes(4, "big") + report_digest, p_witness) for s in range(num_shards))
+
+
+def projection_seed(keys: AuditKeys, step: int, report_digest: bytes) -> np.ndarray:
+  """The threefry key data (2 uint32) of `step`'s projection vectors in an
+  ``"aggregate"`` run: a PRF of the projection key, the step and the committed
+  report digest, so the vectors exist only after the mean is committed."""
+  msg = b"ginn_jax/projection/v1" + step.to_bytes(8, "big") + report_digest
+  return np.frombuffer(hmac.new(keys.projection_key, msg, hashlib.sha256).digest()[:8], ">u4").astype(
+      np.uint32)
+

@@ -266,3 +266,34 @@ def program_errors(program, leaf_paths, params, data, indices, key, claims, repo
                             frozen)
   return Comparison(paths=check_names(program.plan, leaf_paths),
                     errors=np.asarray(jax.device_get(errs), dtype=np.float64))
+
+
+def _gradient_impl(program, params, data, indices, key, claims, seed):
+  vec_key = jax.random.wrap_key_data(seed, impl="threefry2x32")
+  hook = CheckHook(program.plan, claims, vec_key)
+  ref_loss, ref_grads = program.run(hook, params, gather(data, indices), key)
+  rows = list(hook.rows)
+  return (jnp.stack(rows) if rows else jnp.zeros((0, 2), jnp.float32)), ref_loss, \
+      jax.tree_util.tree_leaves(ref_grads)
+
+
+_GRADIENT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def program_gradient(program, params, data, indices, key, claims, seed):
+  """The gradient a witness yields (an ``"aggregate"`` run's shard check,
+  docs/design.md section 11.1): the program evaluated with the claimed
+  products, each after its Freivalds check.
+
+  Returns:
+    ``(errors, loss, grads)``: the Freivalds checks' ``[num_checks, 2]``
+    (rel_l2, max_abs) errors as a float64 host array (names:
+    ``plan.witnessed``), and the evaluation's loss and gradient leaves (on the
+    trusted device).
+  """
+  fn = _GRADIENT.get(program)
+  if fn is None:
+    fn = _GRADIENT[program] = jax.jit(functools.partial(_gradient_impl, program))
+  with jax.default_matmul_precision("highest"):
+    rows, loss, grads = fn(params, data, indices, key, tuple(claims), seed)
+  return np.asarray(jax.device_get(rows), dtype=np.float64), loss, grads

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import queue
 import threading
 import time
 from typing import Any, Callable, Protocol
@@ -29,17 +30,19 @@ import optax
 from ginn_jax._src import errors
 from ginn_jax._src import finetune
 from ginn_jax._src import shards as shards_lib
-from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
+from ginn_jax._src.boundary import (GradientReport, ProjectionRequest, Projections, Witness, WitnessRequest,
+                                    WorkOrder)
 from ginn_jax._src.data import as_training_data, dataset_digest, num_examples
 from ginn_jax._src.devices import trusted_device
 from ginn_jax._src.models import Model
 from ginn_jax._src.step import DeviceGradFn, DeviceWitnessFn, step_program
 from ginn_jax._src.trusted import commit, keys, verify
 from ginn_jax._src.trusted import program_check
+from ginn_jax._src.trusted import projection as projection_lib
 from ginn_jax._src.trusted import witness as witness_lib
 from ginn_jax._src.trusted.verifier import Check, CheckResult, Verifier
 from ginn_jax._src.trusted.transforms import ClipMode, Optimizer, OptimizerConfig, OptimizerSpec
-from ginn_jax._src.trusted.transforms import make_update_transform, optimizer_to_dict
+from ginn_jax._src.trusted.transforms import make_update_transform, optimizer_from_dict, optimizer_to_dict
 from ginn_jax._src.types import Batch, Params
 
 
@@ -73,6 +76,17 @@ class ProtocolConfig:
       them, and each shard has its own coins (re-computation and witness):
       only sampled shards are re-computed or witness-checked. 1 (the
       default) is a run without shards.
+    shard_mode: with S > 1, ``"per_shard"`` (the worker reports every
+      shard's gradient, as above) or ``"aggregate"`` (docs/design.md section
+      11.1: the worker reports their mean and the S losses; the trusted side
+      clips and applies the mean like a report without shards, then checks
+      it with a secret projection challenge, `ginn_jax.ProjectionRequest`,
+      before drawing the shard coins). None (the default) means
+      ``"aggregate"`` for S > 1; with one shard the field reads
+      ``"per_shard"`` (the modes coincide). The clip bounds a malicious
+      step by 2C in ``"aggregate"`` mode and by 2C/S per corrupted shard in
+      ``"per_shard"`` mode (`ginn_jax.analysis`). The projection answer has
+      `witness_timeout_s` to arrive.
   """
 
   seed: int = 0
@@ -84,6 +98,7 @@ class ProtocolConfig:
   clip_value: float | None = 0.01
   optimizer: Optimizer = OptimizerConfig()
   num_shards: int = 1
+  shard_mode: str | None = None
 
   def __post_init__(self):
     if not isinstance(self.optimizer, (OptimizerConfig, OptimizerSpec)):
@@ -103,15 +118,34 @@ class ProtocolConfig:
       raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
     shards_lib.check_num_shards(self.batch_size, self.num_shards)
     object.__setattr__(self, "num_shards", int(self.num_shards))  # (A numpy int would not go to JSON.)
+    object.__setattr__(self, "shard_mode", shards_lib.resolve_shard_mode(self.shard_mode, self.num_shards))
+
+  @property
+  def aggregate(self) -> bool:
+    """Whether the run reports the shards' mean (S > 1, ``"aggregate"``)."""
+    return self.num_shards > 1 and self.shard_mode == shards_lib.AGGREGATE
 
   def to_dict(self) -> dict[str, Any]:
-    """JSON form; without ``num_shards`` when it is 1 (as before it existed,
-    so headers of runs without shards are unchanged)."""
+    """JSON form; without ``num_shards`` when it is 1 and without
+    ``shard_mode`` unless it is ``"aggregate"`` (as before they existed, so
+    headers of runs without shards and of per-shard runs are unchanged: a
+    header without ``shard_mode`` means ``"per_shard"``, `from_header_dict`)."""
     d = dataclasses.asdict(self)
     d["optimizer"] = optimizer_to_dict(self.optimizer)  # (An OptimizerConfig: its fields, as before.)
     if d["num_shards"] == 1:
       del d["num_shards"]
+    if not self.aggregate:
+      del d["shard_mode"]
     return d
+
+  @classmethod
+  def from_header_dict(cls, d: dict[str, Any]) -> "ProtocolConfig":
+    """Inverse of `to_dict` (a run header's ``config``): a header without
+    ``shard_mode`` was written by a per-shard run (or one without shards)."""
+    d = dict(d)
+    d.setdefault("shard_mode", shards_lib.PER_SHARD)
+    d["optimizer"] = optimizer_from_dict(d.get("optimizer"))
+    return cls(**d)
 
 
 @flax.struct.dataclass
@@ -142,7 +176,9 @@ class TranscriptEntry:
   when none was; None in a run without shards, where the fields are not
   written to the transcript), `witness_digest` is the witness digests of the
   checked shards joined by commas, and `loss` is the mean of the shards'
-  losses.
+  losses. In ``"aggregate"`` mode `projections_digest` is the digest of the
+  worker's answer to the projection challenge (`projection.projections_digest`;
+  the shard coins read it), None otherwise (and then not written).
   """
 
   step: int
@@ -160,6 +196,7 @@ class TranscriptEntry:
   witness_max_abs: float | None = None
   shards: list[int] | None = None
   witness_shards: list[int] | None = None
+  projections_digest: str | None = None
 
 
 class Recorder(Protocol):
@@ -281,6 +318,52 @@ class PhaseClock:
     self.seconds.clear()
 
 
+class _Answerer:
+  """Calls the worker's answers to a challenge on one reused daemon thread, so
+  that a worker that never answers cannot hang the runtime past its deadline
+  (a new thread per step cost more than the rest of the challenge on a busy
+  machine). After a call that missed its deadline the thread is abandoned to
+  it, and the next call starts another."""
+
+  def __init__(self):
+    self._jobs: queue.Queue | None = None
+
+  def _loop(self, jobs: queue.Queue) -> None:
+    while True:
+      fn, box, done = jobs.get()
+      try:
+        box["answer"] = fn()
+      except BaseException as e:  # Reported to the caller.
+        box["error"] = e
+      done.set()
+
+  def call(self, answer, request, *, limit: float | None, what: str, violation, step: int, ready):
+    """The worker's ``answer(request)``, arrived (the arrays `ready` picks
+    computed) within `limit` seconds; else `violation`."""
+    if self._jobs is None:
+      self._jobs = queue.Queue()
+      threading.Thread(target=self._loop, args=(self._jobs,), name=f"ginn-{what}", daemon=True).start()
+
+    def run():
+      got = answer(request)
+      try:
+        jax.block_until_ready(ready(got))
+      except Exception:  # Malformed: validation says what.
+        pass
+      return got
+
+    box: dict[str, Any] = {}
+    done = threading.Event()
+    self._jobs.put((run, box, done))
+    if not done.wait(limit):
+      self._jobs = None  # That thread stays with the late call.
+      raise violation(step=step, leaf=what, reason=f"no {what} within {limit} s (late or never)")
+    if "error" in box:
+      e = box["error"]
+      raise violation(step=step, leaf=what, reason=f"the worker raised {type(e).__name__}: {e}") from e
+    return box["answer"]
+
+
 class TrustedRuntime:
   """Stateful shell over the pure protocol pieces, pinned to the trusted device.
 
@@ -362,7 +445,15 @@ class TrustedRuntime:
           "witness_tolerance must be a per-leaf tolerance: a witness check compares "
           "random projections, which have no elements to hold to an element-wise rule")
     self.num_shards = config.num_shards
-    self.tx = make_update_transform(config.clip, config.clip_value, self.optimizer, config.num_shards)
+    self.aggregate = config.aggregate
+    if self.aggregate and self.tolerance.elementwise:
+      raise ValueError(
+          "an 'aggregate' run needs a per-leaf tolerance: its checks compare projections of the "
+          "shards' gradients, which have no elements to hold to an element-wise rule; pass a "
+          "per-leaf tolerance or shard_mode='per_shard'")
+    # Aggregate: the report is the mean, clipped and applied like a report without shards.
+    self.tx = make_update_transform(config.clip, config.clip_value, self.optimizer,
+                                    1 if self.aggregate else config.num_shards)
     self.dataset_digest = dataset_digest(data)
     self._keys = keys.audit_keys(audit_secret if audit_secret is not None else keys.new_audit_secret())
     self.streams = keys.seed_streams(config.seed)
@@ -389,6 +480,7 @@ class TrustedRuntime:
     # At most one step's witness is held by the trusted side at a time (received,
     # queued or being checked): a new challenge waits until the last check is done.
     self._witness_slot = threading.BoundedSemaphore(1)
+    self._answerer = _Answerer()  # The projection challenge's (aggregate mode).
     self._witnesses_held = 0
     self.max_witnesses_held = 0
 
@@ -412,7 +504,8 @@ class TrustedRuntime:
     )
 
   def submit(self, report: GradientReport, *,
-             witness: Callable[[WitnessRequest], Witness] | None = None) -> TranscriptEntry:
+             witness: Callable[[WitnessRequest], Witness] | None = None,
+             project: Callable[[ProjectionRequest], Projections] | None = None) -> TranscriptEntry:
     """Validates, commits, draws the coins, challenges, updates and verifies.
 
     Args:
@@ -420,6 +513,10 @@ class TrustedRuntime:
       witness: the worker's answer to a witness challenge (``worker.witness``);
         called only when the step's witness coin comes up, after the report is
         committed. Missing (None) on such a step is a violation.
+      project: in an ``"aggregate"`` run, the worker's answer to the
+        projection challenge (``worker.project``), called on every step after
+        the report is committed and before the shard coins are drawn.
+        Missing (None) there is a violation.
 
     Returns:
       The transcript entry of the accepted step.
@@ -433,6 +530,10 @@ class TrustedRuntime:
       WitnessViolation (an IntegrityViolation): the step's witness is missing,
         late or malformed (its update is not applied, in both modes), or
         fails a Freivalds check (as above).
+      ProjectionViolation (an IntegrityViolation): in an ``"aggregate"``
+        run, the projections are missing, late, malformed or do not add up
+        (its update is not applied, in both modes), or a checked shard's
+        disagrees with the trusted side's (as above).
     """
     self._collect_checks()
     self._raise_if_halted()
@@ -441,7 +542,7 @@ class TrustedRuntime:
     lap = self._phases.lap
     try:
       received = commit.receive_report(report, step=t, params=self.state.params, device=self.device,
-                                       num_shards=self.num_shards)
+                                       num_shards=self.num_shards, aggregate=self.aggregate)
     except errors.StructureMismatch as e:
       self._refuse_frozen(report, e, t)
       raise
@@ -452,16 +553,30 @@ class TrustedRuntime:
     # It also finds non-finite values, from its own reads of the gradient.
     new_state, finite = checked_update(self.tx, self.state,
                                        jax.tree_util.tree_unflatten(self._treedef, received.leaves),
-                                       self.num_shards)
+                                       received.num_shards)
     lap("update")  # Dispatch only.
     digest = commit.digest_received(received, name=self.report_digest_name)
     lap("digest")
+    challenge = None
+    if self.aggregate:  # Drawn now, from the digest; computed while the update finishes, sent after.
+      challenge = projection_lib.challenge(keys.projection_seed(self._keys, t, digest), received.leaves,
+                                           self.device)
+      lap("projection_draw")
     commit.check_finite(received, np.asarray(finite))  # Waits for the update; NaN/Inf: rejected.
     lap("finite")
     loss = received.loss
     tag = commit.report_mac(self._keys.mac_key, digest)
     S = self.num_shards
+    projection = pdigest = None
+    if self.aggregate:  # After the commit, the projection challenge; only then the coins.
+      lap("mac_coin")
+      pre = TranscriptEntry(step=t, digest=digest.hex(), mac=tag.hex(), verified=False,
+                            outcome="violation", loss=float(np.mean(loss)))
+      projection, pdigest = self._project(pre, digest, challenge, project)
+      lap("projection_check")
     # After the commit. One coin per shard; with one shard, the coins of a run without shards.
+    # (A PRF of the committed digest under a key the worker never sees: in an aggregate run
+    # they are drawn after its projections arrived, and it could not predict them before.)
     coins = keys.shard_verification_coins(self._keys, t, digest, self.config.p, S)
     wcoins = keys.shard_witness_coins(self._keys, t, digest, self.config.p_witness, S)
     sampled, challenged = any(coins), any(wcoins)
@@ -474,7 +589,8 @@ class TrustedRuntime:
                             check="+".join(c for c, on in (("recompute", sampled), ("witness", challenged))
                                            if on),
                             shards=None if drawn is None else list(drawn),
-                            witness_shards=None if wdrawn is None else list(wdrawn))
+                            witness_shards=None if wdrawn is None else list(wdrawn),
+                            projections_digest=None if pdigest is None else pdigest.hex())
     wit = None
     if challenged:
       wit, wdigest, seed = self._challenge(entry, digest, witness, shards=wdrawn)
@@ -486,7 +602,7 @@ class TrustedRuntime:
                     layer_key=self._layer_key(t), reported=received.leaves, loss=loss,
                     recompute=sampled, witness=wit, witness_seed=seed if challenged else None,
                     done=self._release_witness if challenged else None, shards=drawn,
-                    witness_shards=wdrawn)
+                    witness_shards=wdrawn, projection=projection)
       result = self.verifier.submit(check)
       lap("verify")  # Synchronous re-computation, or waiting for room in the queue.
       if result is not None:  # Synchronous: resolved before the update is committed.
@@ -557,10 +673,17 @@ class TrustedRuntime:
         w, _, s = self.receive_witness(t, b"\0" * 32, sub, skey, jax.device_get(outputs),
                                        jax.device_get(input_grads), shard=0)
         wit, seed, wshards = (w,), (s,), (0,)
+      projection = None
+      if self.aggregate:  # Shard 0's scalars, its own projections (the vectors: any seed).
+        leaves = jax.tree_util.tree_leaves(grads)
+        vectors = projection_lib.projection_vectors(np.zeros(2, np.uint32), [g.shape for g in leaves],
+                                                    self.device)
+        row = np.asarray(jax.device_get(jax.jit(shards_lib.project_leaves)(leaves, vectors)), np.float32)
+        projection = (vectors, np.broadcast_to(row, (self.num_shards, row.size)))
       self._recompute(Check(step=t, params=self.state.params, batch_indices=indices, layer_key=key,
                             reported=stacked, loss=np.full(self.num_shards, jax.device_get(loss),
                                                            np.float32), shards=(0,), witness=wit,
-                            witness_seed=seed, witness_shards=wshards))
+                            witness_seed=seed, witness_shards=wshards, projection=projection))
       return
     loss, grads = self._reference(self.state.params, indices, key)
     wit = seed = None
@@ -673,6 +796,51 @@ class TrustedRuntime:
                                       shard=s) from e
     return tuple(g[0] for g in got), [g[1] for g in got], tuple(g[2] for g in got)
 
+  def _project(self, entry: TranscriptEntry, report_digest: bytes, challenge, project):
+    """The projection challenge of an ``"aggregate"`` step (docs/design.md
+    section 11.1), after its mean was committed: sends the secret vectors of
+    `challenge` (`projection.challenge`), asks the worker for its S x L
+    scalars within `witness_timeout_s`,
+    validates and hashes them, and checks that they add up to S times the
+    mean's projection. Any failure is a `ProjectionViolation`: recorded, the
+    runtime halts, the step's update is not applied.
+
+    Returns:
+      ``((vectors, values), digest)``: what the shard checks compare against
+      (`Check.projection`) and the digest of the scalars (the coins read it).
+    """
+    t = entry.step
+    try:
+      if project is None:
+        raise errors.ProjectionViolation(
+            step=t, leaf="projections", reason="the worker offers no projections (it has no "
+            "`project` method) but an 'aggregate' run challenges every step")
+      vectors, pending = challenge
+      order = WorkOrder(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
+                        layer_key=self._layer_key(t))
+      answer = self._answerer.call(project, ProjectionRequest(step=t, order=order, vectors=vectors),
+                                   limit=self.config.witness_timeout_s, what="projections",
+                                   violation=errors.ProjectionViolation, step=t,
+                                   ready=lambda a: a.values)
+      self._phases.lap("projection_answer")
+      paths = self._paths[:-1]
+      values = projection_lib.validate_projections(answer, step=t, num_shards=self.num_shards,
+                                                   paths=paths)
+      digest = projection_lib.projections_digest(t, report_digest, values)
+      mean_t, norms = projection_lib.read(pending)
+      projection_lib.check_sum(values, mean_t, norms, self.tolerance.rel_l2, step=t, paths=paths)
+    except errors.ProjectionViolation as violation:
+      self._append(entry)
+      self.halted = violation
+      raise
+    except Exception as e:  # Anything else about the answer: the report is committed.
+      violation = errors.ProjectionViolation(step=t, leaf="projections",
+                                             reason=f"{type(e).__name__}: {e}")
+      self._append(entry)
+      self.halted = violation
+      raise violation from e
+    return (vectors, values), digest
+
   def _ask(self, answer, request: WitnessRequest):
     """The worker's answer, arrived (arrays computed) within `witness_timeout_s`.
 
@@ -743,6 +911,8 @@ class TrustedRuntime:
   def _recompute(self, check: Check) -> tuple[verify.Comparison | verify.ShardComparisons | None,
                                               verify.Comparison | None]:
     comparison = witness = None
+    if check.projection is not None:
+      return self._recompute_projected(check)
     if check.shards is not None:  # Only the sampled shards, each against its row of the report.
       if check.recompute:
         idx = shards_lib.shard_indices(check.batch_indices, self.num_shards)
@@ -773,6 +943,43 @@ class TrustedRuntime:
       outputs, _, prep = check.witness
       witness = self._witness_errors(check.params, prep, outputs, check.reported, reported_loss,
                                      check.witness_seed)
+    return comparison, witness
+
+  def _recompute_projected(self, check: Check):
+    """The checks of the drawn shards of an ``"aggregate"`` step: each shard's
+    gradient computed by the trusted side (re-computed, or evaluated from its
+    checked witness) and projected with the step's vectors, against the
+    worker's scalars of that shard (`projection.shard_errors`), and its loss."""
+    vectors, values = check.projection
+    vectors = jax.device_put(tuple(vectors), self.device)  # (Host arrays, as sent to the worker.)
+    paths = tuple(f"projection {p}" for p in self._paths[:-1]) + ("loss",)
+
+    def against(s, ref_leaves, ref_loss) -> np.ndarray:
+      errs = projection_lib.shard_errors(ref_leaves, vectors, jax.device_put(values[s], self.device))
+      row_loss = jax.device_put(np.asarray(check.loss[s]), self.device)
+      loss_err = verify.compare([], row_loss, [], ref_loss, ("loss",)).errors
+      proj = np.asarray(jax.device_get(errs), np.float64)
+      return np.concatenate([np.stack([proj, np.zeros_like(proj)], axis=1), loss_err])
+
+    comparison = witness = None
+    idx = shards_lib.shard_indices(check.batch_indices, self.num_shards)
+    if check.recompute:
+      out = []
+      for s in check.shards:
+        ref_loss, ref_grads = self._reference(check.params, idx[s], shards_lib.shard_key(check.layer_key, s))
+        out.append(verify.Comparison(paths=paths, errors=against(s, jax.tree_util.tree_leaves(ref_grads),
+                                                                 ref_loss)))
+      comparison = verify.ShardComparisons(shards=tuple(check.shards), comparisons=tuple(out))
+    if check.witness is not None:
+      out = []
+      for s, (outputs, _, (indices, key)), seed in zip(check.witness_shards, check.witness,
+                                                       check.witness_seed):
+        products, ref_loss, ref_grads = program_check.program_gradient(
+            self.witness_program(), check.params, self._reference.data, indices, key, outputs, seed)
+        out.append(verify.Comparison(
+            paths=(*(w.describe() for w in self.witness_program().plan.witnessed), *paths),
+            errors=np.concatenate([products, against(s, ref_grads, ref_loss)])))
+      witness = verify.ShardComparisons(shards=tuple(check.witness_shards), comparisons=tuple(out))
     return comparison, witness
 
   def _witness_errors(self, params, prep, products, reported, loss, seed) -> verify.Comparison:

@@ -158,7 +158,7 @@ class TranscriptWriter:
   def record(self, entry: TranscriptEntry) -> None:
     """The runtime's `Recorder` hook: persists a "step" or "check" entry."""
     body = dataclasses.asdict(entry)
-    for field in ("shards", "witness_shards"):  # A run without shards: records as before.
+    for field in ("shards", "witness_shards", "projections_digest"):  # Records as before they existed.
       if body[field] is None:
         del body[field]
     self.append(body.pop("kind"), body)

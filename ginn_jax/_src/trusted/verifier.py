@@ -46,6 +46,9 @@ class Check:
   # With num_shards > 1 and a witness check: the challenged shards; `witness`
   # and `witness_seed` then hold one entry per shard.
   witness_shards: tuple[int, ...] | None = None
+  # An "aggregate" step: (vectors, values) of its projection challenge. The drawn
+  # shards are then checked by their projections (`reported` is the mean).
+  projection: tuple | None = None
 
 
 @dataclasses.dataclass(frozen=True)

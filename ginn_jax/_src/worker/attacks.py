@@ -99,9 +99,10 @@ class CombinedLossWorker(MaliciousWorker):
   def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
                schedule: Schedule, lam: float = 1.0, backdoor: Backdoor = Backdoor(),
                device: jax.Device | None = None,
-               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None,
+               shard_mode: str | None = None):
     super().__init__(model, images, labels, schedule=schedule, device=device,
-                     num_shards=num_shards, shards=shards, mesh=mesh)
+                     num_shards=num_shards, shards=shards, mesh=mesh, shard_mode=shard_mode)
     self.lam = float(lam)
     self.backdoor = backdoor
 
@@ -131,9 +132,10 @@ class ScaledBackdoorWorker(MaliciousWorker):
   def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
                schedule: Schedule, scale: float = 10.0, backdoor: Backdoor = Backdoor(),
                device: jax.Device | None = None,
-               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None,
+               shard_mode: str | None = None):
     super().__init__(model, images, labels, schedule=schedule, device=device,
-                     num_shards=num_shards, shards=shards, mesh=mesh)
+                     num_shards=num_shards, shards=shards, mesh=mesh, shard_mode=shard_mode)
     self.scale = float(scale)
     self.backdoor = backdoor
 
@@ -195,9 +197,10 @@ class ModelReplacementWorker(MaliciousWorker):
                schedule: Schedule, target_params: Params, clip: ClipMode = "elementwise",
                clip_value: float | None = 0.01, learning_rate: float | None = None,
                device: jax.Device | None = None,
-               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None,
+               shard_mode: str | None = None):
     super().__init__(model, images, labels, schedule=schedule, device=device,
-                     num_shards=num_shards, shards=shards, mesh=mesh)
+                     num_shards=num_shards, shards=shards, mesh=mesh, shard_mode=shard_mode)
     _check_aim(clip, clip_value, learning_rate)
     self.clip = clip
     self.clip_value = None if clip_value is None else float(clip_value)
@@ -306,9 +309,10 @@ class LabelFlipWorker(MaliciousWorker):
   def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
                schedule: Schedule, num_classes: int = 10, mapping: Sequence[int] | None = None,
                flip_fraction: float = 1.0, device: jax.Device | None = None,
-               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None,
+               shard_mode: str | None = None):
     super().__init__(model, images, labels, schedule=schedule, device=device,
-                     num_shards=num_shards, shards=shards, mesh=mesh)
+                     num_shards=num_shards, shards=shards, mesh=mesh, shard_mode=shard_mode)
     mapping = tuple(int(m) for m in (mapping if mapping is not None else
                                      [(c + 1) % num_classes for c in range(num_classes)]))
     if len(mapping) != num_classes:
@@ -348,9 +352,10 @@ class NoiseWorker(MaliciousWorker):
   def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
                schedule: Schedule, scale: float = 1.0, seed: int = 0, additive: bool = False,
                device: jax.Device | None = None,
-               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None,
+               shard_mode: str | None = None):
     super().__init__(model, images, labels, schedule=schedule, device=device,
-                     num_shards=num_shards, shards=shards, mesh=mesh)
+                     num_shards=num_shards, shards=shards, mesh=mesh, shard_mode=shard_mode)
     self.scale = float(scale)
     self.additive = bool(additive)
     self._seed = jax.device_put(np.uint32(seed), self.device)
@@ -411,9 +416,10 @@ class StealthWorker(MaliciousWorker):
   def __init__(self, model: Model, images: np.ndarray, labels: np.ndarray, *,
                schedule: Schedule, tolerance: Bounds, backdoor: Backdoor = Backdoor(),
                margin: float = 0.9, device: jax.Device | None = None,
-               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None,
+               shard_mode: str | None = None):
     super().__init__(model, images, labels, schedule=schedule, device=device,
-                     num_shards=num_shards, shards=shards, mesh=mesh)
+                     num_shards=num_shards, shards=shards, mesh=mesh, shard_mode=shard_mode)
     rel_l2, max_abs = float(tolerance.rel_l2), float(tolerance.max_abs)
     if not (math.isfinite(rel_l2) and math.isfinite(max_abs) and rel_l2 >= 0 and max_abs >= 0):
       raise ValueError(f"tolerance must be finite and non-negative, got ({rel_l2}, {max_abs})")
@@ -525,9 +531,10 @@ class ToleranceAwareWorker(MaliciousWorker):
                clip_value: float | None = 0.01, learning_rate: float | None = None,
                backdoor: Backdoor = Backdoor(), margin: float | None = None,
                device: jax.Device | None = None,
-               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None,
+               shard_mode: str | None = None):
     super().__init__(model, images, labels, schedule=schedule, device=device,
-                     num_shards=num_shards, shards=shards, mesh=mesh)
+                     num_shards=num_shards, shards=shards, mesh=mesh, shard_mode=shard_mode)
     rel, absolute = float(tolerance.rel_l2), float(tolerance.max_abs)
     if not (math.isfinite(rel) and math.isfinite(absolute) and rel >= 0 and absolute >= 0):
       raise ValueError(f"tolerance must be finite and non-negative, got ({rel}, {absolute})")

@@ -23,7 +23,8 @@ from jax.sharding import Mesh
 
 from ginn_jax._src import finetune
 from ginn_jax._src import shards as shards_lib
-from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
+from ginn_jax._src.boundary import (GradientReport, ProjectionRequest, Projections, Witness,
+                                    WitnessRequest, WorkOrder)
 from ginn_jax._src.models import Model
 from ginn_jax._src.triggers import PatchTrigger, Trigger
 from ginn_jax._src.step import compute_grads, gather
@@ -103,6 +104,24 @@ def _poisoned_grad(model: Model, backdoor: Backdoor, params: Params, images: jax
   return jax.value_and_grad(lambda p: model.loss(p, batch, key=key))(params)
 
 
+@jax.jit
+def _mean_rows(stacked):
+  """The mean over the leading shard axis, added in shard order."""
+  def mean(x):
+    total = x[0]
+    for s in range(1, x.shape[0]):
+      total = total + x[s]
+    return total / jnp.asarray(x.shape[0], x.dtype)
+  return jax.tree_util.tree_map(mean, stacked)
+
+
+@jax.jit
+def _project_rows(leaves, vectors):
+  """``(S, L)`` projections of stacked shard gradient leaves."""
+  return jnp.stack([shards_lib.project_leaves([g[s] for g in leaves], vectors)
+                    for s in range(leaves[0].shape[0])])
+
+
 class MaliciousWorker:
   """Base of the attackers: honest off-schedule, `attack` on scheduled steps.
 
@@ -132,6 +151,12 @@ class MaliciousWorker:
     num_shards: S, the runtime's shard count (1: no shard axis).
     shards: the shards to corrupt on a scheduled step; None for all.
     mesh: the sharded worker's mesh (default `ShardedWorker`'s).
+    shard_mode: the runtime's ``ProtocolConfig.shard_mode``. In
+      ``"aggregate"`` mode a scheduled step reports the mean of the shard
+      gradients with the corrupted shards' contributions replaced by the
+      attack's, and answers the projection challenge consistently with them
+      (``v_s = <r, g'_s>``, `project`): the sum check passes, and the step is
+      caught exactly when a corrupted shard is drawn for a check.
     frozen: the frozen parameters of a model that has them (as for
       `HonestWorker`); the attack computes with this tree (a worker that
       uses a modified base passes its own).
@@ -146,13 +171,17 @@ class MaliciousWorker:
 
   def __init__(self, model: Model, data: Any, labels: np.ndarray | None = None, *,
                schedule: Schedule, device: jax.Device | None = None, num_shards: int = 1,
-               shards: Sequence[int] | None = None, mesh: Mesh | None = None, frozen: Any = None):
+               shards: Sequence[int] | None = None, mesh: Mesh | None = None, frozen: Any = None,
+               shard_mode: str | None = None):
     self.model = model
     self.num_shards = int(num_shards)
     if self.num_shards > 1 and finetune.has_frozen(model):
       raise NotImplementedError("attackers with shards do not support models with frozen parameters yet")
-    self.sharded = (ShardedWorker(model, data, labels, num_shards=self.num_shards, mesh=mesh)
-                    if self.num_shards > 1 else None)
+    self.sharded = (ShardedWorker(model, data, labels, num_shards=self.num_shards, mesh=mesh,
+                                  shard_mode=shard_mode) if self.num_shards > 1 else None)
+    self.shard_mode = shards_lib.resolve_shard_mode(shard_mode, self.num_shards)
+    self.aggregate = self.sharded is not None and self.sharded.aggregate
+    self._kept = None  # Aggregate: (step, the shard gradients it accounts for) of its last attack.
     if device is None and self.sharded is not None:
       device = self.sharded.device
     self.honest = HonestWorker(model, data, labels, device=device, frozen=frozen)
@@ -214,8 +243,23 @@ class MaliciousWorker:
       losses.append(loss)
       grads.append(g)
     self.malicious_steps.append(order.step)
-    return GradientReport(step=order.step, grads=shards_lib.stack_shards(grads),
-                          loss=shards_lib.stack_shards(losses))
+    stacked, losses = shards_lib.stack_shards(grads), shards_lib.stack_shards(losses)
+    if self.aggregate:
+      self._kept = (order.step, stacked)
+      return GradientReport(step=order.step, grads=_mean_rows(stacked), loss=losses)
+    return GradientReport(step=order.step, grads=stacked, loss=losses)
+
+  def project(self, request: ProjectionRequest) -> Projections:
+    """The projections of the shard gradients it reported the mean of (its
+    attack's on a scheduled step: consistent with its lie); ``"aggregate"``
+    mode only."""
+    if self._kept is None or self._kept[0] != request.step:
+      if self.sharded is None:
+        raise ValueError("a projection challenge needs an 'aggregate' worker with num_shards > 1")
+      return self.sharded.project(request)
+    vectors = jax.device_put(tuple(request.vectors), self.device)
+    return Projections(step=request.step, values=_project_rows(jax.tree_util.tree_leaves(self._kept[1]),
+                                                               vectors))
 
   def attack(self, step: int, params: Params, indices: jax.Array,
              key: jax.Array) -> tuple[jax.Array, Params]:
@@ -253,9 +297,10 @@ class BackdoorWorker(MaliciousWorker):
                schedule: Schedule, trigger: Trigger = PatchTrigger(), target: int = 0,
                poison_fraction: float = 0.5, source: int | None = None,
                device: jax.Device | None = None,
-               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None):
+               num_shards: int = 1, shards: Sequence[int] | None = None, mesh: Mesh | None = None,
+               shard_mode: str | None = None):
     super().__init__(model, images, labels, schedule=schedule, device=device,
-                     num_shards=num_shards, shards=shards, mesh=mesh)
+                     num_shards=num_shards, shards=shards, mesh=mesh, shard_mode=shard_mode)
     self.backdoor = Backdoor(trigger=trigger, target=target, poison_fraction=poison_fraction,
                              source=source)
 
@@ -296,9 +341,10 @@ class PoisonWorker(MaliciousWorker):
 
   def __init__(self, model: Model, data: Any, *, poison: Callable[[PyTree], PyTree],
                schedule: Schedule, device: jax.Device | None = None, num_shards: int = 1,
-               shards: Sequence[int] | None = None, mesh: Mesh | None = None, frozen: Any = None):
+               shards: Sequence[int] | None = None, mesh: Mesh | None = None, frozen: Any = None,
+               shard_mode: str | None = None):
     super().__init__(model, data, schedule=schedule, device=device, num_shards=num_shards,
-                     shards=shards, mesh=mesh, frozen=frozen)
+                     shards=shards, mesh=mesh, frozen=frozen, shard_mode=shard_mode)
     self.poison = poison
 
   def attack(self, step: int, params: Params, indices: jax.Array,

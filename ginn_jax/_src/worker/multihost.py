@@ -17,6 +17,16 @@ trusted runtime, calls it like any worker; the other processes call
     on leaving `with worker:`  broadcast STOP (clean end) or HALT (an error)
     an error inside a step    ───▶  the abort key (below): every follower exits
 
+In ``"aggregate"`` mode (docs/design.md section 11.1) the report's gradient is
+the shards' mean, replicated over the mesh (each process already holds it:
+nothing to gather but the losses), and the projection challenge is one more
+exchange of the step::
+
+      rt.submit(...) asks worker.project(request)
+      broadcast_one_to_all(PROJECT, vectors) ───▶  the same vectors
+      inner.project(...)  ─── each process projects its own shards ───  inner.project(...)
+      process_allgather(scalars)          ◀───  (its shards' rows)
+
 The trusted runtime sees only the `WorkOrder` it hands to `__call__` and the
 `GradientReport` it gets back; the collectives are worker code.
 
@@ -59,7 +69,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
+from ginn_jax._src import shards as shards_lib
+from ginn_jax._src.boundary import (GradientReport, ProjectionRequest, Projections, Witness,
+                                    WitnessRequest, WorkOrder)
 from ginn_jax._src.worker.honest import Worker
 
 
@@ -81,6 +93,7 @@ class Command(enum.IntEnum):
   STEP = 1  # A work order follows: compute it and send the report back.
   STOP = 2  # The run ended normally.
   HALT = 3  # The run ended on an error (violation, rejected report, exception).
+  PROJECT = 4  # Projection vectors follow (aggregate mode): project the last step's shards.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +187,12 @@ class MultiHostWorker:
     self._layout = _Layout([((2,), np.int32),
                             *((p.shape, p.dtype) for p in jax.tree_util.tree_leaves(params)),
                             ((batch_size,), np.int32), (key_shape, np.uint32)])
+    # header (command, step) | a_l, b_l of every leaf: a projection challenge (aggregate mode).
+    self._vectors = _Layout([((2,), np.int32), *(((n,), np.float32)
+                                                 for p in jax.tree_util.tree_leaves(params)
+                                                 for n in shards_lib.matrix_shape(p.shape))])
+    self._nbytes = max(self._layout.nbytes, self._vectors.nbytes)  # Every broadcast's size.
+    self._last_order: WorkOrder | None = None
     here = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
     if not here:
       raise ValueError(f"the worker mesh has no device of process {jax.process_index()}: every "
@@ -204,9 +223,34 @@ class MultiHostWorker:
                                  order.batch_indices, key])
     self._in_step = True
     try:
-      return self._step(self._broadcast(message))
+      return self._step(self._broadcast(self._padded(message)))
     except BaseException as e:  # An interrupt too: the followers are inside this step.
       self._abort(order.step, e)
+      raise
+
+  def project(self, request: ProjectionRequest) -> Projections:
+    """The answer to a projection challenge (``"aggregate"`` mode): the
+    vectors sent to every process, each projects the shards its devices
+    computed for the last step, the ``(S, L)`` scalars gathered (one
+    broadcast, one all-gather).
+
+    Raises:
+      ValueError: the inner worker gives no projections.
+    """
+    if jax.process_index() != 0:
+      raise RuntimeError("projection challenges come from the trusted runtime, on process 0")
+    if self._stopped:
+      raise RuntimeError("the followers were told to stop; start a new run")
+    if getattr(self.inner, "project", None) is None:
+      raise ValueError(f"the inner worker {type(self.inner).__name__} gives no projections; use "
+                       "shard_mode='per_shard' or an aggregate ShardedWorker")
+    vectors = [np.asarray(v, np.float32) for pair in jax.device_get(tuple(request.vectors)) for v in pair]
+    message = self._vectors.pack([np.array([Command.PROJECT, request.step], np.int32), *vectors])
+    self._in_step = True
+    try:
+      return self._project(self._broadcast(self._padded(message)))
+    except BaseException as e:  # As in a step: the followers are inside this exchange.
+      self._abort(request.step, e)
       raise
 
   def witness(self, request: WitnessRequest) -> Witness:
@@ -233,7 +277,7 @@ class MultiHostWorker:
       return  # Stopped already, or aborted inside a step (`_abort`).
     self._stopped = True
     command = Command.HALT if halted else Command.STOP
-    message = np.zeros(self._layout.nbytes, np.uint8)
+    message = np.zeros(self._nbytes, np.uint8)
     message[:8] = np.array([command, -1], np.int32).view(np.uint8)
     self._broadcast(message)
 
@@ -272,8 +316,11 @@ class MultiHostWorker:
     watch = _AbortWatch(self.abort_key)
     try:
       while True:
-        message = self._broadcast(np.zeros(self._layout.nbytes, np.uint8))
+        message = self._broadcast(np.zeros(self._nbytes, np.uint8))
         command = Command(int(message[:8].view(np.int32)[0]))
+        if command == Command.PROJECT:
+          self._project(message)
+          continue
         if command != Command.STEP:
           return FollowResult(command=command, steps=self.steps)
         self._step(message)
@@ -281,6 +328,21 @@ class MultiHostWorker:
       watch.stop()
 
   # -- both --------------------------------------------------------------------
+
+  def _padded(self, message: np.ndarray) -> np.ndarray:
+    """`message` padded with zeros to the size every broadcast has."""
+    return np.concatenate([message, np.zeros(self._nbytes - message.size, np.uint8)])
+
+  def _project(self, message: np.ndarray) -> Projections:
+    """The projection challenge in `message`, answered by the inner worker
+    for the last step's shards; the scalars gathered (every process gets a copy)."""
+    header, *flat = self._vectors.unpack(message)
+    vectors = tuple(zip(flat[0::2], flat[1::2]))
+    step = int(header[1])
+    answer = self.inner.project(ProjectionRequest(step=step, order=self._last_order, vectors=vectors))
+    (values,) = self._gather((answer.values,))
+    self._in_step = False
+    return Projections(step=answer.step, values=values)
 
   def _broadcast(self, message: np.ndarray) -> np.ndarray:
     """Process 0's `message` (flat bytes), on every process: one all-reduce."""
@@ -297,6 +359,7 @@ class MultiHostWorker:
                       params=jax.tree_util.tree_unflatten(self._params_def, params),
                       batch_indices=indices,
                       layer_key=self._wrap(jax.device_put(key_data, self._device)))
+    self._last_order = order
     report = self.inner(order)
     grads, loss = self._gather((report.grads, report.loss))
     self.steps += 1
@@ -304,20 +367,28 @@ class MultiHostWorker:
     return GradientReport(step=report.step, grads=grads, loss=loss)
 
   def _gather(self, tree):
-    """`tree` (leaves with a leading shard axis, over the mesh) as host arrays
-    on every process: packed into one ``(S, bytes)`` array, one all-gather."""
+    """`tree` (leaves with a leading shard axis over the mesh, or replicated
+    over it) as host arrays on every process: a replicated leaf (an
+    aggregate report's mean) is this process's own copy; the others are
+    packed into one ``(S, bytes)`` array, one all-gather."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
       return jax.tree_util.tree_unflatten(treedef, [np.asarray(x) for x in jax.device_get(leaves)])
-    rows = self._pack(leaves)
-    with jax.transfer_guard("allow"):  # As in `_broadcast`.
-      host = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
-    out, start = [], 0
-    for x in leaves:
-      n = int(np.prod(x.shape[1:], dtype=np.int64)) * np.dtype(x.dtype).itemsize
-      block = np.ascontiguousarray(host[:, start:start + n])
-      out.append(block.view(np.dtype(x.dtype)).reshape(x.shape))
-      start += n
+    out = [np.asarray(jax.device_get(x.addressable_data(0))) if x.sharding.is_fully_replicated else None
+           for x in leaves]
+    split = [x for x, o in zip(leaves, out) if o is None]
+    if split:
+      rows = self._pack(split)
+      with jax.transfer_guard("allow"):  # As in `_broadcast`.
+        host = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+      start = 0
+      for j, x in enumerate(leaves):
+        if out[j] is not None:
+          continue
+        n = int(np.prod(x.shape[1:], dtype=np.int64)) * np.dtype(x.dtype).itemsize
+        block = np.ascontiguousarray(host[:, start:start + n])
+        out[j] = block.view(np.dtype(x.dtype)).reshape(x.shape)
+        start += n
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

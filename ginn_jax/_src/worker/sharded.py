@@ -25,6 +25,17 @@ How it computes (S > 1), over a `jax.sharding.Mesh` of M devices (M divides S):
   of shape ``(S, *param.shape)`` and whose loss has shape ``(S,)``, sharded
   over the mesh like the indices.
 
+In ``"aggregate"`` mode (``shard_mode``, docs/design.md section 11.1) a
+second jitted `shard_map` adds each device's shard gradients and sums those
+over the mesh with the mesh's own collective (one ``jax.lax.psum``, which
+also gathers the losses), divided by S: the report's gradient is that mean
+(every leaf shaped as its parameter; the copy on this process's first mesh
+device), and its loss the ``(S,)`` shard losses. The shard
+gradients stay on their devices until the next step, to answer the
+projection challenge (`project`: one jitted `shard_map` projecting each
+shard's leaves with the trusted side's vectors, no gradient leaving its
+device).
+
 With S = 1 it is an `HonestWorker` on the mesh's first device: the same
 report, without a shard axis, as today's worker.
 
@@ -43,7 +54,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ginn_jax._src import shards as shards_lib
-from ginn_jax._src.boundary import GradientReport, Witness, WitnessRequest, WorkOrder
+from ginn_jax._src.boundary import (GradientReport, ProjectionRequest, Projections, Witness,
+                                    WitnessRequest, WorkOrder)
 from ginn_jax._src.data import as_training_data
 from ginn_jax._src.devices import worker_devices
 from ginn_jax._src.models import Model
@@ -59,6 +71,11 @@ def default_mesh(num_shards: int, devices: list[jax.Device] | None = None) -> Me
   devices = list(devices) if devices is not None else worker_devices()
   m = max(d for d in range(1, min(len(devices), num_shards) + 1) if num_shards % d == 0)
   return Mesh(np.array(devices[:m]), (shards_lib.SHARD_AXIS,))
+
+
+def _first(x: jax.Array) -> jax.Array:
+  """This process's first copy of a replicated array (one device)."""
+  return x.addressable_data(0)
 
 
 def _put(x, sharding: NamedSharding):
@@ -95,6 +112,73 @@ def _sharded_grad(owner, func, mesh: Mesh, num_shards: int):
                                out_specs=(split, split), check_vma=False))
 
 
+def _psum_flat(arrays: list, axes):
+  """``psum`` of `arrays` over the mesh axes as one collective per dtype (the
+  arrays flattened and joined; XLA's CPU runtime may order independent
+  collectives differently on each process, docs/protocol.md, "Many hosts")."""
+  out = [None] * len(arrays)
+  for dtype in dict.fromkeys(a.dtype for a in arrays):
+    idx = [i for i, a in enumerate(arrays) if a.dtype == dtype]
+    flat = jax.lax.psum(jax.numpy.concatenate([arrays[i].ravel() for i in idx]), axes)
+    start = 0
+    for i in idx:
+      out[i] = flat[start:start + arrays[i].size].reshape(arrays[i].shape)
+      start += arrays[i].size
+  return out
+
+
+def _placed(rows: jax.Array, num_shards: int, axes) -> jax.Array:
+  """This device's `rows` (its local shards' values) at their place in an
+  array of all `num_shards` shards, zeros elsewhere: a ``psum`` of it over the
+  mesh gathers every shard's rows (adding zeros is exact)."""
+  local = rows.shape[0]
+  full = jax.numpy.zeros((num_shards, *rows.shape[1:]), rows.dtype)
+  return jax.lax.dynamic_update_slice_in_dim(full, rows, jax.lax.axis_index(axes) * local, axis=0)
+
+
+@functools.lru_cache(maxsize=32)
+def _mesh_mean(mesh: Mesh, num_shards: int):
+  """The jitted mean of shard gradients (leaves ``(S, ...)`` over the mesh),
+  and their losses gathered: each device adds its local shards, one ``psum``
+  adds the devices' sums over the mesh (with the losses, each at its place),
+  the sums divided by S; both replicated over the mesh."""
+  local = num_shards // mesh.size
+  split = PartitionSpec(mesh.axis_names)
+  axes = mesh.axis_names
+
+  def body(grads, losses):
+    leaves, treedef = jax.tree_util.tree_flatten(grads)
+    totals = []
+    for x in leaves:
+      total = x[0]
+      for j in range(1, local):
+        total = total + x[j]
+      totals.append(total)
+    *sums, all_losses = _psum_flat([*totals, _placed(losses, num_shards, axes)], axes)
+    mean = [t / jax.numpy.asarray(num_shards, t.dtype) for t in sums]
+    return jax.tree_util.tree_unflatten(treedef, mean), all_losses
+
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(split, split),
+                               out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False))
+
+
+@functools.lru_cache(maxsize=32)
+def _projector(mesh: Mesh, num_shards: int):
+  """The jitted shard_map that projects every local shard's gradient leaves
+  with the (replicated) vectors: the ``(S, L)`` float32 scalars, gathered
+  with one ``psum`` and replicated over the mesh."""
+  local = num_shards // mesh.size
+  split = PartitionSpec(mesh.axis_names)
+
+  def body(leaves, vectors):
+    rows = jax.numpy.stack([shards_lib.project_leaves([g[j] for g in leaves], vectors)
+                            for j in range(local)])
+    return jax.lax.psum(_placed(rows, num_shards, mesh.axis_names), mesh.axis_names)
+
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(split, PartitionSpec()),
+                               out_specs=PartitionSpec(), check_vma=False))
+
+
 class ShardedWorker:
   """Honest worker that computes S shards of each step data-parallel over a mesh.
 
@@ -109,6 +193,9 @@ class ShardedWorker:
     mesh: a `jax.sharding.Mesh` of any devices (possibly spanning processes);
       its size must divide S. Default: `default_mesh(num_shards)` over
       `ginn_jax.worker_devices()`.
+    shard_mode: the runtime's ``ProtocolConfig.shard_mode``: ``"per_shard"``
+      (report every shard's gradient) or ``"aggregate"`` (report their mean,
+      answer `project`); None: the same default as `ProtocolConfig`.
 
   Raises:
     ValueError: S not a positive int, or not a multiple of the mesh size.
@@ -125,10 +212,13 @@ class ShardedWorker:
   """
 
   def __init__(self, model: Model, data: Any, labels: np.ndarray | None = None, *,
-               num_shards: int, mesh: Mesh | None = None):
+               num_shards: int, mesh: Mesh | None = None, shard_mode: str | None = None):
     shards_lib.check_num_shards(num_shards, num_shards)
     self.model = model
     self.num_shards = int(num_shards)
+    self.shard_mode = shards_lib.resolve_shard_mode(shard_mode, self.num_shards)
+    self.aggregate = self.num_shards > 1 and self.shard_mode == shards_lib.AGGREGATE
+    self._kept: tuple[int, Any] | None = None  # Aggregate: (step, shard gradients on the mesh).
     self.mesh = mesh if mesh is not None else default_mesh(self.num_shards)
     if self.num_shards % self.mesh.size:
       raise ValueError(
@@ -169,7 +259,51 @@ class ShardedWorker:
     if self.honest is not None:
       return self.honest(order)
     loss, grads = self.compute(order.params, order.batch_indices, order.layer_key)
+    if self.aggregate:
+      return self.aggregate_report(order.step, loss, grads)
     return GradientReport(step=order.step, grads=grads, loss=loss)
+
+  def aggregate_report(self, step: int, losses, grads) -> GradientReport:
+    """The ``"aggregate"`` report of shard gradients `grads` (leaves ``(S,
+    *param.shape)`` over the mesh): their mean over the mesh (``psum``),
+    replicated, and the losses; `grads` are kept for `project`."""
+    self._kept = (step, grads)
+    with jax.default_matmul_precision("highest"):
+      mean, losses = _mesh_mean(self.mesh, self.num_shards)(grads, losses)
+    # One device's copies of the replicated results (this process's first): what the trusted
+    # side copies from (a copy from a sharding over S devices takes a slow path).
+    return GradientReport(step=step, grads=jax.tree_util.tree_map(_first, mean), loss=_first(losses))
+
+  def shard_grads(self, order: WorkOrder):
+    """The S shard gradients of `order` (leaves ``(S, *param.shape)`` over the
+    mesh): those kept from the last step if it was `order`'s, else computed
+    again. Aggregate mode."""
+    if self._kept is not None and self._kept[0] == order.step:
+      return self._kept[1]
+    return self.compute(order.params, order.batch_indices, order.layer_key)[1]
+
+  def project(self, request: ProjectionRequest) -> Projections:
+    """The answer to a projection challenge (``"aggregate"`` mode): ``values[s,
+    l] = a_l^T G_{s,l} b_l`` of every shard's gradient, projected on the
+    devices that hold it (an ``(S, L)`` array over the mesh).
+
+    Raises:
+      ValueError: the worker is not in ``"aggregate"`` mode.
+    """
+    if not self.aggregate:
+      raise ValueError(f"a projection challenge needs an 'aggregate' worker (this one is "
+                       f"{self.shard_mode!r} with {self.num_shards} shard(s))")
+    return Projections(step=request.step, values=self.project_grads(self.shard_grads(request.order),
+                                                                    request.vectors))
+
+  def project_grads(self, grads, vectors) -> jax.Array:
+    """``(S, L)`` projections of shard gradients `grads` (a pytree with leaves
+    ``(S, *param.shape)`` over the mesh) with `vectors`, on this process's
+    first mesh device."""
+    leaves = jax.tree_util.tree_leaves(grads)
+    vectors = _put(tuple(vectors), self._replicated)
+    with jax.default_matmul_precision("highest"):
+      return _first(_projector(self.mesh, self.num_shards)(leaves, vectors))
 
   def witness(self, request: WitnessRequest) -> Witness:
     """The witness of the requested step (one shard: as `HonestWorker`); with
