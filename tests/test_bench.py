@@ -172,10 +172,14 @@ def test_compile_verification_changes_nothing_and_compiles(mlp, small_data):
   from conftest import tree_bytes
   cfg = ginn.ProtocolConfig(seed=4, batch_size=32, p=1.0, clip="elementwise", clip_value=0.01)
   rt = ginn.TrustedRuntime(mlp, *small_data, cfg, audit_secret=b"c" * 32)
+  worker = ginn.HonestWorker(mlp, *small_data)
+  # The worker shares the jitted gradient function (its device is another cache entry):
+  # compiled first, so that only the trusted side's entries are counted below.
+  jax.block_until_ready(worker(rt.next_order()).grads)
   before = (rt.step, tree_bytes(rt.state.params), len(rt.transcript), rt.num_verified)
   rt.compile_verification()
   assert (rt.step, tree_bytes(rt.state.params), len(rt.transcript), rt.num_verified) == before
   size = rt._reference._fn._cache_size()
   assert size >= 1
-  ginn.train(rt, ginn.HonestWorker(mlp, *small_data), 3, progress=False)
+  ginn.train(rt, worker, 3, progress=False)
   assert rt._reference._fn._cache_size() == size and rt.num_verified == 3

@@ -214,6 +214,10 @@ class ShardedWorker:
   def __init__(self, model: Model, data: Any, labels: np.ndarray | None = None, *,
                num_shards: int, mesh: Mesh | None = None, shard_mode: str | None = None):
     shards_lib.check_num_shards(num_shards, num_shards)
+    if callable(getattr(model, "frozen_params", None)):
+      raise NotImplementedError(
+          f"ShardedWorker does not support a model with frozen parameters ({model.name}, from "
+          "ginn_jax.lora or ginn_jax.freeze) yet; fine-tune with num_shards=1 and an HonestWorker")
     self.model = model
     self.num_shards = int(num_shards)
     self.shard_mode = shards_lib.resolve_shard_mode(shard_mode, self.num_shards)
