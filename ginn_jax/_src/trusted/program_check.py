@@ -268,10 +268,10 @@ def program_errors(program, leaf_paths, params, data, indices, key, claims, repo
                     errors=np.asarray(jax.device_get(errs), dtype=np.float64))
 
 
-def _gradient_impl(program, params, data, indices, key, claims, seed):
+def _gradient_impl(program, params, data, indices, key, claims, seed, frozen=None):
   vec_key = jax.random.wrap_key_data(seed, impl="threefry2x32")
   hook = CheckHook(program.plan, claims, vec_key)
-  ref_loss, ref_grads = program.run(hook, params, gather(data, indices), key)
+  ref_loss, ref_grads = program.run(hook, params, gather(data, indices), key, frozen)
   rows = list(hook.rows)
   return (jnp.stack(rows) if rows else jnp.zeros((0, 2), jnp.float32)), ref_loss, \
       jax.tree_util.tree_leaves(ref_grads)
@@ -280,7 +280,7 @@ def _gradient_impl(program, params, data, indices, key, claims, seed):
 _GRADIENT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def program_gradient(program, params, data, indices, key, claims, seed):
+def program_gradient(program, params, data, indices, key, claims, seed, frozen=None):
   """The gradient a witness yields (an ``"aggregate"`` run's shard check,
   docs/design.md section 11.1): the program evaluated with the claimed
   products, each after its Freivalds check.
@@ -295,5 +295,5 @@ def program_gradient(program, params, data, indices, key, claims, seed):
   if fn is None:
     fn = _GRADIENT[program] = jax.jit(functools.partial(_gradient_impl, program))
   with jax.default_matmul_precision("highest"):
-    rows, loss, grads = fn(params, data, indices, key, tuple(claims), seed)
+    rows, loss, grads = fn(params, data, indices, key, tuple(claims), seed, frozen)
   return np.asarray(jax.device_get(rows), dtype=np.float64), loss, grads

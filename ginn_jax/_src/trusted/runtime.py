@@ -975,7 +975,8 @@ class TrustedRuntime:
       for s, (outputs, _, (indices, key)), seed in zip(check.witness_shards, check.witness,
                                                        check.witness_seed):
         products, ref_loss, ref_grads = program_check.program_gradient(
-            self.witness_program(), check.params, self._reference.data, indices, key, outputs, seed)
+            self.witness_program(), check.params, self._reference.data, indices, key, outputs, seed,
+            self.frozen)
         out.append(verify.Comparison(
             paths=(*(w.describe() for w in self.witness_program().plan.witnessed), *paths),
             errors=np.concatenate([products, against(s, ref_grads, ref_loss)])))
