@@ -389,3 +389,27 @@ def test_aggregate_analysis_formulas():
   assert A.aggregate_check_cost(0.1, 0.2, 4.0, num_shards=8) == pytest.approx(0.1 + 0.2 / 4)
   assert A.aggregate_deviation_bound("elementwise", 0.01).per_step == pytest.approx(
       A.shard_deviation_bound("elementwise", 0.01, num_shards=8, corrupted_shards=8).per_step)
+
+
+def test_aggregate_worker_cannot_rewrite_the_trusted_vectors(mlp, small_data):
+  """The worker is sent copies of the secret vectors: a worker that makes the
+  arrays it received writable and zeroes them (which would make every
+  projection 0 and any lie pass the drawn shards' checks) changes nothing
+  on the trusted side; the honest answer still verifies."""
+  rt = runtime(mlp, small_data, p=1.0)
+  w = worker(mlp, small_data)
+  seen = []
+
+  def project(request):
+    answer = w.project(request)  # Answers first, then tampers with what it was sent.
+    for a, b in request.vectors:
+      for v in (a, b):
+        base = v if v.base is None else v.base
+        base.flags.writeable = True
+        base[...] = 0
+        seen.append(v)
+    return answer
+
+  order = rt.next_order()
+  entry = rt.submit(w(order), witness=w.witness, project=project)
+  assert entry.outcome == "verified" and seen and all(not v.any() for v in seen)

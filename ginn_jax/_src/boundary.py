@@ -99,7 +99,7 @@ class ProjectionRequest:
     order: that step's work order (a worker that kept no shard gradients can
       compute them again from it).
     vectors: one ``(a_l, b_l)`` pair of float32 vectors per gradient leaf, in
-      the parameters' tree order, on the trusted device: leaf l read as a
+      the parameters' tree order (host arrays, the worker's own copies): leaf l read as a
       matrix G (`ginn_jax._src.shards.matrix_shape`) is projected as
       ``a_l^T G b_l``. Drawn from the audit secret, the step and the report
       digest; they reveal nothing of the coins.

@@ -52,7 +52,7 @@ def _draw(seed: np.ndarray, shapes) -> tuple:
   hi, lo = (int(x) for x in np.asarray(seed, np.uint32))
   flat = np.random.Generator(np.random.Philox(key=(hi << 32) | lo)).standard_normal(sum(sizes),
                                                                                   dtype=np.float32)
-  flat.flags.writeable = False
+  flat.flags.writeable = False  # The trusted side's own; the worker is sent copies.
   cuts = np.split(flat, np.cumsum(sizes)[:-1])
   return tuple(zip(cuts[0::2], cuts[1::2])), flat
 

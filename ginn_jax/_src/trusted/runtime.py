@@ -818,7 +818,10 @@ class TrustedRuntime:
       vectors, pending = challenge
       order = WorkOrder(step=t, params=self.state.params, batch_indices=self.schedule.indices(t),
                         layer_key=self._layer_key(t))
-      answer = self._answerer.call(project, ProjectionRequest(step=t, order=order, vectors=vectors),
+      # The worker gets copies: the trusted side checks the drawn shards with its own vectors,
+      # which the worker can never write to (a read-only view's base can be made writable).
+      sent = tuple((np.array(a, copy=True), np.array(b, copy=True)) for a, b in vectors)
+      answer = self._answerer.call(project, ProjectionRequest(step=t, order=order, vectors=sent),
                                    limit=self.config.witness_timeout_s, what="projections",
                                    violation=errors.ProjectionViolation, step=t,
                                    ready=lambda a: a.values)
