@@ -201,3 +201,20 @@ def test_lora_audit_rebuilds_a_builtin_base_from_the_header(tmp_path, mnist5k):
   ginn.save_frozen(tmp_path / "base.npz", rt_frozen)
   assert cli.main(["audit", str(tmp_path / "run"), "--frozen", str(tmp_path / "base.npz")]) == 0
   assert cli.main(["audit", str(tmp_path / "run")]) != 0
+
+
+def test_frozen_bfloat16_base_is_digested_saved_and_loaded(tmp_path):
+  """A bfloat16 base (the usual case for fine-tuning): its digest, its file
+  and the digest of the file read back agree; the dtype survives."""
+  import jax.numpy as jnp
+  from ginn_jax._src.trusted.runtime import frozen_digest
+  frozen = {"l1/kernel": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4).astype(jnp.bfloat16),
+            "l1/bias": np.arange(4, dtype=np.float32)}
+  digest = ginn.save_frozen(tmp_path / "base.npz", frozen)
+  back = ginn.load_frozen(tmp_path / "base.npz")
+  assert back["l1/kernel"].dtype == jnp.bfloat16 and back["l1/bias"].dtype == np.float32
+  assert digest == frozen_digest(back) == frozen_digest(frozen)
+  kernel = frozen["l1/kernel"].copy()
+  kernel[0, 0] = kernel[0, 1]  # One bfloat16 entry changed.
+  changed = {**frozen, "l1/kernel": kernel}
+  assert frozen_digest(changed) != digest

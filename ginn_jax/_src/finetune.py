@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import functools
 import math
 from typing import Any, Sequence
@@ -363,23 +364,41 @@ def from_description(base, description: dict[str, Any], *, name: str | None = No
 
 def save_frozen(path, frozen: Params) -> str:
   """Writes a frozen tree (``{path: array}``, as `FineTuneModel.frozen_params`
-  gives) to an ``.npz`` file for `audit_run`/``ginn audit --frozen``.
+  gives) to an ``.npz`` file for `audit_run`/``ginn audit --frozen`` (no
+  pickles; dtypes numpy cannot store, such as bfloat16, are kept as their raw
+  bits with the dtype's name).
 
   Returns:
     The frozen digest of what was written (the run header's ``frozen_digest``).
   """
   import os  # pylint: disable=g-import-not-at-top
   from ginn_jax._src.trusted.runtime import frozen_digest  # pylint: disable=g-import-not-at-top
-  if not isinstance(frozen, dict) or not all(isinstance(k, str) for k in frozen):
+  if not isinstance(frozen, dict) or not all(isinstance(k, str) and k for k in frozen):
     raise TypeError("save_frozen takes a flat dict {path: array} (a FineTuneModel's frozen tree)")
-  arrays = {k: np.asarray(jax.device_get(v)) for k, v in frozen.items()}
+  arrays, dtypes = {}, {}
+  for k, v in frozen.items():
+    a = np.asarray(jax.device_get(v))
+    if a.dtype.kind == "V" or a.dtype.name not in np.sctypeDict:  # e.g. ml_dtypes' bfloat16.
+      dtypes[k] = a.dtype.name
+      a = a.view(f"u{a.dtype.itemsize}")
+    arrays[k] = a
   with open(os.fspath(path), "wb") as f:
-    np.savez(f, **arrays)
-  return frozen_digest(arrays)
+    np.savez(f, **arrays, **{_DTYPES_KEY: np.array(json.dumps(dtypes))})
+  return frozen_digest({k: np.asarray(jax.device_get(v)) for k, v in frozen.items()})
+
+
+_DTYPES_KEY = "__ginn_dtypes__"
 
 
 def load_frozen(path) -> Params:
   """Reads a frozen tree written by `save_frozen` (no pickles)."""
   import os  # pylint: disable=g-import-not-at-top
   with np.load(os.fspath(path), allow_pickle=False) as z:
-    return {k: np.asarray(z[k]) for k in z.files}
+    dtypes = json.loads(str(z[_DTYPES_KEY])) if _DTYPES_KEY in z.files else {}
+    out = {}
+    for k in z.files:
+      if k == _DTYPES_KEY:
+        continue
+      a = np.asarray(z[k])
+      out[k] = a.view(jnp.dtype(dtypes[k])) if k in dtypes else a
+    return out

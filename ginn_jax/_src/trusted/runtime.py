@@ -274,10 +274,12 @@ def _tree_size(tree) -> int:
 def frozen_digest(frozen: Params) -> str:
   """SHA-256 (hex) of a frozen tree: every leaf's path, dtype, shape and bytes."""
   import hashlib  # pylint: disable=g-import-not-at-top
-  h = hashlib.sha256(b"ginn_jax/frozen/v1")
+  h = hashlib.sha256(b"ginn_jax/frozen/v2")
   for path, leaf in zip(finetune.leaf_paths(frozen), jax.tree_util.tree_leaves(frozen)):
-    h.update(f"\n{path}".encode())
-    commit.hash_leaves(h, [np.asarray(jax.device_get(leaf))])
+    a = np.ascontiguousarray(jax.device_get(leaf))
+    # The dtype by name and the raw little-endian bytes: any dtype, bfloat16 included.
+    h.update(f"\n{path}\n{a.dtype.name}{list(a.shape)}\n".encode())
+    h.update((a if a.dtype.byteorder != ">" else a.byteswap()).view(np.uint8).tobytes())
   return h.hexdigest()
 
 
