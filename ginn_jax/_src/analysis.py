@@ -32,7 +32,7 @@ corrupted shards all differ from the truth is caught with probability
 ``1 - (1-p)^m``: p for a one-shard attacker, ``1 - (1-p)^S`` for one that
 corrupts every shard (`shard_detection_probability`, `shard_deviation_bound`).
 
-Aggregate shards (docs/design.md section 11.1): the worker reports the mean,
+Aggregate shards (docs/design.md section 11.2): the worker reports the mean,
 the trusted side clips it (a malicious step moves it by up to 2C, not 2C/S)
 and checks it with a secret projection: a changed mean needs a lie about at
 least one shard, caught when that shard's coin comes up
@@ -276,7 +276,7 @@ def aggregate_detection_probability(p: float, k: int, *, num_shards: int, lied_s
                                     p_witness: float = 0.0) -> float:
   """P(an ``"aggregate"`` attack of k malicious steps is caught), per step and over k.
 
-  In ``"aggregate"`` mode (docs/design.md section 11.1) a worker that moved
+  In ``"aggregate"`` mode (docs/design.md section 11.2) a worker that moved
   the committed mean by delta had to commit it before the secret vectors r
   existed, so ``<r, delta> != 0`` (up to `projection_miss_probability`) and
   the scalars ``v_s = <r, g_s>`` can add up to S ``<r, m>`` only if at least

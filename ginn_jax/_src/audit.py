@@ -180,6 +180,11 @@ class _Context:
       raise ValueError("the training data does not match the header's dataset digest")
     if model is None and header.get("finetune") and header["finetune"].get("base") in list_models():
       from ginn_jax._src import finetune
+      if header["finetune"].get("method") == "freeze" and header["finetune"].get("pretrained"):
+        raise ValueError(
+            "this run trains leaves of a pretrained base (ginn.freeze(..., params=...)): their "
+            "starting values are not in the frozen file, so pass the model that holds them "
+            "(audit_run(run_dir, model=..., frozen=...))")
       base = get_model(header["finetune"]["base"], input_shape=tuple(header["input_shape"] or ()),
                        num_classes=header["num_classes"])
       model = finetune.from_description(base, header["finetune"], name=header["model"])

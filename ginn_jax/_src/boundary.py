@@ -91,7 +91,7 @@ class Witness:
 @dataclasses.dataclass(frozen=True)
 class ProjectionRequest:
   """The runtime's projection challenge of an ``"aggregate"`` run (docs/design.md
-  section 11.1), sent after the report of `step` (the shards' mean) was
+  section 11.2), sent after the report of `step` (the shards' mean) was
   committed and before any shard's coin is drawn.
 
   Attributes:

@@ -149,7 +149,7 @@ class WitnessViolation(IntegrityViolation):
 
 class ProjectionViolation(IntegrityViolation):
   """A step of an ``"aggregate"`` run failed its projection challenge
-  (docs/design.md section 11.1): the worker's scalars ``v_{s,l} = <r_l, g_{s,l}>``
+  (docs/design.md section 11.2): the worker's scalars ``v_{s,l} = <r_l, g_{s,l}>``
   were missing, late or malformed (`reason` says what, `error` is None), did
   not add up to S times the projection of the committed mean (`shard` None),
   or disagreed with the trusted side's own projection of a checked shard.

@@ -194,7 +194,8 @@ class FineTuneModel:
   def describe(self) -> dict[str, Any]:
     """The public description recorded in a run's header (``finetune``):
     enough for `from_description` to rebuild the model around its base."""
-    d = {"method": self.method, "base": getattr(self.base, "name", None), "targets": list(self.targets)}
+    d = {"method": self.method, "base": getattr(self.base, "name", None), "targets": list(self.targets),
+         "pretrained": self.base_params is not None}
     if self.method == "lora":
       d.update(rank=self.rank, alpha=self.alpha)
     return d

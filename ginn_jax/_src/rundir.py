@@ -294,7 +294,13 @@ def _resume(rt: TrustedRuntime, run_dir: str, header: dict[str, Any],
         f"{old['frozen_digest'][:16]}, these have {header['frozen_digest'][:16]}); pass the frozen "
         "parameters the run was started with", file=path, entry=1)
   if changed:
-    raise TranscriptError(f"this run directory was made with other settings ({', '.join(changed)} "
+    named = list(changed)
+    if "config" in changed and isinstance(old.get("config"), dict) and isinstance(header.get("config"), dict):
+      was, now = old["config"], header["config"]  # Name the fields, e.g. shard_mode or optimizer.
+      fields = [f"config.{k} (run: {was.get(k, 'absent')}, now: {now.get(k, 'absent')})"
+                for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+      named = [n for n in named if n != "config"] + fields
+    raise TranscriptError(f"this run directory was made with other settings ({'; '.join(named)} "
                           "differ); use a new run directory or the original settings and secret",
                           file=path, entry=1)
   rejected = []

@@ -18,7 +18,7 @@ with the one gradient function of `step.py`; a report of S > 1 shards stacks
 them along a leading shard axis (every gradient leaf ``(S, *param.shape)``,
 the loss ``(S,)``).
 
-Two shard modes (`SHARD_MODES`, docs/design.md section 11.1): ``"per_shard"``
+Two shard modes (`SHARD_MODES`, docs/design.md section 11.2): ``"per_shard"``
 reports every shard's gradient as above; ``"aggregate"`` reports their mean
 (every leaf shaped as its parameter) and the S losses, and answers a secret
 projection challenge with the scalars ``<r_l, g_{s,l}>`` (`project_leaves`,

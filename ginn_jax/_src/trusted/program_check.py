@@ -282,7 +282,7 @@ _GRADIENT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def program_gradient(program, params, data, indices, key, claims, seed, frozen=None):
   """The gradient a witness yields (an ``"aggregate"`` run's shard check,
-  docs/design.md section 11.1): the program evaluated with the claimed
+  docs/design.md section 11.2): the program evaluated with the claimed
   products, each after its Freivalds check.
 
   Returns:

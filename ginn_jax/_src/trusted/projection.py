@@ -1,4 +1,4 @@
-"""The trusted side of the ``"aggregate"`` shard mode (docs/design.md section 11.1).
+"""The trusted side of the ``"aggregate"`` shard mode (docs/design.md section 11.2).
 
 The worker reports the mean m of its S shard gradients. After m is committed,
 the trusted side draws, per gradient leaf l, two secret Gaussian vectors

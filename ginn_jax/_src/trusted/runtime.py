@@ -78,7 +78,7 @@ class ProtocolConfig:
       default) is a run without shards.
     shard_mode: with S > 1, ``"per_shard"`` (the worker reports every
       shard's gradient, as above) or ``"aggregate"`` (docs/design.md section
-      11.1: the worker reports their mean and the S losses; the trusted side
+      11.2: the worker reports their mean and the S losses; the trusted side
       clips and applies the mean like a report without shards, then checks
       it with a secret projection challenge, `ginn_jax.ProjectionRequest`,
       before drawing the shard coins). None (the default) means
@@ -178,7 +178,8 @@ class TranscriptEntry:
   checked shards joined by commas, and `loss` is the mean of the shards'
   losses. In ``"aggregate"`` mode `projections_digest` is the digest of the
   worker's answer to the projection challenge (`projection.projections_digest`;
-  the shard coins read it), None otherwise (and then not written).
+  recorded; the shard coins are drawn after it arrived, from the report
+  digest), None otherwise (and then not written).
   """
 
   step: int
@@ -800,7 +801,7 @@ class TrustedRuntime:
 
   def _project(self, entry: TranscriptEntry, report_digest: bytes, challenge, project):
     """The projection challenge of an ``"aggregate"`` step (docs/design.md
-    section 11.1), after its mean was committed: sends the secret vectors of
+    section 11.2), after its mean was committed: sends the secret vectors of
     `challenge` (`projection.challenge`), asks the worker for its S x L
     scalars within `witness_timeout_s`,
     validates and hashes them, and checks that they add up to S times the

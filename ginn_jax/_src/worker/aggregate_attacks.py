@@ -1,4 +1,4 @@
-"""Attackers of the ``"aggregate"`` shard mode (docs/design.md section 11.1).
+"""Attackers of the ``"aggregate"`` shard mode (docs/design.md section 11.2).
 
 An aggregate worker reports the mean m of its S shard gradients and, after m
 is committed, the scalars ``v_{s,l} = <r_l, g_{s,l}>`` for the trusted side's

@@ -17,7 +17,7 @@ trusted runtime, calls it like any worker; the other processes call
     on leaving `with worker:`  broadcast STOP (clean end) or HALT (an error)
     an error inside a step    ───▶  the abort key (below): every follower exits
 
-In ``"aggregate"`` mode (docs/design.md section 11.1) the report's gradient is
+In ``"aggregate"`` mode (docs/design.md section 11.2) the report's gradient is
 the shards' mean, replicated over the mesh (each process already holds it:
 nothing to gather but the losses), and the projection challenge is one more
 exchange of the step::

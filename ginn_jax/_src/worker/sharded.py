@@ -25,7 +25,7 @@ How it computes (S > 1), over a `jax.sharding.Mesh` of M devices (M divides S):
   of shape ``(S, *param.shape)`` and whose loss has shape ``(S,)``, sharded
   over the mesh like the indices.
 
-In ``"aggregate"`` mode (``shard_mode``, docs/design.md section 11.1) a
+In ``"aggregate"`` mode (``shard_mode``, docs/design.md section 11.2) a
 second jitted `shard_map` adds each device's shard gradients and sums those
 over the mesh with the mesh's own collective (one ``jax.lax.psum``, which
 also gathers the losses), divided by S: the report's gradient is that mean
