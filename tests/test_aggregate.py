@@ -401,7 +401,8 @@ def test_aggregate_worker_cannot_rewrite_the_trusted_vectors(mlp, small_data):
   seen = []
 
   def project(request):
-    answer = w.project(request)  # Answers first, then tampers with what it was sent.
+    answer = w.project(request)  # Answers first (computed), then tampers with what it was sent.
+    jax.block_until_ready(answer.values)
     for a, b in request.vectors:
       for v in (a, b):
         base = v if v.base is None else v.base
