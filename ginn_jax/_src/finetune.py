@@ -376,16 +376,16 @@ def save_frozen(path, frozen: Params) -> str:
   from ginn_jax._src.trusted.runtime import frozen_digest  # pylint: disable=g-import-not-at-top
   if not isinstance(frozen, dict) or not all(isinstance(k, str) and k for k in frozen):
     raise TypeError("save_frozen takes a flat dict {path: array} (a FineTuneModel's frozen tree)")
+  host = {k: np.asarray(v) for k, v in jax.device_get(frozen).items()}  # One read of each leaf.
   arrays, dtypes = {}, {}
-  for k, v in frozen.items():
-    a = np.asarray(jax.device_get(v))
+  for k, a in host.items():
     if a.dtype.kind == "V" or a.dtype.name not in np.sctypeDict:  # e.g. ml_dtypes' bfloat16.
       dtypes[k] = a.dtype.name
       a = a.view(f"u{a.dtype.itemsize}")
     arrays[k] = a
   with open(os.fspath(path), "wb") as f:
     np.savez(f, **arrays, **{_DTYPES_KEY: np.array(json.dumps(dtypes))})
-  return frozen_digest({k: np.asarray(jax.device_get(v)) for k, v in frozen.items()})
+  return frozen_digest(host)
 
 
 _DTYPES_KEY = "__ginn_dtypes__"
